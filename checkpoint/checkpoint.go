@@ -1,0 +1,296 @@
+package checkpoint
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/cryo-hpc/cryo/internal/criu"
+	"github.com/cryo-hpc/cryo/internal/proc"
+	"github.com/cryo-hpc/cryo/internal/store"
+	"github.com/cryo-hpc/cryo/internal/workdir"
+)
+
+// Version is cryo's version, recorded in every manifest.
+var Version = "0.1.0"
+
+// ChunkWindow is the address window that page chunks follow (see criu.Cuts).
+const ChunkWindow = 512 << 10
+
+// ErrNoProcess means the PID to checkpoint does not exist.
+var ErrNoProcess = proc.ErrNoProcess
+
+// Options are the choices for one checkpoint.
+type Options struct {
+	Store string // store directory; created if missing
+	PID   int    // root of the process tree to checkpoint
+	// Kill stops the job once the checkpoint is committed. The job is kept
+	// stopped (not killed) while its images are stored, so that if storing
+	// fails it is resumed as if nothing happened.
+	Kill bool
+	// CRIU is the binary to use, already located (criu.Locate).
+	CRIU criu.Binary
+	// WorkDir is where images wait between CRIU and the store; empty picks
+	// RAM (/dev/shm) when it has room, else the store's staging directory.
+	WorkDir string
+	// Keep retains at most this many generations (0 keeps all).
+	Keep int
+	// LockWait is how long to wait for another writer of the store.
+	LockWait time.Duration
+	// CheckCache is where a passing `criu check` is remembered ("" = never).
+	CheckCache string
+	Logger     *slog.Logger
+}
+
+// Result describes a committed checkpoint.
+type Result struct {
+	Generation int             `json:"generation"`
+	Store      string          `json:"store"`
+	Manifest   *store.Manifest `json:"-"`
+	Processes  int             `json:"processes"`
+	Frozen     time.Duration   `json:"frozen_ns"`
+	Durable    time.Duration   `json:"durable_ns"`
+	RawBytes   int64           `json:"raw_bytes"`
+	NewBytes   int64           `json:"new_bytes"`
+	Removed    []int           `json:"removed,omitempty"`
+	Killed     bool            `json:"killed"`
+}
+
+// Take checkpoints the tree rooted at o.PID into a new generation of o.Store.
+func Take(ctx context.Context, o Options) (res *Result, err error) {
+	start := time.Now()
+	log := o.Logger
+	if log == nil {
+		log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	if o.PID <= 0 {
+		return nil, fmt.Errorf("invalid pid %d", o.PID)
+	}
+	if o.PID == os.Getpid() {
+		return nil, fmt.Errorf("pid %d is cryo itself", o.PID)
+	}
+	if !proc.Live(o.PID) {
+		return nil, fmt.Errorf("pid %d: %w", o.PID, ErrNoProcess)
+	}
+	bin, err := criu.Vet(ctx, o.CRIU, o.CheckCache)
+	if err != nil {
+		return nil, err
+	}
+	log.Debug("criu", "path", bin.Path, "via", bin.Source, "version", bin.VersionString())
+
+	st, err := store.Create(o.Store, "cryo "+Version)
+	if err != nil {
+		return nil, err
+	}
+	wait := o.LockWait
+	if wait == 0 {
+		wait = 30 * time.Second
+	}
+	lctx, cancel := context.WithTimeout(ctx, wait)
+	unlock, err := st.Lock(lctx, true)
+	cancel()
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	if n, err := st.CleanStaging(); err != nil {
+		return nil, fmt.Errorf("clean staging: %w", err)
+	} else if n > 0 {
+		log.Info("removed work a killed cryo left in staging", "entries", n)
+	}
+
+	need := treeRSS(o.PID) + 64<<20
+	work, err := workdir.Make(o.WorkDir, filepath.Join(st.Dir, "staging"), need)
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(work)
+	images := filepath.Join(work, "images")
+	if err := os.Mkdir(images, 0o700); err != nil {
+		return nil, err
+	}
+	log.Debug("dumping", "pid", o.PID, "work", work, "estimate", need)
+
+	copts := criu.Options{
+		ImagesDir: images, WorkDir: work, LogFile: "dump.log",
+		Pid: o.PID, LeaveRunning: !o.Kill, LeaveStopped: o.Kill,
+		TCPEstablished: true, ShellJob: true, FileLocks: true, ExtUnixSockets: true,
+	}
+	dumpStart := time.Now()
+	if err := criu.Dump(ctx, bin, copts, nil); err != nil {
+		return nil, keepLog(st, err, filepath.Join(work, "dump.log"), "dump")
+	}
+	dumpTime := time.Since(dumpStart)
+	tasks, err := criu.ReadTree(images)
+	if err != nil {
+		return nil, errors.Join(err, resume(o, tasks))
+	}
+	// From here on, with Kill, the tree is stopped: every failure path must
+	// resume it.
+	defer func() {
+		if err != nil && o.Kill {
+			err = errors.Join(err, resume(o, tasks))
+		}
+	}()
+	stats, serr := criu.ReadDumpStats(work) // CRIU writes stats-dump to its work dir
+	if serr != nil {
+		log.Warn("no CRIU dump statistics", "err", serr)
+	}
+	log.Debug("dumped", "processes", len(tasks), "took", dumpTime, "frozen_ms", stats.FrozenMS)
+
+	w, err := st.NewWriter()
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, w.Abort())
+		}
+	}()
+	specs, err := fileSpecs(images, work)
+	if err != nil {
+		return nil, err
+	}
+	if err := w.AddFiles(ctx, specs); err != nil {
+		return nil, fmt.Errorf("store images: %w", err)
+	}
+	host, _ := os.Hostname()
+	m := &store.Manifest{
+		Created:   time.Now().UTC(),
+		Host:      host,
+		CreatedBy: "cryo " + Version,
+		Job:       store.Job{RootPID: o.PID},
+		CRIU: store.CRIUInfo{Version: bin.VersionString(), LeaveRunning: !o.Kill,
+			TCPEstablished: copts.TCPEstablished, ShellJob: copts.ShellJob},
+		Stats: store.Stats{
+			FrozenMS: stats.FrozenMS, FreezingMS: stats.FreezingMS, MemdumpMS: stats.MemdumpMS,
+			MemwriteMS: stats.MemwriteMS, PagesScanned: stats.PagesScanned, PagesWritten: stats.PagesWritten,
+			DumpMS: dumpTime.Milliseconds(), DurableMS: time.Since(start).Milliseconds(),
+		},
+	}
+	for _, t := range tasks {
+		m.Job.Processes = append(m.Job.Processes, store.Process{PID: t.PID, PPID: t.PPID, PGID: t.PGID,
+			SID: t.SID, Threads: t.Threads, TIDs: t.TIDs, Comm: t.Comm})
+	}
+	gen, err := w.Commit(m)
+	if err != nil {
+		return nil, err
+	}
+	res = &Result{Generation: gen, Store: st.Dir, Manifest: m, Processes: len(tasks),
+		Frozen: time.Duration(stats.FrozenMS) * time.Millisecond, Durable: time.Since(start),
+		RawBytes: m.Stats.RawBytes, NewBytes: m.Stats.NewBytes}
+	log.Debug("committed", "generation", gen, "raw", m.Stats.RawBytes, "new", m.Stats.NewBytes, "durable", res.Durable)
+
+	if o.Kill {
+		// The checkpoint is safe: now the job may go.
+		if kerr := kill(ctx, tasks); kerr != nil {
+			log.Warn("job checkpointed but not all of it stopped", "err", kerr)
+		}
+		res.Killed = true
+	}
+	if removed, rerr := st.Retain(o.Keep); rerr != nil {
+		log.Warn("retention", "err", rerr)
+	} else {
+		res.Removed = removed
+	}
+	return res, nil
+}
+
+// fileSpecs lists the images to store, with page images cut at address
+// windows, and CRIU's dump log as a "log" file.
+func fileSpecs(images, work string) ([]store.FileSpec, error) {
+	runs, err := criu.PageRuns(images)
+	if err != nil {
+		return nil, err
+	}
+	var specs []store.FileSpec
+	err = filepath.WalkDir(images, func(p string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		rel, _ := filepath.Rel(images, p)
+		sp := store.FileSpec{Path: p, Name: rel, Kind: "image"}
+		if criu.IsPages(rel) {
+			sp.Kind = "pages"
+			sp.Cuts = criu.Cuts(runs[filepath.Base(rel)], ChunkWindow)
+		}
+		specs = append(specs, sp)
+		return nil
+	})
+	if _, serr := os.Stat(filepath.Join(work, "dump.log")); serr == nil {
+		specs = append(specs, store.FileSpec{Path: filepath.Join(work, "dump.log"), Name: "dump.log", Kind: "log"})
+	}
+	return specs, err
+}
+
+// keepLog copies a failed operation's CRIU log into the store's logs/ and
+// points the error at the copy (the work directory is about to go).
+func keepLog(st *store.Store, err error, log, op string) error {
+	var ce *criu.Error
+	if !errors.As(err, &ce) {
+		return err
+	}
+	dst := st.LogPath(op)
+	if b, rerr := os.ReadFile(log); rerr == nil && os.WriteFile(dst, b, 0o600) == nil {
+		ce.Log = dst
+	}
+	return err
+}
+
+func treeRSS(pid int) int64 {
+	pids, _ := proc.Tree(pid)
+	var n int64
+	for _, p := range pids {
+		r, _ := proc.RSS(p)
+		n += r
+	}
+	return n
+}
+
+// resume continues a tree that CRIU left stopped.
+func resume(o Options, tasks []criu.Task) error {
+	if !o.Kill {
+		return nil
+	}
+	var errs []error
+	for _, t := range tasks {
+		if err := syscall.Kill(t.PID, syscall.SIGCONT); err != nil && !errors.Is(err, syscall.ESRCH) {
+			errs = append(errs, fmt.Errorf("resume pid %d: %w", t.PID, err))
+		}
+	}
+	if len(tasks) == 0 {
+		// We could not even read the tree: resume what we know of.
+		pids, _ := proc.Tree(o.PID)
+		for _, p := range pids {
+			_ = syscall.Kill(p, syscall.SIGCONT)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// kill ends every task of a checkpointed tree and waits until their PIDs are
+// free, so that a restore can take them again.
+func kill(ctx context.Context, tasks []criu.Task) error {
+	for _, t := range tasks {
+		_ = syscall.Kill(t.PID, syscall.SIGKILL)
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	var gone []string
+	for _, t := range tasks {
+		if err := proc.WaitGone(ctx, t.PID); err != nil {
+			gone = append(gone, err.Error())
+		}
+	}
+	if len(gone) > 0 {
+		return errors.New(strings.Join(gone, "; "))
+	}
+	return nil
+}

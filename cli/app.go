@@ -1,0 +1,145 @@
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"strings"
+
+	"github.com/cryo-hpc/cryo/checkpoint"
+	"github.com/cryo-hpc/cryo/internal/criu"
+	ucli "github.com/urfave/cli/v2"
+)
+
+// Exit codes.
+const (
+	ExitOK     = 0
+	ExitFailed = 1
+	ExitUsage  = 2
+)
+
+// usageError marks a mistake in how cryo was called.
+type usageError struct{ msg string }
+
+func (e usageError) Error() string { return e.msg }
+
+func usagef(format string, a ...any) error { return usageError{fmt.Sprintf(format, a...)} }
+
+// env is what every command needs from the outside world.
+type env struct {
+	stdout, stderr io.Writer
+	getenv         func(string) string
+}
+
+// common are the flags every command has.
+type common struct {
+	json    bool
+	verbose bool
+	criu    string
+}
+
+func (c *common) flags() []ucli.Flag {
+	return []ucli.Flag{
+		&ucli.BoolFlag{Name: "json", Usage: "print the result as JSON", Destination: &c.json, EnvVars: []string{"CRYO_JSON"}},
+		&ucli.BoolFlag{Name: "verbose", Aliases: []string{"v"}, Usage: "log what cryo does to stderr", Destination: &c.verbose, EnvVars: []string{"CRYO_VERBOSE"}},
+		&ucli.StringFlag{Name: "criu", Usage: "CRIU binary to use (default: $CRYO_CRIU, then criu on PATH)", Destination: &c.criu},
+	}
+}
+
+func (c *common) logger(e *env) *slog.Logger {
+	level := slog.LevelWarn
+	if c.verbose {
+		level = slog.LevelDebug
+	}
+	return slog.New(slog.NewTextHandler(e.stderr, &slog.HandlerOptions{Level: level}))
+}
+
+// locateCRIU finds the CRIU binary and says which one and why.
+func (c *common) locateCRIU(e *env) (criu.Binary, error) {
+	return criu.Locate(c.criu, e.getenv)
+}
+
+// emit prints v as JSON, or text through the given function.
+func (c *common) emit(e *env, v any, text func(w io.Writer)) error {
+	if c.json {
+		enc := json.NewEncoder(e.stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(v)
+	}
+	text(e.stdout)
+	return nil
+}
+
+// checkCache is where a passing `criu check` is remembered.
+const checkCache = "/run/cryo"
+
+func newApp(e *env) *ucli.App {
+	app := &ucli.App{
+		Name:      "cryo",
+		Usage:     "checkpoint and restart HPC jobs, GPU and offload state included",
+		Version:   checkpoint.Version,
+		Writer:    e.stdout,
+		ErrWriter: e.stderr,
+		Commands: []*ucli.Command{
+			checkpointCommand(e),
+			restoreCommand(e),
+			listCommand(e),
+			verifyCommand(e),
+			gcCommand(e),
+			checkCommand(e),
+			{Name: "version", Usage: "print cryo's version", Action: func(*ucli.Context) error {
+				fmt.Fprintln(e.stdout, "cryo", checkpoint.Version)
+				return nil
+			}},
+		},
+		HideHelpCommand: true,
+		HideVersion:     true, // -v is --verbose; `cryo version` prints the version
+		OnUsageError: func(_ *ucli.Context, err error, _ bool) error {
+			return usageError{err.Error()}
+		},
+		CommandNotFound: func(c *ucli.Context, name string) {
+			fmt.Fprintf(e.stderr, "cryo: unknown command %q (see cryo --help)\n", name)
+		},
+		ExitErrHandler: func(*ucli.Context, error) {}, // we map errors to codes ourselves
+	}
+	for _, cmd := range app.Commands {
+		cmd.OnUsageError = app.OnUsageError
+	}
+	return app
+}
+
+// Main runs cryo with args (args[0] is the program name) and returns the
+// exit code.
+func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	e := &env{stdout: stdout, stderr: stderr, getenv: os.Getenv}
+	app := newApp(e)
+	if len(args) > 1 && !strings.HasPrefix(args[1], "-") && app.Command(args[1]) == nil && args[1] != "help" {
+		fmt.Fprintf(stderr, "cryo: unknown command %q (see cryo --help)\n", args[1])
+		return ExitUsage
+	}
+	err := app.RunContext(ctx, args)
+	if err == nil {
+		return ExitOK
+	}
+	fmt.Fprintf(stderr, "cryo: %s\n", err)
+	var ue usageError
+	if errors.As(err, &ue) || isUsage(err) {
+		return ExitUsage
+	}
+	return ExitFailed
+}
+
+// isUsage recognises urfave/cli's own usage complaints.
+func isUsage(err error) bool {
+	s := err.Error()
+	for _, p := range []string{"Required flag", "flag provided but not defined", "invalid value", "flag needs an argument"} {
+		if strings.Contains(s, p) {
+			return true
+		}
+	}
+	return false
+}

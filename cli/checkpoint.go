@@ -1,0 +1,88 @@
+package cli
+
+import (
+	"fmt"
+	"io"
+	"strconv"
+	"time"
+
+	"github.com/cryo-hpc/cryo/checkpoint"
+	ucli "github.com/urfave/cli/v2"
+)
+
+type checkpointOpts struct {
+	common
+	store        string
+	leaveRunning bool
+	kill         bool
+	workDir      string
+	keep         int
+	lockWait     time.Duration
+}
+
+func checkpointCommand(e *env) *ucli.Command {
+	o := &checkpointOpts{}
+	return &ucli.Command{
+		Name:      "checkpoint",
+		Usage:     "checkpoint the process tree rooted at PID into a new generation of the store",
+		ArgsUsage: "PID",
+		Flags: append(o.common.flags(),
+			&ucli.StringFlag{Name: "store", Usage: "store directory (created if missing)", Destination: &o.store, EnvVars: []string{"CRYO_STORE"}, Required: true},
+			&ucli.BoolFlag{Name: "leave-running", Usage: "let the job go on after the checkpoint (default)", Destination: &o.leaveRunning},
+			&ucli.BoolFlag{Name: "kill", Usage: "stop the job once its checkpoint is committed", Destination: &o.kill},
+			&ucli.StringFlag{Name: "work-dir", Usage: "where images wait before they are stored (default: /dev/shm when it has room)", Destination: &o.workDir, EnvVars: []string{"CRYO_WORK_DIR"}},
+			&ucli.IntFlag{Name: "keep", Usage: "keep at most N generations (0: all)", Destination: &o.keep, EnvVars: []string{"CRYO_KEEP"}},
+			&ucli.DurationFlag{Name: "lock-wait", Usage: "how long to wait for another cryo writing the store", Value: 30 * time.Second, Destination: &o.lockWait},
+		),
+		Action: func(c *ucli.Context) error {
+			if c.NArg() != 1 {
+				return usagef("checkpoint needs exactly one PID, got %d arguments", c.NArg())
+			}
+			pid, err := strconv.Atoi(c.Args().First())
+			if err != nil || pid <= 0 {
+				return usagef("PID must be a positive number, got %q", c.Args().First())
+			}
+			if o.leaveRunning && o.kill {
+				return usagef("--leave-running and --kill contradict each other")
+			}
+			if o.keep < 0 {
+				return usagef("--keep must be >= 0, got %d", o.keep)
+			}
+			bin, err := o.locateCRIU(e)
+			if err != nil {
+				return err
+			}
+			res, err := checkpoint.Take(c.Context, checkpoint.Options{
+				Store: o.store, PID: pid, Kill: o.kill, CRIU: bin, WorkDir: o.workDir,
+				Keep: o.keep, LockWait: o.lockWait, CheckCache: checkCache, Logger: o.logger(e),
+			})
+			if err != nil {
+				return fmt.Errorf("checkpoint of pid %d failed: %w", pid, err)
+			}
+			return o.emit(e, res, func(w io.Writer) {
+				fmt.Fprintf(w, "generation %d of %s: %d processes, %s of images, %s new in the store; frozen %s, durable after %s\n",
+					res.Generation, res.Store, res.Processes, human(res.RawBytes), human(res.NewBytes),
+					res.Frozen.Round(time.Millisecond), res.Durable.Round(time.Millisecond))
+				if res.Killed {
+					fmt.Fprintf(w, "job stopped (pid %d)\n", pid)
+				}
+				if len(res.Removed) > 0 {
+					fmt.Fprintf(w, "removed old generations %v\n", res.Removed)
+				}
+			})
+		},
+	}
+}
+
+func human(n int64) string {
+	switch {
+	case n >= 1<<30:
+		return fmt.Sprintf("%.2f GiB", float64(n)/(1<<30))
+	case n >= 1<<20:
+		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
+	case n >= 1<<10:
+		return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
+	default:
+		return fmt.Sprintf("%d B", n)
+	}
+}

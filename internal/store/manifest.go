@@ -1,0 +1,157 @@
+package store
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"time"
+)
+
+// FormatVersion is the store and manifest format this cryo writes.
+const FormatVersion = 1
+
+// Manifest describes one committed generation.
+type Manifest struct {
+	Format     int       `json:"format"`
+	Generation int       `json:"generation"`
+	Created    time.Time `json:"created"`
+	Host       string    `json:"host"`
+	CreatedBy  string    `json:"created_by"`
+	Job        Job       `json:"job"`
+	CRIU       CRIUInfo  `json:"criu"`
+	Stats      Stats     `json:"stats"`
+	Files      []File    `json:"files"`
+	Offload    []Offload `json:"offload,omitempty"`
+	// Checksum is the SHA-256 of the manifest with this field empty.
+	Checksum string `json:"checksum"`
+}
+
+// Job is what was checkpointed.
+type Job struct {
+	RootPID   int       `json:"root_pid"`
+	Processes []Process `json:"processes"`
+	// Trees names the image subdirectories when a job was dumped as several
+	// trees; empty for one tree whose images are at the top level.
+	Trees []string `json:"trees,omitempty"`
+}
+
+// Process is one task of the dumped tree, from CRIU's pstree and core images.
+type Process struct {
+	PID     int    `json:"pid"`
+	PPID    int    `json:"ppid"`
+	PGID    int    `json:"pgid"`
+	SID     int    `json:"sid"`
+	Threads int    `json:"threads"`
+	TIDs    []int  `json:"tids,omitempty"` // thread IDs, which restore needs free too
+	Comm    string `json:"comm"`
+}
+
+// CRIUInfo records how CRIU made the images.
+type CRIUInfo struct {
+	Version        string `json:"version"`
+	LeaveRunning   bool   `json:"leave_running"`
+	TCPEstablished bool   `json:"tcp_established"`
+	ShellJob       bool   `json:"shell_job"`
+}
+
+// Stats are the costs of taking the checkpoint.
+type Stats struct {
+	FrozenMS     int64 `json:"frozen_ms"`     // the job could not run (CRIU freezing + frozen)
+	DumpMS       int64 `json:"dump_ms"`       // the CRIU dump call
+	DurableMS    int64 `json:"durable_ms"`    // start of checkpoint until committed
+	FreezingMS   int64 `json:"freezing_ms"`   // from CRIU's stats-dump
+	MemdumpMS    int64 `json:"memdump_ms"`    // from CRIU's stats-dump
+	MemwriteMS   int64 `json:"memwrite_ms"`   // from CRIU's stats-dump
+	PagesScanned int64 `json:"pages_scanned"` // from CRIU's stats-dump
+	PagesWritten int64 `json:"pages_written"` // from CRIU's stats-dump
+	RawBytes     int64 `json:"raw_bytes"`     // image bytes before compression
+	StoredBytes  int64 `json:"stored_bytes"`  // compressed bytes of all chunks referenced
+	NewBytes     int64 `json:"new_bytes"`     // compressed bytes this generation added
+	Chunks       int   `json:"chunks"`        // chunks referenced
+	NewChunks    int   `json:"new_chunks"`    // chunks this generation added
+}
+
+// File is one image file, as a list of chunks in order.
+type File struct {
+	Name string `json:"name"` // relative path inside the images directory
+	Size int64  `json:"size"`
+	Mode uint32 `json:"mode"`
+	// Kind is "image" (restored with the job), "pages" (memory pages), or
+	// "log" (kept for inspection, not restored).
+	Kind string `json:"kind"`
+	// Digest is the SHA-256 over the file's chunk hashes and lengths: it
+	// binds the chunks' order, and each chunk's name binds its content.
+	Digest string  `json:"digest"`
+	Chunks []Chunk `json:"chunks"`
+}
+
+// Chunk is a piece of a file, stored under chunks/ by the SHA-256 of its
+// uncompressed content.
+type Chunk struct {
+	Hash   string `json:"h"`
+	Len    int64  `json:"n"` // uncompressed length
+	Stored int64  `json:"z"` // compressed length in the store
+}
+
+// Offload is one offload context of the job (filled by the offload drivers).
+type Offload struct {
+	Kind   string            `json:"kind"` // "cuda", "process"
+	PID    int               `json:"pid"`
+	Device string            `json:"device,omitempty"`
+	Attrs  map[string]string `json:"attrs,omitempty"`
+}
+
+// fileDigest binds a file's chunks together.
+func fileDigest(chunks []Chunk) string {
+	h := sha256.New()
+	for _, c := range chunks {
+		fmt.Fprintf(h, "%s:%d\n", c.Hash, c.Len)
+	}
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+func (m *Manifest) seal() ([]byte, error) {
+	m.Checksum = ""
+	body, err := json.Marshal(m)
+	if err != nil {
+		return nil, err
+	}
+	sum := sha256.Sum256(body)
+	m.Checksum = hex.EncodeToString(sum[:])
+	return json.MarshalIndent(m, "", " ")
+}
+
+// parseManifest decodes and checks a manifest's own checksum.
+func parseManifest(b []byte) (*Manifest, error) {
+	var m Manifest
+	if err := json.Unmarshal(b, &m); err != nil {
+		return nil, fmt.Errorf("manifest.json is not valid JSON (truncated?): %w", err)
+	}
+	if m.Format != FormatVersion {
+		return nil, fmt.Errorf("manifest.json has format %d; this cryo reads format %d", m.Format, FormatVersion)
+	}
+	want := m.Checksum
+	body, _ := json.Marshal(withoutChecksum(m))
+	sum := sha256.Sum256(body)
+	if hex.EncodeToString(sum[:]) != want {
+		return nil, fmt.Errorf("manifest.json does not match its checksum")
+	}
+	for _, f := range m.Files {
+		if fileDigest(f.Chunks) != f.Digest {
+			return nil, fmt.Errorf("manifest.json: %s: chunk list does not match its digest", f.Name)
+		}
+	}
+	return &m, nil
+}
+
+func withoutChecksum(m Manifest) Manifest { m.Checksum = ""; return m }
+
+// RawBytes is the sum of the files' sizes.
+func (m *Manifest) RawBytes() int64 {
+	var n int64
+	for _, f := range m.Files {
+		n += f.Size
+	}
+	return n
+}

@@ -1,0 +1,220 @@
+package store
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sync"
+
+	"github.com/klauspost/compress/zstd"
+)
+
+// Problem is one bad chunk or file found by Verify or Materialize.
+type Problem struct {
+	File   string `json:"file"`
+	Chunk  int    `json:"chunk"`  // index in the file, -1 for the file itself
+	Offset int64  `json:"offset"` // offset of the chunk in the file
+	Hash   string `json:"hash"`
+	Path   string `json:"path"` // the chunk file in the store
+	Reason string `json:"reason"`
+}
+
+func (p Problem) String() string {
+	if p.Chunk < 0 {
+		return fmt.Sprintf("%s: %s", p.File, p.Reason)
+	}
+	return fmt.Sprintf("%s: chunk %d at offset %d (%s): %s", p.File, p.Chunk, p.Offset, p.Path, p.Reason)
+}
+
+// CorruptError lists what is wrong with a generation.
+type CorruptError struct {
+	Generation int
+	Problems   []Problem
+}
+
+func (e *CorruptError) Error() string {
+	s := fmt.Sprintf("generation %d is corrupt: %s", e.Generation, e.Problems[0])
+	if n := len(e.Problems) - 1; n > 0 {
+		s += fmt.Sprintf(" (and %d more problems; run cryo verify)", n)
+	}
+	return s
+}
+
+func (e *CorruptError) Is(target error) bool { return target == ErrCorrupt }
+
+var decoder, _ = zstd.NewReader(nil, zstd.WithDecoderConcurrency(0), zstd.WithDecoderLowmem(false))
+
+type job struct {
+	file, idx int
+	off       int64
+	c         Chunk
+}
+
+// walk runs fn on every chunk of the selected files in parallel, with the
+// chunk's verified content. It collects every problem rather than stopping
+// at the first, so that a user learns the whole damage at once.
+func (s *Store) walk(ctx context.Context, m *Manifest, sel func(File) bool, fn func(j job, data []byte) error) []Problem {
+	var jobs []job
+	for i, f := range m.Files {
+		if sel != nil && !sel(f) {
+			continue
+		}
+		var off int64
+		for k, c := range f.Chunks {
+			jobs = append(jobs, job{file: i, idx: k, off: off, c: c})
+			off += c.Len
+		}
+		if off != f.Size {
+			return []Problem{{File: f.Name, Chunk: -1, Reason: fmt.Sprintf("chunks add up to %d bytes, file is %d", off, f.Size)}}
+		}
+	}
+	var (
+		mu       sync.Mutex
+		problems []Problem
+		wg       sync.WaitGroup
+	)
+	work := make(chan job)
+	for range runtime.GOMAXPROCS(0) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var out []byte
+			for j := range work {
+				var reason string
+				data, err := s.readChunk(j.c, out)
+				out = data[:0]
+				if err != nil {
+					reason = err.Error()
+				} else if err := fn(j, data); err != nil {
+					reason = err.Error()
+				}
+				if reason != "" {
+					mu.Lock()
+					problems = append(problems, Problem{File: m.Files[j.file].Name, Chunk: j.idx, Offset: j.off,
+						Hash: j.c.Hash, Path: s.ChunkPath(j.c.Hash), Reason: reason})
+					mu.Unlock()
+				}
+			}
+		}()
+	}
+	for _, j := range jobs {
+		if ctx.Err() != nil {
+			break
+		}
+		work <- j
+	}
+	close(work)
+	wg.Wait()
+	if ctx.Err() != nil {
+		problems = append(problems, Problem{Chunk: -1, Reason: ctx.Err().Error()})
+	}
+	return problems
+}
+
+// readChunk reads, decompresses and checks one chunk.
+func (s *Store) readChunk(c Chunk, buf []byte) ([]byte, error) {
+	z, err := os.ReadFile(s.ChunkPath(c.Hash))
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return buf, errors.New("missing")
+		}
+		return buf, err
+	}
+	data, err := decoder.DecodeAll(z, buf[:0])
+	if err != nil {
+		return buf, fmt.Errorf("cannot decompress (truncated or damaged): %v", err)
+	}
+	if int64(len(data)) != c.Len {
+		return data, fmt.Errorf("holds %d bytes, manifest says %d", len(data), c.Len)
+	}
+	sum := sha256.Sum256(data)
+	if hex.EncodeToString(sum[:]) != c.Hash {
+		return data, errors.New("content does not match its SHA-256")
+	}
+	return data, nil
+}
+
+// Verify re-hashes every chunk of the generation and returns what is wrong
+// (nil when it is intact).
+func (s *Store) Verify(ctx context.Context, m *Manifest) []Problem {
+	return s.walk(ctx, m, nil, func(job, []byte) error { return nil })
+}
+
+// Quick checks without reading chunk contents that every chunk exists with
+// the size the manifest recorded. It is what `cryo list` calls intact.
+func (s *Store) Quick(m *Manifest) []Problem {
+	var ps []Problem
+	for _, f := range m.Files {
+		var off int64
+		for k, c := range f.Chunks {
+			p := s.ChunkPath(c.Hash)
+			st, err := os.Stat(p)
+			switch {
+			case err != nil:
+				ps = append(ps, Problem{File: f.Name, Chunk: k, Offset: off, Hash: c.Hash, Path: p, Reason: "missing"})
+			case st.Size() != c.Stored:
+				ps = append(ps, Problem{File: f.Name, Chunk: k, Offset: off, Hash: c.Hash, Path: p,
+					Reason: fmt.Sprintf("is %d bytes, manifest says %d (truncated?)", st.Size(), c.Stored)})
+			}
+			off += c.Len
+		}
+	}
+	return ps
+}
+
+// Materialize writes the generation's files into dir (which must exist),
+// verifying every chunk on the way. It returns a *CorruptError (ErrCorrupt)
+// naming each bad file and chunk; files are written only in dir.
+// kinds selects which kinds of file to write (nil: all but logs).
+func (s *Store) Materialize(ctx context.Context, m *Manifest, dir string, kinds ...string) error {
+	sel := func(f File) bool {
+		if len(kinds) == 0 {
+			return f.Kind != "log"
+		}
+		for _, k := range kinds {
+			if f.Kind == k {
+				return true
+			}
+		}
+		return false
+	}
+	out := make([]*os.File, len(m.Files))
+	defer func() {
+		for _, f := range out {
+			if f != nil {
+				f.Close()
+			}
+		}
+	}()
+	for i, f := range m.Files {
+		if !sel(f) {
+			continue
+		}
+		p := filepath.Join(dir, filepath.Clean("/" + f.Name)[1:])
+		if err := os.MkdirAll(filepath.Dir(p), dirMode); err != nil {
+			return err
+		}
+		fh, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, os.FileMode(f.Mode)&0o700|fileMode)
+		if err != nil {
+			return err
+		}
+		out[i] = fh
+		if err := fh.Truncate(f.Size); err != nil {
+			return err
+		}
+	}
+	problems := s.walk(ctx, m, sel, func(j job, data []byte) error {
+		_, err := out[j.file].WriteAt(data, j.off)
+		return err
+	})
+	if len(problems) > 0 {
+		return &CorruptError{Generation: m.Generation, Problems: problems}
+	}
+	return nil
+}

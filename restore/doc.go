@@ -1,0 +1,12 @@
+// Package restore brings a job back from a committed generation.
+//
+// Restore runs: pick the generation -> preflight (CRIU vetted, every PID
+// and thread ID of the job free, or held only by a dying process that we
+// wait for) -> materialize the images into a private RAM-backed work
+// directory, verifying every chunk's checksum before any process starts ->
+// CRIU restore (detached in its own session, or as a child of the caller)
+// -> report the restored root PID.
+//
+// It reads the store under a shared lock (so retention and GC wait) and
+// never modifies a generation.
+package restore

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs the Debian packages cryo's tests need besides CRIU (which
+# install-criu.sh builds). Safe to run again: it installs only what is missing.
+set -euo pipefail
+pkgs=(gcc make iproute2 procps util-linux)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "install-deps: need root to install: ${missing[*]}" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
