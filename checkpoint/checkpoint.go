@@ -46,7 +46,10 @@ type Options struct {
 	LockWait time.Duration
 	// CheckCache is where a passing `criu check` is remembered ("" = never).
 	CheckCache string
-	Logger     *slog.Logger
+	// Reap, with Kill, reaps killed processes that are children of the
+	// caller (a supervisor's job-init) so that their PIDs become free.
+	Reap   bool
+	Logger *slog.Logger
 }
 
 // Result describes a committed checkpoint.
@@ -190,7 +193,7 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 
 	if o.Kill {
 		// The checkpoint is safe: now the job may go.
-		if kerr := kill(ctx, tasks); kerr != nil {
+		if kerr := kill(ctx, tasks, o.Reap); kerr != nil {
 			log.Warn("job checkpointed but not all of it stopped", "err", kerr)
 		}
 		res.Killed = true
@@ -277,9 +280,15 @@ func resume(o Options, tasks []criu.Task) error {
 
 // kill ends every task of a checkpointed tree and waits until their PIDs are
 // free, so that a restore can take them again.
-func kill(ctx context.Context, tasks []criu.Task) error {
+func kill(ctx context.Context, tasks []criu.Task, reap bool) error {
 	for _, t := range tasks {
 		_ = syscall.Kill(t.PID, syscall.SIGKILL)
+	}
+	if reap {
+		for _, t := range tasks {
+			var ws syscall.WaitStatus
+			_, _ = syscall.Wait4(t.PID, &ws, 0, nil) // ECHILD for others' children
+		}
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()

@@ -91,6 +91,8 @@ func newApp(e *env) *ucli.App {
 			verifyCommand(e),
 			gcCommand(e),
 			checkCommand(e),
+			runCommand(e),
+			jobInitCommand(e),
 			{Name: "version", Usage: "print cryo's version", Action: func(*ucli.Context) error {
 				fmt.Fprintln(e.stdout, "cryo", checkpoint.Version)
 				return nil
@@ -98,6 +100,8 @@ func newApp(e *env) *ucli.App {
 		},
 		HideHelpCommand: true,
 		HideVersion:     true, // -v is --verbose; `cryo version` prints the version
+		// --offload takes whole command lines: never split them on commas.
+		DisableSliceFlagSeparator: true,
 		OnUsageError: func(_ *ucli.Context, err error, _ bool) error {
 			return usageError{err.Error()}
 		},
@@ -124,6 +128,13 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	err := app.RunContext(ctx, args)
 	if err == nil {
 		return ExitOK
+	}
+	var xe exitError
+	if errors.As(err, &xe) {
+		if xe.err != nil {
+			fmt.Fprintf(stderr, "cryo: %s\n", xe.err)
+		}
+		return xe.code
 	}
 	fmt.Fprintf(stderr, "cryo: %s\n", err)
 	var ue usageError

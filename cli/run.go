@@ -1,0 +1,330 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/cryo-hpc/cryo/checkpoint"
+	"github.com/cryo-hpc/cryo/internal/store"
+	"github.com/cryo-hpc/cryo/monitor"
+	ucli "github.com/urfave/cli/v2"
+)
+
+type runOpts struct {
+	common
+	store        string
+	offload      ucli.StringSlice
+	interval     string
+	mtbf         time.Duration
+	maxRestarts  int
+	heartbeat    time.Duration
+	hang         time.Duration
+	channelGrace time.Duration
+	grace        time.Duration
+	keep         int
+	control      string
+	metricsAddr  string
+	fresh        bool
+	stdout       string
+	stderr       string
+	workDir      string
+}
+
+func runCommand(e *env) *ucli.Command {
+	o := &runOpts{}
+	return &ucli.Command{
+		Name:      "run",
+		Usage:     "run a job (host tree plus --offload trees) under cryo's protection: periodic checkpoints, failure detection, restore",
+		ArgsUsage: "-- HOSTCMD [ARGS...]",
+		Description: `The job's trees run under one job-init process, so one checkpoint captures
+all of them with the channels between them. SIGUSR1 checkpoints now;
+SIGTERM or SIGINT checkpoints and stops the job (exit 143). When the job
+fails, cryo terminates what is left and restores the newest good checkpoint.
+Run again with the same store to resume an unfinished job.`,
+		Flags: append(o.common.flags(),
+			&ucli.StringFlag{Name: "store", Usage: "store directory for the job's checkpoints and logs", Destination: &o.store, EnvVars: []string{"CRYO_STORE"}, Required: true},
+			&ucli.StringSliceFlag{Name: "offload", Usage: "an offload tree's command line (repeatable)", Destination: &o.offload},
+			&ucli.StringFlag{Name: "interval", Usage: "time between checkpoints (e.g. 10m), 'auto' (needs --mtbf), or 0 for none", Value: "0", Destination: &o.interval, EnvVars: []string{"CRYO_INTERVAL"}},
+			&ucli.DurationFlag{Name: "mtbf", Usage: "mean time between failures, for --interval auto", Destination: &o.mtbf, EnvVars: []string{"CRYO_MTBF"}},
+			&ucli.IntFlag{Name: "max-restarts", Usage: "restores before giving up", Value: 3, Destination: &o.maxRestarts, EnvVars: []string{"CRYO_MAX_RESTARTS"}},
+			&ucli.DurationFlag{Name: "heartbeat-timeout", Usage: "fail the job when $CRYO_HEARTBEAT_FILE, which it touches, is older than this (0: off)", Destination: &o.heartbeat},
+			&ucli.DurationFlag{Name: "hang-timeout", Usage: "fail the job when an offload tree uses no CPU for this long (0: off)", Destination: &o.hang},
+			&ucli.DurationFlag{Name: "channel-grace", Usage: "how long a broken host-offload channel may last before it counts as a failure (negative: don't watch)", Value: 3 * time.Second, Destination: &o.channelGrace},
+			&ucli.DurationFlag{Name: "grace", Usage: "when the host ends, time the offload trees get between SIGTERM and SIGKILL", Value: 5 * time.Second, Destination: &o.grace},
+			&ucli.IntFlag{Name: "keep", Usage: "generations to keep", Value: 3, Destination: &o.keep, EnvVars: []string{"CRYO_KEEP"}},
+			&ucli.StringFlag{Name: "control", Usage: "control socket path (default: STORE/run/control.sock)", Destination: &o.control},
+			&ucli.StringFlag{Name: "metrics-addr", Usage: "serve Prometheus metrics on this address (e.g. 127.0.0.1:9400)", Destination: &o.metricsAddr},
+			&ucli.BoolFlag{Name: "fresh", Usage: "start from scratch even if the store holds a checkpoint of an unfinished run", Destination: &o.fresh},
+			&ucli.StringFlag{Name: "stdout", Usage: "file the host tree's stdout is appended to (default: cryo's stdout if it is a file, else STORE/run/host.out relayed to cryo's stdout)", Destination: &o.stdout},
+			&ucli.StringFlag{Name: "stderr", Usage: "file the host tree's stderr is appended to (default like --stdout)", Destination: &o.stderr},
+			&ucli.StringFlag{Name: "work-dir", Usage: "where images wait between CRIU and the store", Destination: &o.workDir, EnvVars: []string{"CRYO_WORK_DIR"}},
+		),
+		Action: func(c *ucli.Context) error {
+			if c.NArg() == 0 {
+				return usagef("run needs the host command after --")
+			}
+			cfg := monitor.Config{
+				Name: "job", Store: o.store, MaxRestarts: o.maxRestarts, HeartbeatTimeout: o.heartbeat,
+				HangTimeout: o.hang, ChannelGrace: o.channelGrace, Grace: o.grace, Keep: o.keep,
+				Fresh: o.fresh, CheckCache: checkCache, WorkDir: o.workDir, Logger: o.logger(e),
+				Metrics: &monitor.Metrics{},
+			}
+			switch {
+			case o.interval == "auto":
+				if o.mtbf <= 0 {
+					return usagef("--interval auto needs --mtbf (e.g. --mtbf 24h)")
+				}
+				cfg.AutoInterval, cfg.MTBF = true, o.mtbf
+				// Until a checkpoint has been measured, assume it costs 1 s.
+				cfg.Interval = monitor.DalyInterval(time.Second, o.mtbf)
+			default:
+				d, err := time.ParseDuration(o.interval)
+				if err != nil && o.interval != "0" {
+					return usagef("--interval: %q is not a duration or 'auto'", o.interval)
+				}
+				if d < 0 {
+					return usagef("--interval must not be negative")
+				}
+				cfg.Interval = d
+			}
+			if o.maxRestarts < 0 || o.keep < 0 {
+				return usagef("--max-restarts and --keep must be >= 0")
+			}
+			if o.keep == 1 {
+				// With one generation kept, a checkpoint that does not restore
+				// leaves nothing to fall back on.
+				fmt.Fprintln(e.stderr, "cryo: warning: --keep 1 leaves no older checkpoint to fall back on")
+			}
+			bin, err := o.locateCRIU(e)
+			if err != nil {
+				return err
+			}
+			cfg.CRIU = bin
+			abs, err := filepath.Abs(o.store)
+			if err != nil {
+				return err
+			}
+			cfg.Store = abs
+			if _, err := store.Create(abs, "cryo "+checkpoint.Version); err != nil {
+				return err
+			}
+			run := monitor.RunDir(abs)
+			if err := os.MkdirAll(run, 0o700); err != nil {
+				return err
+			}
+			hostOut, relayOut := outputFor(o.stdout, os.Stdout, filepath.Join(run, "host.out"))
+			hostErr, relayErr := outputFor(o.stderr, os.Stderr, filepath.Join(run, "host.err"))
+			cfg.Trees = []monitor.TreeSpec{{Name: "host", Argv: c.Args().Slice(), Host: true, Stdout: hostOut, Stderr: hostErr, Dir: mustGetwd()}}
+			for i, cmd := range o.offload.Value() {
+				argv, err := splitCommand(cmd)
+				if err != nil || len(argv) == 0 {
+					return usagef("--offload %q: %v", cmd, err)
+				}
+				name := fmt.Sprintf("offload-%d", i+1)
+				cfg.Trees = append(cfg.Trees, monitor.TreeSpec{Name: name, Argv: argv, Dir: mustGetwd(),
+					Stdout: filepath.Join(run, name+".out"), Stderr: filepath.Join(run, name+".err")})
+			}
+			jsonEvents := o.json
+			cfg.OnEvent = func(ev monitor.Event) {
+				if jsonEvents {
+					fmt.Fprintf(e.stderr, "%s\n", mustJSON(ev))
+				} else {
+					fmt.Fprintf(e.stderr, "cryo: %s: %s\n", ev.Kind, ev.Detail)
+				}
+			}
+			sup, err := monitor.New(cfg)
+			if err != nil {
+				return usagef("%v", err)
+			}
+
+			// Signals are ours to interpret: the job must outlive a SIGTERM
+			// long enough to be checkpointed.
+			ctx, cancel := context.WithCancel(context.WithoutCancel(c.Context))
+			defer cancel()
+			sigs := make(chan os.Signal, 4)
+			signal.Notify(sigs, syscall.SIGUSR1, syscall.SIGTERM, syscall.SIGINT)
+			defer signal.Stop(sigs)
+			go func() {
+				for s := range sigs {
+					op := "stop"
+					if s == syscall.SIGUSR1 {
+						op = "checkpoint"
+					}
+					go func() {
+						if _, err := sup.Request(ctx, op); err != nil {
+							fmt.Fprintf(e.stderr, "cryo: %s on %s failed: %v\n", op, s, err)
+						}
+					}()
+				}
+			}()
+			reg := &monitor.Registry{}
+			reg.Add(sup, os.Getuid())
+			ctl := o.control
+			if ctl == "" {
+				ctl = filepath.Join(run, "control.sock")
+			}
+			go reg.Serve(ctx, ctl, cfg.Logger)
+			if o.metricsAddr != "" {
+				l, err := net.Listen("tcp", o.metricsAddr)
+				if err != nil {
+					return fmt.Errorf("--metrics-addr: %w", err)
+				}
+				srv := &http.Server{Handler: cfg.Metrics, ReadHeaderTimeout: 5 * time.Second}
+				go srv.Serve(l)
+				defer srv.Close()
+			}
+			stopRelay := relay(ctx, relayOut, e.stdout, relayErr, e.stderr)
+			code, err := sup.Run(ctx)
+			stopRelay()
+			if err != nil {
+				return exitError{code: max(code, 1), err: err}
+			}
+			if code != 0 {
+				return exitError{code: code}
+			}
+			return nil
+		},
+	}
+}
+
+// exitError carries the job's own exit code out of `cryo run`.
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e exitError) Error() string {
+	if e.err == nil {
+		return fmt.Sprintf("job exited with code %d", e.code)
+	}
+	return e.err.Error()
+}
+
+// outputFor decides where a host stream goes: an explicit file; cryo's own
+// stream when that is a regular file (a batch job's output file, which the
+// restored job then keeps appending to); else a file in the store that cryo
+// relays. It returns the path for the job and the path to relay ("" none).
+func outputFor(explicit string, own *os.File, fallback string) (string, string) {
+	if explicit != "" {
+		abs, _ := filepath.Abs(explicit)
+		return abs, ""
+	}
+	if st, err := own.Stat(); err == nil && st.Mode().IsRegular() {
+		if p, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", own.Fd())); err == nil && filepath.IsAbs(p) && !strings.HasSuffix(p, " (deleted)") {
+			return p, ""
+		}
+	}
+	return fallback, fallback
+}
+
+// relay copies what the job appends to the files to cryo's own streams.
+func relay(ctx context.Context, outPath string, out io.Writer, errPath string, errw io.Writer) func() {
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		offs := map[string]int64{}
+		if outPath != "" {
+			offs[outPath], _ = fileSizeOf(outPath)
+		}
+		if errPath != "" {
+			offs[errPath], _ = fileSizeOf(errPath)
+		}
+		pump := func() {
+			for p, w := range map[string]io.Writer{outPath: out, errPath: errw} {
+				if p == "" {
+					continue
+				}
+				f, err := os.Open(p)
+				if err != nil {
+					continue
+				}
+				if _, err := f.Seek(offs[p], io.SeekStart); err == nil {
+					n, _ := io.Copy(w, f)
+					offs[p] += n
+				}
+				f.Close()
+			}
+		}
+		t := time.NewTicker(100 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				pump()
+				return
+			case <-t.C:
+				pump()
+			}
+		}
+	}()
+	return func() { cancel(); <-done }
+}
+
+func fileSizeOf(p string) (int64, error) {
+	st, err := os.Stat(p)
+	if err != nil {
+		return 0, err
+	}
+	return st.Size(), nil
+}
+
+func mustGetwd() string {
+	d, _ := os.Getwd()
+	return d
+}
+
+// splitCommand splits a command line like a shell would for words: spaces
+// separate, single and double quotes group, backslash escapes.
+func splitCommand(s string) ([]string, error) {
+	var out []string
+	var cur strings.Builder
+	inWord := false
+	var quote rune
+	esc := false
+	for _, r := range s {
+		switch {
+		case esc:
+			cur.WriteRune(r)
+			esc = false
+		case r == '\\' && quote != '\'':
+			esc, inWord = true, true
+		case quote != 0:
+			if r == quote {
+				quote = 0
+			} else {
+				cur.WriteRune(r)
+			}
+		case r == '\'' || r == '"':
+			quote, inWord = r, true
+		case r == ' ' || r == '\t' || r == '\n':
+			if inWord {
+				out = append(out, cur.String())
+				cur.Reset()
+				inWord = false
+			}
+		default:
+			cur.WriteRune(r)
+			inWord = true
+		}
+	}
+	if quote != 0 {
+		return nil, fmt.Errorf("unclosed quote")
+	}
+	if esc {
+		return nil, fmt.Errorf("trailing backslash")
+	}
+	if inWord {
+		out = append(out, cur.String())
+	}
+	return out, nil
+}

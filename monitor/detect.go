@@ -1,0 +1,276 @@
+package monitor
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/cryo-hpc/cryo/internal/proc"
+)
+
+// detect runs the slow failure detectors (about once a second) and returns
+// the first failure found: its kind and a description.
+func (s *Supervisor) detect() (string, string) {
+	if s.pending != "" {
+		d := s.pending
+		s.pending = ""
+		return "tree-exit", d
+	}
+	trees := s.treePIDs()
+	if s.cfg.ChannelGrace > 0 {
+		if d := s.chans.check(trees, s.alive); d != "" {
+			return "channel", d
+		}
+	}
+	if s.cfg.HeartbeatTimeout > 0 {
+		hb := filepath.Join(RunDir(s.cfg.Store), "heartbeat")
+		if st, err := os.Stat(hb); err == nil && st.ModTime().After(s.heartbeat) {
+			s.heartbeat = st.ModTime()
+		}
+		if age := time.Since(s.heartbeat); age > s.cfg.HeartbeatTimeout {
+			return "heartbeat", fmt.Sprintf("no heartbeat from the job for %s (timeout %s)", age.Round(time.Second), s.cfg.HeartbeatTimeout)
+		}
+	}
+	if s.cfg.HangTimeout > 0 {
+		if d := s.checkHang(trees); d != "" {
+			return "hang", d
+		}
+	}
+	if s.cfg.Health != nil {
+		var all []int
+		for _, ps := range trees {
+			all = append(all, ps...)
+		}
+		if errs := s.cfg.Health.Critical(all); len(errs) > 0 {
+			return "gpu-xid", strings.Join(errs, "; ")
+		}
+	}
+	s.watchMemory(trees)
+	return "", ""
+}
+
+func (s *Supervisor) alive(pid int) bool { return proc.Live(pid) }
+
+// treePIDs lists the processes of each tree of the job.
+func (s *Supervisor) treePIDs() map[string][]int {
+	out := map[string][]int{}
+	for root, name := range s.roots {
+		if ps, err := proc.Tree(root); err == nil {
+			out[name] = ps
+		}
+	}
+	return out
+}
+
+type hangMark struct {
+	ticks uint64
+	since time.Time
+}
+
+// checkHang reports an offload tree that used no CPU for HangTimeout.
+func (s *Supervisor) checkHang(trees map[string][]int) string {
+	for name, pids := range trees {
+		if s.isHost(name) {
+			continue
+		}
+		var ticks uint64
+		for _, p := range pids {
+			if st, err := proc.ReadStat(p); err == nil {
+				ticks += st.CPUTicks
+			}
+		}
+		m, ok := s.hang[name]
+		if !ok || m.ticks != ticks {
+			s.hang[name] = hangMark{ticks: ticks, since: time.Now()}
+			continue
+		}
+		if idle := time.Since(m.since); idle > s.cfg.HangTimeout {
+			return fmt.Sprintf("offload tree %s made no CPU progress for %s (timeout %s)", name, idle.Round(time.Second), s.cfg.HangTimeout)
+		}
+	}
+	return ""
+}
+
+// memWatch samples the job's resident memory and warns of steady growth.
+type memWatch struct {
+	ts     []time.Time
+	vs     []float64
+	last   time.Time
+	warned time.Time
+}
+
+const memSamples = 12
+
+func (s *Supervisor) watchMemory(trees map[string][]int) {
+	w := &s.mem
+	if time.Since(w.last) < 5*time.Second {
+		return
+	}
+	w.last = time.Now()
+	var rss int64
+	for _, pids := range trees {
+		for _, p := range pids {
+			r, _ := proc.RSS(p)
+			rss += r
+		}
+	}
+	w.ts = append(w.ts, time.Now())
+	w.vs = append(w.vs, float64(rss))
+	if len(w.ts) > memSamples {
+		w.ts, w.vs = w.ts[1:], w.vs[1:]
+	}
+	if len(w.ts) < memSamples/2 {
+		return
+	}
+	slope, r2 := growth(w.ts, w.vs)
+	s.cfg.Metrics.MemoryGrowth(s.cfg.Name, slope)
+	// Steady (a good linear fit) and material (>1 MiB/s or >2%/min).
+	if r2 > 0.9 && slope > 0 && (slope > 1<<20 || slope*60 > 0.02*float64(rss)) && time.Since(w.warned) > 10*time.Minute {
+		w.warned = time.Now()
+		s.emit("warning", fmt.Sprintf("memory grows steadily: %.1f MiB/min (now %.1f MiB, fit R²=%.2f); a leak?", slope*60/(1<<20), float64(rss)/(1<<20), r2), 0)
+	}
+}
+
+// channelWatch tracks the connections between different trees of a job and
+// reports one that broke while both of its ends are alive.
+type channelWatch struct {
+	grace  time.Duration
+	known  map[string]*channel
+	broken map[string]time.Time
+}
+
+type channel struct {
+	a, b         uint64 // socket inodes
+	pa, pb       int    // owning pids
+	treeA, treeB string
+	kind         string
+}
+
+func newChannelWatch(grace time.Duration) *channelWatch {
+	return &channelWatch{grace: grace, known: map[string]*channel{}, broken: map[string]time.Time{}}
+}
+
+func (c *channel) String() string {
+	return fmt.Sprintf("%s channel between %s (pid %d) and %s (pid %d)", c.kind, c.treeA, c.pa, c.treeB, c.pb)
+}
+
+func (w *channelWatch) check(trees map[string][]int, alive func(int) bool) string {
+	owner := map[int]string{}
+	var all []int
+	for name, pids := range trees {
+		for _, p := range pids {
+			owner[p] = name
+			all = append(all, p)
+		}
+	}
+	inos := socketInodes(all)
+	us, err := unixSockets(inos)
+	if err != nil {
+		us = map[uint64]sockInfo{}
+	}
+	ts := tcpSockets(inos)
+
+	// Discover new channels: connected pairs whose ends are in different trees.
+	for ino, si := range us {
+		if si.peer == 0 || si.state != 1 {
+			continue
+		}
+		pa, pb := inos[ino], inos[si.peer]
+		if pb == 0 || owner[pa] == owner[pb] {
+			continue
+		}
+		a, b := ino, si.peer
+		if a > b {
+			a, b, pa, pb = b, a, pb, pa
+		}
+		key := fmt.Sprintf("unix:%d:%d", a, b)
+		if _, ok := w.known[key]; !ok {
+			w.known[key] = &channel{a: a, b: b, pa: pa, pb: pb, treeA: owner[pa], treeB: owner[pb], kind: "unix"}
+		}
+	}
+	byAddr := map[string]uint64{}
+	for ino, si := range ts {
+		byAddr[si.local+">"+si.remote] = ino
+	}
+	for ino, si := range ts {
+		if si.state != tcpEstablished {
+			continue
+		}
+		peer, ok := byAddr[si.remote+">"+si.local]
+		if !ok {
+			continue
+		}
+		pa, pb := inos[ino], inos[peer]
+		if owner[pa] == owner[pb] {
+			continue
+		}
+		a, b := ino, peer
+		if a > b {
+			a, b, pa, pb = b, a, pb, pa
+		}
+		key := fmt.Sprintf("tcp:%d:%d", a, b)
+		if _, ok := w.known[key]; !ok {
+			w.known[key] = &channel{a: a, b: b, pa: pa, pb: pb, treeA: owner[pa], treeB: owner[pb], kind: "tcp"}
+		}
+	}
+
+	// Check the known ones.
+	keys := make([]string, 0, len(w.known))
+	for k := range w.known {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, key := range keys {
+		ch := w.known[key]
+		if !alive(ch.pa) || !alive(ch.pb) {
+			// A process died: the tree-exit detector owns that.
+			delete(w.known, key)
+			delete(w.broken, key)
+			continue
+		}
+		why := ""
+		for _, end := range []struct {
+			ino uint64
+			pid int
+		}{{ch.a, ch.pa}, {ch.b, ch.pb}} {
+			if _, held := inos[end.ino]; !held {
+				why = fmt.Sprintf("pid %d closed its end", end.pid)
+				break
+			}
+			if ch.kind == "unix" {
+				if si, ok := us[end.ino]; ok && si.shutdown != 0 {
+					why = fmt.Sprintf("pid %d's end is shut down", end.pid)
+					break
+				}
+			} else {
+				si, ok := ts[end.ino]
+				if !ok {
+					why = fmt.Sprintf("pid %d's connection was reset", end.pid)
+					break
+				}
+				if si.state != tcpEstablished {
+					why = fmt.Sprintf("pid %d's connection is %s", end.pid, tcpStates[si.state])
+					break
+				}
+			}
+		}
+		if why == "" {
+			delete(w.broken, key)
+			continue
+		}
+		first, seen := w.broken[key]
+		if !seen {
+			w.broken[key] = time.Now()
+			continue
+		}
+		if time.Since(first) >= w.grace {
+			delete(w.known, key)
+			delete(w.broken, key)
+			return fmt.Sprintf("%s broke: %s", ch, why)
+		}
+	}
+	return ""
+}
