@@ -92,6 +92,11 @@ func newApp(e *env) *ucli.App {
 			gcCommand(e),
 			checkCommand(e),
 			runCommand(e),
+			monitorCommand(e),
+			ctlCommand(e),
+			swapCommand(e, "swap-out"),
+			swapCommand(e, "swap-in"),
+			slurmCommand(e),
 			jobInitCommand(e),
 			{Name: "version", Usage: "print cryo's version", Action: func(*ucli.Context) error {
 				fmt.Fprintln(e.stdout, "cryo", checkpoint.Version)

@@ -37,6 +37,13 @@ type runOpts struct {
 	stdout       string
 	stderr       string
 	workDir      string
+	monitorSock  string
+	name         string
+	// Slurm and signals (cli/slurm.go).
+	storeRoot  string
+	requeue    bool
+	ckptSignal string
+	startOver  bool
 }
 
 func runCommand(e *env) *ucli.Command {
@@ -51,7 +58,7 @@ SIGTERM or SIGINT checkpoints and stops the job (exit 143). When the job
 fails, cryo terminates what is left and restores the newest good checkpoint.
 Run again with the same store to resume an unfinished job.`,
 		Flags: append(o.common.flags(),
-			&ucli.StringFlag{Name: "store", Usage: "store directory for the job's checkpoints and logs", Destination: &o.store, EnvVars: []string{"CRYO_STORE"}, Required: true},
+			&ucli.StringFlag{Name: "store", Usage: "store directory for the job's checkpoints and logs (default in a Slurm job: STORE-ROOT/cryo-$SLURM_JOB_ID)", Destination: &o.store, EnvVars: []string{"CRYO_STORE"}},
 			&ucli.StringSliceFlag{Name: "offload", Usage: "an offload tree's command line (repeatable)", Destination: &o.offload},
 			&ucli.StringFlag{Name: "interval", Usage: "time between checkpoints (e.g. 10m), 'auto' (needs --mtbf), or 0 for none", Value: "0", Destination: &o.interval, EnvVars: []string{"CRYO_INTERVAL"}},
 			&ucli.DurationFlag{Name: "mtbf", Usage: "mean time between failures, for --interval auto", Destination: &o.mtbf, EnvVars: []string{"CRYO_MTBF"}},
@@ -67,10 +74,20 @@ Run again with the same store to resume an unfinished job.`,
 			&ucli.StringFlag{Name: "stdout", Usage: "file the host tree's stdout is appended to (default: cryo's stdout if it is a file, else STORE/run/host.out relayed to cryo's stdout)", Destination: &o.stdout},
 			&ucli.StringFlag{Name: "stderr", Usage: "file the host tree's stderr is appended to (default like --stdout)", Destination: &o.stderr},
 			&ucli.StringFlag{Name: "work-dir", Usage: "where images wait between CRIU and the store", Destination: &o.workDir, EnvVars: []string{"CRYO_WORK_DIR"}},
+			&ucli.StringFlag{Name: "monitor", Usage: "hand the job to the node daemon (cryo monitor) at this socket instead of supervising it here (no root needed)", Destination: &o.monitorSock, EnvVars: []string{"CRYO_MONITOR_SOCKET"}},
+			&ucli.StringFlag{Name: "name", Usage: "job name for the node daemon (default: derived from the store)", Destination: &o.name},
+			&ucli.StringFlag{Name: "store-root", Usage: "in a Slurm job without --store: where the per-job store cryo-$SLURM_JOB_ID goes (default: $SLURM_SUBMIT_DIR)", Destination: &o.storeRoot, EnvVars: []string{"CRYO_STORE_ROOT"}},
+			&ucli.StringFlag{Name: "checkpoint-signal", Usage: "signal that checkpoints the job now (with --requeue: checkpoints, stops and requeues it); SIGUSR1 always checkpoints", Value: "USR1", Destination: &o.ckptSignal, EnvVars: []string{"CRYO_CHECKPOINT_SIGNAL"}},
+			&ucli.BoolFlag{Name: "requeue", Usage: "in a Slurm batch job: on the checkpoint signal, checkpoint, stop and requeue the job (scontrol requeue); when it runs again it resumes (see docs/slurm.md)", Destination: &o.requeue, EnvVars: []string{"CRYO_REQUEUE"}},
+			&ucli.BoolFlag{Name: "start-over", Usage: "when resuming and no checkpoint of the store is intact, start the job from the beginning instead of failing (verifies the store first)", Destination: &o.startOver, EnvVars: []string{"CRYO_START_OVER"}},
 		),
 		Action: func(c *ucli.Context) error {
 			if c.NArg() == 0 {
 				return usagef("run needs the host command after --")
+			}
+			sigplan, err := o.slurmSetup(e)
+			if err != nil {
+				return err
 			}
 			cfg := monitor.Config{
 				Name: "job", Store: o.store, MaxRestarts: o.maxRestarts, HeartbeatTimeout: o.heartbeat,
@@ -103,6 +120,9 @@ Run again with the same store to resume an unfinished job.`,
 				// With one generation kept, a checkpoint that does not restore
 				// leaves nothing to fall back on.
 				fmt.Fprintln(e.stderr, "cryo: warning: --keep 1 leaves no older checkpoint to fall back on")
+			}
+			if o.monitorSock != "" {
+				return o.viaDaemon(c, e, cfg)
 			}
 			bin, err := o.locateCRIU(e)
 			if err != nil {
@@ -141,6 +161,9 @@ Run again with the same store to resume an unfinished job.`,
 					fmt.Fprintf(e.stderr, "cryo: %s: %s\n", ev.Kind, ev.Detail)
 				}
 			}
+			if err := o.startOverCheck(c.Context, e, &cfg); err != nil {
+				return err
+			}
 			sup, err := monitor.New(cfg)
 			if err != nil {
 				return usagef("%v", err)
@@ -151,17 +174,15 @@ Run again with the same store to resume an unfinished job.`,
 			ctx, cancel := context.WithCancel(context.WithoutCancel(c.Context))
 			defer cancel()
 			sigs := make(chan os.Signal, 4)
-			signal.Notify(sigs, syscall.SIGUSR1, syscall.SIGTERM, syscall.SIGINT)
+			signal.Notify(sigs, sigplan.notify()...)
 			defer signal.Stop(sigs)
 			go func() {
 				for s := range sigs {
-					op := "stop"
-					if s == syscall.SIGUSR1 {
-						op = "checkpoint"
-					}
+					op := sigplan.op(s)
 					go func() {
 						if _, err := sup.Request(ctx, op); err != nil {
 							fmt.Fprintf(e.stderr, "cryo: %s on %s failed: %v\n", op, s, err)
+							sigplan.failed(e, s)
 						}
 					}()
 				}
@@ -185,6 +206,7 @@ Run again with the same store to resume an unfinished job.`,
 			stopRelay := relay(ctx, relayOut, e.stdout, relayErr, e.stderr)
 			code, err := sup.Run(ctx)
 			stopRelay()
+			code, err = sigplan.afterRun(ctx, e, sup, code, err)
 			if err != nil {
 				return exitError{code: max(code, 1), err: err}
 			}
@@ -327,4 +349,66 @@ func splitCommand(s string) ([]string, error) {
 		out = append(out, cur.String())
 	}
 	return out, nil
+}
+
+// viaDaemon submits the job to a node daemon and follows it until it ends,
+// relaying its output and forwarding SIGUSR1 (checkpoint) and SIGTERM/SIGINT
+// (checkpoint and stop). It returns the job's exit code.
+func (o *runOpts) viaDaemon(c *ucli.Context, e *env, cfg monitor.Config) error {
+	abs, err := filepath.Abs(o.store)
+	if err != nil {
+		return err
+	}
+	name := o.name
+	if name == "" {
+		name = filepath.Base(abs)
+	}
+	run := monitor.RunDir(abs)
+	spec := monitor.JobSpec{Store: abs, Interval: cfg.Interval, MaxRestarts: cfg.MaxRestarts, Keep: cfg.Keep, Fresh: cfg.Fresh}
+	spec.Trees = []monitor.TreeSpec{{Name: "host", Argv: c.Args().Slice(), Host: true, Dir: mustGetwd()}}
+	for i, cmd := range o.offload.Value() {
+		argv, err := splitCommand(cmd)
+		if err != nil || len(argv) == 0 {
+			return usagef("--offload %q: %v", cmd, err)
+		}
+		spec.Trees = append(spec.Trees, monitor.TreeSpec{Name: fmt.Sprintf("offload-%d", i+1), Argv: argv, Dir: mustGetwd()})
+	}
+	ctx := context.WithoutCancel(c.Context)
+	if _, err := monitor.Call(ctx, o.monitorSock, monitor.Request{Op: "run", Job: name, Run: &spec}); err != nil {
+		return fmt.Errorf("submit to %s: %w", o.monitorSock, err)
+	}
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGUSR1, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(sigs)
+	stopRelay := relay(ctx, filepath.Join(run, "host.out"), e.stdout, filepath.Join(run, "host.err"), e.stderr)
+	defer stopRelay()
+	for {
+		select {
+		case s := <-sigs:
+			op := "stop"
+			if s == syscall.SIGUSR1 {
+				op = "checkpoint"
+			}
+			if _, err := monitor.Call(ctx, o.monitorSock, monitor.Request{Op: op, Job: name}); err != nil {
+				fmt.Fprintf(e.stderr, "cryo: %s: %v\n", op, err)
+			}
+		case <-time.After(300 * time.Millisecond):
+		}
+		resp, err := monitor.Call(ctx, o.monitorSock, monitor.Request{Op: "status", Job: name})
+		if err != nil {
+			return fmt.Errorf("lost the node daemon: %w", err)
+		}
+		st := resp.Jobs[0]
+		switch st.State {
+		case monitor.StateCompleted, monitor.StateFailed, monitor.StateStopped:
+			code := 1
+			if st.ExitCode != nil {
+				code = *st.ExitCode
+			}
+			if code != 0 {
+				return exitError{code: code, err: fmt.Errorf("job %s %s (exit code %d) %s", name, st.State, code, st.LastFailure)}
+			}
+			return nil
+		}
+	}
 }

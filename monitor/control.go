@@ -18,8 +18,21 @@ import (
 
 // Request is one line a client sends to the control socket.
 type Request struct {
-	Op  string `json:"op"`            // status, list, checkpoint, stop, swap-out, swap-in
+	Op  string `json:"op"`            // status, list, checkpoint, stop, swap-out, swap-in, run
 	Job string `json:"job,omitempty"` // job name; may be omitted when there is one job
+	// Run is the job to start, for op "run" (node daemons only).
+	Run *JobSpec `json:"run,omitempty"`
+}
+
+// JobSpec is a job submitted to a node daemon (`cryo monitor`). Its trees
+// run as the submitting user.
+type JobSpec struct {
+	Store       string        `json:"store"`
+	Trees       []TreeSpec    `json:"trees"`
+	Interval    time.Duration `json:"interval,omitempty"`
+	MaxRestarts int           `json:"max_restarts"`
+	Keep        int           `json:"keep,omitempty"`
+	Fresh       bool          `json:"fresh,omitempty"`
 }
 
 // Response is the line the control socket answers with.
@@ -35,6 +48,9 @@ type Registry struct {
 	mu   sync.Mutex
 	jobs map[string]*Supervisor
 	uids map[string]int // job -> owner uid
+	// Submit starts a job for op "run" on behalf of uid/gid; nil refuses
+	// submissions (a single-job `cryo run`).
+	Submit func(name string, spec JobSpec, uid, gid int) error
 }
 
 // Add registers a job owned by uid.
@@ -101,32 +117,30 @@ func (r *Registry) Serve(ctx context.Context, path string, log *slog.Logger) err
 	}
 }
 
-func peerUID(c *net.UnixConn) (int, error) {
+func peerCred(c *net.UnixConn) (*unix.Ucred, error) {
 	raw, err := c.SyscallConn()
 	if err != nil {
-		return -1, err
+		return nil, err
 	}
 	var cred *unix.Ucred
 	var cerr error
 	if err := raw.Control(func(fd uintptr) {
 		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
 	}); err != nil {
-		return -1, err
+		return nil, err
 	}
-	if cerr != nil {
-		return -1, cerr
-	}
-	return int(cred.Uid), nil
+	return cred, cerr
 }
 
 func (r *Registry) serveConn(ctx context.Context, c *net.UnixConn, log *slog.Logger) {
 	defer c.Close()
-	uid, err := peerUID(c)
+	cred, err := peerCred(c)
 	enc := json.NewEncoder(c)
 	if err != nil {
 		enc.Encode(Response{Error: "cannot identify peer: " + err.Error()})
 		return
 	}
+	uid, gid := int(cred.Uid), int(cred.Gid)
 	sc := bufio.NewScanner(c)
 	for sc.Scan() {
 		var req Request
@@ -135,12 +149,29 @@ func (r *Registry) serveConn(ctx context.Context, c *net.UnixConn, log *slog.Log
 			continue
 		}
 		log.Debug("control", "op", req.Op, "job", req.Job, "uid", uid)
-		enc.Encode(r.answer(ctx, req, uid))
+		enc.Encode(r.answer(ctx, req, uid, gid))
 	}
 }
 
-func (r *Registry) answer(ctx context.Context, req Request, uid int) Response {
+func (r *Registry) answer(ctx context.Context, req Request, uid, gid int) Response {
 	switch req.Op {
+	case "run":
+		if r.Submit == nil {
+			return Response{Error: "this cryo supervises one job; submit jobs to a node daemon (cryo monitor)"}
+		}
+		if req.Run == nil || req.Job == "" {
+			return Response{Error: "run needs a job name and a job spec"}
+		}
+		r.mu.Lock()
+		_, exists := r.jobs[req.Job]
+		r.mu.Unlock()
+		if exists {
+			return Response{Error: fmt.Sprintf("job %q exists", req.Job)}
+		}
+		if err := r.Submit(req.Job, *req.Run, uid, gid); err != nil {
+			return Response{Error: err.Error()}
+		}
+		return Response{OK: true}
 	case "list":
 		r.mu.Lock()
 		var out []Status

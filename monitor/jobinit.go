@@ -23,6 +23,10 @@ type TreeSpec struct {
 	Stdout string   `json:"stdout"` // appended to (O_APPEND: a job's log may grow after a checkpoint)
 	Stderr string   `json:"stderr"`
 	Host   bool     `json:"host,omitempty"` // the job ends when the host tree ends
+	// UID and GID the tree runs as, when job-init runs as root for another
+	// user (a node daemon's job); 0 keeps job-init's own.
+	UID int `json:"uid,omitempty"`
+	GID int `json:"gid,omitempty"`
 }
 
 // InitSpec is what job-init is told to run.
@@ -155,7 +159,13 @@ func startTree(t TreeSpec) (int, error) {
 		if p == "" {
 			p = os.DevNull
 		}
-		return syscall.Open(p, syscall.O_WRONLY|syscall.O_APPEND|syscall.O_CREAT|syscall.O_CLOEXEC, 0o644)
+		// A tree run for another user gets files the daemon created as
+		// that user (monitor.Daemon); job-init never creates them for it.
+		flags := syscall.O_WRONLY | syscall.O_APPEND | syscall.O_CLOEXEC
+		if t.UID == 0 && t.GID == 0 {
+			flags |= syscall.O_CREAT
+		}
+		return syscall.Open(p, flags, 0o644)
 	}
 	in, err := syscall.Open(os.DevNull, syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
 	if err != nil {
@@ -183,8 +193,16 @@ func startTree(t TreeSpec) (int, error) {
 		Dir:   t.Dir,
 		Env:   env,
 		Files: []uintptr{uintptr(in), uintptr(out), uintptr(errfd)},
-		Sys:   &syscall.SysProcAttr{Setsid: true},
+		Sys:   sysAttr(t),
 	})
+}
+
+func sysAttr(t TreeSpec) *syscall.SysProcAttr {
+	a := &syscall.SysProcAttr{Setsid: true}
+	if t.UID != 0 || t.GID != 0 {
+		a.Credential = &syscall.Credential{Uid: uint32(t.UID), Gid: uint32(t.GID), NoSetGroups: true}
+	}
+	return a
 }
 
 // lookPath resolves a command name on the PATH of env.

@@ -264,7 +264,20 @@ func (s *Supervisor) setState(st State) {
 // fails beyond MaxRestarts, and returns the job's exit code. Cancelling ctx
 // stops supervision and kills the job (use Request "stop" to checkpoint
 // first).
-func (s *Supervisor) Run(ctx context.Context) (int, error) {
+func (s *Supervisor) Run(ctx context.Context) (code int, err error) {
+	defer func() {
+		if err != nil {
+			s.mu.Lock()
+			if s.status.State != StateFailed && s.status.State != StateStopped {
+				c := max(code, 1)
+				s.status.State, s.status.ExitCode = StateFailed, &c
+			}
+			if s.status.LastFailure == "" {
+				s.status.LastFailure = err.Error()
+			}
+			s.mu.Unlock()
+		}
+	}()
 	// Orphans of a killed job become our children, so we can reap them and
 	// free their PIDs for the restore.
 	_ = unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
@@ -292,8 +305,7 @@ func (s *Supervisor) Run(ctx context.Context) (int, error) {
 		s.writeRunState(StateFailed, nil)
 		return 1, err
 	}
-	code, err := s.loop(ctx)
-	return code, err
+	return s.loop(ctx)
 }
 
 // start launches job-init with the trees.

@@ -141,8 +141,19 @@ func PageRuns(dir string) (map[string][]PageRun, error) {
 			if !present {
 				continue
 			}
-			out[name] = append(out[name], PageRun{Vaddr: pe.GetVaddr(), Offset: off, Pages: uint64(pe.GetNrPages())})
-			off += int64(uint64(pe.GetNrPages()) * PageSize)
+			run := PageRun{Vaddr: pe.GetVaddr(), Offset: off, Pages: uint64(pe.GetNrPages())}
+			off += int64(run.Pages * PageSize)
+			// CRIU splits one mapping into runs of a few hundred pages, and
+			// where it splits depends on what came before: merge runs that
+			// continue each other, so that cuts follow addresses only.
+			if rs := out[name]; len(rs) > 0 {
+				last := &rs[len(rs)-1]
+				if last.Vaddr+last.Pages*PageSize == run.Vaddr && last.Offset+int64(last.Pages*PageSize) == run.Offset {
+					last.Pages += run.Pages
+					continue
+				}
+			}
+			out[name] = append(out[name], run)
 		}
 	}
 	return out, nil

@@ -1,10 +1,12 @@
 package store
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"sync"
 	"time"
 )
 
@@ -92,6 +94,41 @@ type Chunk struct {
 	Hash   string `json:"h"`
 	Len    int64  `json:"n"` // uncompressed length
 	Stored int64  `json:"z"` // compressed length in the store
+	// Zero marks a chunk of zero bytes: it has no file in the store, and
+	// restore leaves a hole where it goes.
+	Zero bool `json:"0,omitempty"`
+}
+
+var zeros = make([]byte, MaxChunk)
+
+// isZero reports whether b holds only zero bytes.
+func isZero(b []byte) bool {
+	for len(b) > 0 {
+		n := min(len(b), len(zeros))
+		if !bytes.Equal(b[:n], zeros[:n]) {
+			return false
+		}
+		b = b[n:]
+	}
+	return true
+}
+
+var zeroHashes sync.Map // length -> hex SHA-256 of that many zero bytes
+
+// zeroHash is the SHA-256 of n zero bytes.
+func zeroHash(n int) string {
+	if h, ok := zeroHashes.Load(n); ok {
+		return h.(string)
+	}
+	h := sha256.New()
+	for left := n; left > 0; {
+		k := min(left, len(zeros))
+		h.Write(zeros[:k])
+		left -= k
+	}
+	s := hex.EncodeToString(h.Sum(nil))
+	zeroHashes.Store(n, s)
+	return s
 }
 
 // Offload is one offload context of the job (filled by the offload drivers).
@@ -140,6 +177,11 @@ func parseManifest(b []byte) (*Manifest, error) {
 	for _, f := range m.Files {
 		if fileDigest(f.Chunks) != f.Digest {
 			return nil, fmt.Errorf("manifest.json: %s: chunk list does not match its digest", f.Name)
+		}
+		for i, c := range f.Chunks {
+			if c.Zero && c.Hash != zeroHash(int(c.Len)) {
+				return nil, fmt.Errorf("manifest.json: %s: chunk %d is marked zero but its hash says otherwise", f.Name, i)
+			}
 		}
 	}
 	return &m, nil

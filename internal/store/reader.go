@@ -87,6 +87,9 @@ func (s *Store) walk(ctx context.Context, m *Manifest, sel func(File) bool, fn f
 			var out []byte
 			for j := range work {
 				var reason string
+				if j.c.Zero {
+					continue // nothing stored; the file already reads as zeros there
+				}
 				data, err := s.readChunk(j.c, out)
 				out = data[:0]
 				if err != nil {
@@ -153,6 +156,10 @@ func (s *Store) Quick(m *Manifest) []Problem {
 	for _, f := range m.Files {
 		var off int64
 		for k, c := range f.Chunks {
+			if c.Zero {
+				off += c.Len
+				continue
+			}
 			p := s.ChunkPath(c.Hash)
 			st, err := os.Stat(p)
 			switch {

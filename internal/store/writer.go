@@ -41,7 +41,6 @@ type Writer struct {
 	staging string
 	files   []File
 	stats   Stats
-	enc     *zstd.Encoder
 	workers int
 	seen    sync.Map // hash -> *inflight
 }
@@ -53,13 +52,7 @@ func (s *Store) NewWriter() (*Writer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("create staging: %w", err)
 	}
-	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest),
-		zstd.WithEncoderConcurrency(1), zstd.WithLowerEncoderMem(true))
-	if err != nil {
-		os.RemoveAll(staging)
-		return nil, err
-	}
-	return &Writer{s: s, staging: staging, enc: enc, workers: runtime.GOMAXPROCS(0)}, nil
+	return &Writer{s: s, staging: staging, workers: runtime.GOMAXPROCS(0)}, nil
 }
 
 // Staging is the writer's private staging directory (for logs and journals
@@ -124,6 +117,16 @@ func (w *Writer) AddFiles(ctx context.Context, specs []FileSpec) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			// One encoder per worker: a shared encoder serialises EncodeAll.
+			enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest),
+				zstd.WithEncoderConcurrency(1), zstd.WithLowerEncoderMem(true))
+			if err != nil {
+				fail(err)
+				for range work {
+				}
+				return
+			}
+			defer enc.Close()
 			var buf, zbuf []byte
 			for p := range work {
 				if cap(buf) < int(p.len) {
@@ -136,7 +139,7 @@ func (w *Writer) AddFiles(ctx context.Context, specs []FileSpec) error {
 				}
 				var r pieceResult
 				var err error
-				r.c, r.fresh, zbuf, err = w.putChunk(b, zbuf)
+				r.c, r.fresh, zbuf, err = w.putChunk(enc, b, zbuf)
 				if err != nil {
 					fail(err)
 					continue
@@ -209,7 +212,13 @@ func splitPoints(size int64, cuts []int64) []int64 {
 
 // putChunk stores b under its hash unless it is there already. zbuf is
 // scratch space, returned for reuse.
-func (w *Writer) putChunk(b, zbuf []byte) (Chunk, bool, []byte, error) {
+func (w *Writer) putChunk(enc *zstd.Encoder, b, zbuf []byte) (Chunk, bool, []byte, error) {
+	if isZero(b) {
+		// Zero memory is common (touched, never written, or cleared) and
+		// needs neither hashing, compressing nor storing: the manifest
+		// says so and restore leaves a hole.
+		return Chunk{Hash: zeroHash(len(b)), Len: int64(len(b)), Zero: true}, false, zbuf, nil
+	}
 	sum := sha256.Sum256(b)
 	hash := hex.EncodeToString(sum[:])
 	c := Chunk{Hash: hash, Len: int64(len(b))}
@@ -223,7 +232,7 @@ func (w *Writer) putChunk(b, zbuf []byte) (Chunk, bool, []byte, error) {
 		return c, false, zbuf, p.err
 	}
 	defer close(st.done)
-	c, fresh, zbuf, err := w.storeChunk(c, b, zbuf)
+	c, fresh, zbuf, err := w.storeChunk(enc, c, b, zbuf)
 	st.stored, st.err = c.Stored, err
 	return c, fresh, zbuf, err
 }
@@ -234,14 +243,14 @@ type inflight struct {
 	err    error
 }
 
-func (w *Writer) storeChunk(c Chunk, b, zbuf []byte) (Chunk, bool, []byte, error) {
+func (w *Writer) storeChunk(enc *zstd.Encoder, c Chunk, b, zbuf []byte) (Chunk, bool, []byte, error) {
 	hash := c.Hash
 	path := w.s.ChunkPath(hash)
 	if st, err := os.Stat(path); err == nil {
 		c.Stored = st.Size()
 		return c, false, zbuf, nil
 	}
-	zbuf = w.enc.EncodeAll(b, zbuf[:0])
+	zbuf = enc.EncodeAll(b, zbuf[:0])
 	c.Stored = int64(len(zbuf))
 	if err := os.MkdirAll(filepath.Dir(path), dirMode); err != nil {
 		return c, false, zbuf, err
