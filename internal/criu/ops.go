@@ -47,8 +47,10 @@ type Options struct {
 	Timeout    int // seconds CRIU may spend freezing; 0 for CRIU's default
 }
 
-// PageServerAddr is where a dump sends its pages.
+// PageServerAddr is where a dump sends its pages: a connected stream
+// socket handed to CRIU (File), or a TCP address.
 type PageServerAddr struct {
+	File    *os.File
 	Address string
 	Port    int32
 }
@@ -93,7 +95,7 @@ func (o Options) rpcOpts() (*rpc.CriuOpts, []*os.File, error) {
 			ro.LeaveStopped = ptr(true)
 		}
 	}
-	if o.PageServer != nil {
+	if o.PageServer != nil && o.PageServer.File == nil {
 		ro.Ps = &rpc.CriuPageServerInfo{Address: ptr(o.PageServer.Address), Port: ptr(o.PageServer.Port)}
 	}
 	if o.RestoreSibling {
@@ -120,8 +122,15 @@ func Dump(ctx context.Context, b Binary, o Options, nfy Notify) error {
 		return err
 	}
 	defer closeAll(files)
+	var extra []*os.File
+	if ps := o.PageServer; ps != nil && ps.File != nil {
+		// CRIU in swrk mode may use a page-server socket we hand it (fd 4):
+		// no port to pick, nothing listening on the network.
+		extra = append(extra, ps.File)
+		ro.Ps = &rpc.CriuPageServerInfo{Fd: ptr(int32(4)), Port: ptr(int32(0))}
+	}
 	t := rpc.CriuReqType_DUMP
-	_, err = swrk(ctx, b.Path, &rpc.CriuReq{Type: &t, Opts: ro}, nil, false, nfy)
+	_, err = swrk(ctx, b.Path, &rpc.CriuReq{Type: &t, Opts: ro}, extra, false, nfy)
 	if err != nil {
 		return o.explain(err)
 	}

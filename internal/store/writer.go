@@ -11,7 +11,6 @@ import (
 	"path/filepath"
 	"runtime"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/klauspost/compress/zstd"
@@ -34,154 +33,210 @@ type FileSpec struct {
 	Cuts []int64
 }
 
-// Writer builds one new generation in staging/. It is used by one
-// goroutine; it parallelises chunk work internally.
+// Writer builds one new generation in staging/. Chunks are hashed,
+// compressed and written by a pool of workers as they are submitted, from
+// files (AddFiles) or from a stream (Begin, FileWriter.Put), so a producer
+// such as a page server overlaps with the storing. The caller must hold the
+// exclusive lock and either Commit or Abort.
 type Writer struct {
 	s       *Store
 	staging string
-	files   []File
-	stats   Stats
-	workers int
+	jobs    chan chunkJob
+	workers sync.WaitGroup
+	pending sync.WaitGroup
+	bufs    sync.Pool
 	seen    sync.Map // hash -> *inflight
+
+	mu       sync.Mutex
+	files    []*FileWriter
+	firstErr error
+	closed   bool
 }
 
-// NewWriter starts a generation. The caller must hold the exclusive lock
-// and either Commit or Abort the writer.
-func (s *Store) NewWriter() (*Writer, error) {
-	staging, err := os.MkdirTemp(filepath.Join(s.Dir, "staging"), "gen-")
-	if err != nil {
-		return nil, fmt.Errorf("create staging: %w", err)
-	}
-	return &Writer{s: s, staging: staging, workers: runtime.GOMAXPROCS(0)}, nil
+type chunkJob struct {
+	f    *FileWriter
+	idx  int
+	data []byte
 }
 
-// Staging is the writer's private staging directory (for logs and journals
-// that must not outlive a failed attempt).
-func (w *Writer) Staging() string { return w.staging }
-
-type piece struct {
-	file, idx int
-	off, len  int64
+// FileWriter receives one file's chunks in order.
+type FileWriter struct {
+	w      *Writer
+	file   File
+	next   int
+	chunks []pieceResult // by index; filled by workers
 }
 
 type pieceResult struct {
 	c     Chunk
 	fresh bool
+	done  bool
 }
 
-// AddFiles chunks, hashes, compresses and stores the files in parallel.
-// Chunks already in the store are not written again.
-func (w *Writer) AddFiles(ctx context.Context, specs []FileSpec) error {
-	var pieces []piece
-	handles := make([]*os.File, len(specs))
-	defer func() {
-		for _, f := range handles {
-			if f != nil {
-				f.Close()
-			}
-		}
-	}()
-	results := make([][]pieceResult, len(specs))
-	base := len(w.files)
-	for i, sp := range specs {
-		f, err := os.Open(sp.Path)
-		if err != nil {
-			return err
-		}
-		handles[i] = f
-		st, err := f.Stat()
-		if err != nil {
-			return err
-		}
-		bounds := splitPoints(st.Size(), sp.Cuts)
-		for j := 0; j+1 < len(bounds); j++ {
-			pieces = append(pieces, piece{file: i, idx: j, off: bounds[j], len: bounds[j+1] - bounds[j]})
-		}
-		results[i] = make([]pieceResult, len(bounds)-1)
-		w.files = append(w.files, File{Name: sp.Name, Size: st.Size(), Mode: uint32(st.Mode().Perm()), Kind: sp.Kind})
-	}
+// WriterOptions tunes a writer.
+type WriterOptions struct {
+	// Queue is how many chunks may wait for a worker before producers
+	// block (default 64). A producer that must not be slowed, such as a
+	// frozen job's page stream, wants a deep queue.
+	Queue int
+}
 
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	work := make(chan piece)
-	var (
-		wg       sync.WaitGroup
-		errOnce  sync.Once
-		firstErr error
-		newBytes atomic.Int64
-	)
-	fail := func(err error) {
-		errOnce.Do(func() { firstErr = err; cancel() })
+// NewWriter starts a generation.
+func (s *Store) NewWriter() (*Writer, error) { return s.NewWriterOpts(WriterOptions{}) }
+
+// NewWriterOpts starts a generation with options.
+func (s *Store) NewWriterOpts(o WriterOptions) (*Writer, error) {
+	staging, err := os.MkdirTemp(filepath.Join(s.Dir, "staging"), "gen-")
+	if err != nil {
+		return nil, fmt.Errorf("create staging: %w", err)
 	}
-	for range w.workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			// One encoder per worker: a shared encoder serialises EncodeAll.
-			enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest),
-				zstd.WithEncoderConcurrency(1), zstd.WithLowerEncoderMem(true))
-			if err != nil {
-				fail(err)
-				for range work {
-				}
-				return
-			}
-			defer enc.Close()
-			var buf, zbuf []byte
-			for p := range work {
-				if cap(buf) < int(p.len) {
-					buf = make([]byte, p.len)
-				}
-				b := buf[:p.len]
-				if _, err := handles[p.file].ReadAt(b, p.off); err != nil && !errors.Is(err, io.EOF) {
-					fail(fmt.Errorf("read %s: %w", specs[p.file].Path, err))
-					continue
-				}
-				var r pieceResult
-				var err error
-				r.c, r.fresh, zbuf, err = w.putChunk(enc, b, zbuf)
-				if err != nil {
-					fail(err)
-					continue
-				}
-				if r.fresh {
-					newBytes.Add(r.c.Stored)
-				}
-				results[p.file][p.idx] = r
-			}
-		}()
+	if o.Queue <= 0 {
+		o.Queue = 64
 	}
-feed:
-	for _, p := range pieces {
-		select {
-		case work <- p:
-		case <-ctx.Done():
-			break feed
-		}
+	w := &Writer{s: s, staging: staging, jobs: make(chan chunkJob, o.Queue)}
+	w.bufs.New = func() any { b := make([]byte, 0, MaxChunk); return &b }
+	for range runtime.GOMAXPROCS(0) {
+		w.workers.Add(1)
+		go w.work()
 	}
-	close(work)
-	wg.Wait()
-	if firstErr == nil && ctx.Err() != nil {
-		firstErr = ctx.Err()
+	return w, nil
+}
+
+// Staging is the writer's private staging directory.
+func (w *Writer) Staging() string { return w.staging }
+
+// Buffer returns an empty buffer of capacity MaxChunk for Put; Put takes
+// it over and recycles it.
+func (w *Writer) Buffer() []byte { return (*w.bufs.Get().(*[]byte))[:0] }
+
+func (w *Writer) recycle(b []byte) {
+	if cap(b) == MaxChunk {
+		b = b[:0]
+		w.bufs.Put(&b)
 	}
-	if firstErr != nil {
-		return firstErr
+}
+
+func (w *Writer) fail(err error) {
+	w.mu.Lock()
+	if w.firstErr == nil {
+		w.firstErr = err
 	}
-	for i := range specs {
-		f := &w.files[base+i]
-		for _, r := range results[i] {
-			f.Chunks = append(f.Chunks, r.c)
-			w.stats.Chunks++
-			w.stats.StoredBytes += r.c.Stored
-			if r.fresh {
-				w.stats.NewChunks++
-			}
-		}
-		f.Digest = fileDigest(f.Chunks)
-		w.stats.RawBytes += f.Size
+	w.mu.Unlock()
+}
+
+// Err is the first error a worker met, if any.
+func (w *Writer) Err() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.firstErr
+}
+
+// Begin adds a file to the generation; its chunks follow by Put.
+func (w *Writer) Begin(name, kind string, mode os.FileMode) *FileWriter {
+	fw := &FileWriter{w: w, file: File{Name: name, Kind: kind, Mode: uint32(mode.Perm())}}
+	w.mu.Lock()
+	w.files = append(w.files, fw)
+	w.mu.Unlock()
+	return fw
+}
+
+// Put submits the file's next chunk (at most MaxChunk bytes). The writer
+// owns data from now on. It blocks while the queue is full.
+func (fw *FileWriter) Put(data []byte) error {
+	if len(data) > MaxChunk {
+		return fmt.Errorf("chunk of %d bytes exceeds %d", len(data), MaxChunk)
 	}
-	w.stats.NewBytes += newBytes.Load()
+	if err := fw.w.Err(); err != nil {
+		fw.w.recycle(data)
+		return err
+	}
+	fw.w.mu.Lock()
+	idx := fw.next
+	fw.next++
+	fw.chunks = append(fw.chunks, pieceResult{})
+	fw.w.mu.Unlock()
+	fw.file.Size += int64(len(data))
+	fw.w.pending.Add(1)
+	fw.w.jobs <- chunkJob{f: fw, idx: idx, data: data}
 	return nil
+}
+
+func (w *Writer) work() {
+	defer w.workers.Done()
+	// One encoder per worker: a shared encoder serialises EncodeAll.
+	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest),
+		zstd.WithEncoderConcurrency(1), zstd.WithLowerEncoderMem(true))
+	if err != nil {
+		w.fail(err)
+	}
+	var zbuf []byte
+	for j := range w.jobs {
+		if enc != nil && w.Err() == nil {
+			var r pieceResult
+			var err error
+			r.c, r.fresh, zbuf, err = w.putChunk(enc, j.data, zbuf)
+			r.done = true
+			if err != nil {
+				w.fail(err)
+			} else {
+				w.mu.Lock()
+				j.f.chunks[j.idx] = r
+				w.mu.Unlock()
+			}
+		}
+		w.recycle(j.data)
+		w.pending.Done()
+	}
+	if enc != nil {
+		enc.Close()
+	}
+}
+
+// AddFiles chunks, hashes, compresses and stores the files; chunks already
+// in the store are not written again.
+func (w *Writer) AddFiles(ctx context.Context, specs []FileSpec) error {
+	for _, sp := range specs {
+		if err := w.addFile(ctx, sp); err != nil {
+			return err
+		}
+	}
+	return w.Wait()
+}
+
+func (w *Writer) addFile(ctx context.Context, sp FileSpec) error {
+	f, err := os.Open(sp.Path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	fw := w.Begin(sp.Name, sp.Kind, st.Mode())
+	bounds := splitPoints(st.Size(), sp.Cuts)
+	for j := 0; j+1 < len(bounds); j++ {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		n := bounds[j+1] - bounds[j]
+		b := w.Buffer()[:n]
+		if _, err := f.ReadAt(b, bounds[j]); err != nil && !errors.Is(err, io.EOF) {
+			w.recycle(b)
+			return fmt.Errorf("read %s: %w", sp.Path, err)
+		}
+		if err := fw.Put(b); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Wait blocks until every submitted chunk is stored and returns the first
+// error.
+func (w *Writer) Wait() error {
+	w.pending.Wait()
+	return w.Err()
 }
 
 // splitPoints returns chunk boundaries from 0 to size: every cut inside
@@ -210,8 +265,7 @@ func splitPoints(size int64, cuts []int64) []int64 {
 	return pts
 }
 
-// putChunk stores b under its hash unless it is there already. zbuf is
-// scratch space, returned for reuse.
+// putChunk stores b under its hash unless it is there already.
 func (w *Writer) putChunk(enc *zstd.Encoder, b, zbuf []byte) (Chunk, bool, []byte, error) {
 	if isZero(b) {
 		// Zero memory is common (touched, never written, or cleared) and
@@ -222,8 +276,8 @@ func (w *Writer) putChunk(enc *zstd.Encoder, b, zbuf []byte) (Chunk, bool, []byt
 	sum := sha256.Sum256(b)
 	hash := hex.EncodeToString(sum[:])
 	c := Chunk{Hash: hash, Len: int64(len(b))}
-	// The same content twice in one generation (zero pages, say) is
-	// written once: later comers wait for the first.
+	// The same content twice in one generation is written once: later
+	// comers wait for the first.
 	st := &inflight{done: make(chan struct{})}
 	if prev, loaded := w.seen.LoadOrStore(hash, st); loaded {
 		p := prev.(*inflight)
@@ -244,8 +298,7 @@ type inflight struct {
 }
 
 func (w *Writer) storeChunk(enc *zstd.Encoder, c Chunk, b, zbuf []byte) (Chunk, bool, []byte, error) {
-	hash := c.Hash
-	path := w.s.ChunkPath(hash)
+	path := w.s.ChunkPath(c.Hash)
 	if st, err := os.Stat(path); err == nil {
 		c.Stored = st.Size()
 		return c, false, zbuf, nil
@@ -255,7 +308,7 @@ func (w *Writer) storeChunk(enc *zstd.Encoder, c Chunk, b, zbuf []byte) (Chunk, 
 	if err := os.MkdirAll(filepath.Dir(path), dirMode); err != nil {
 		return c, false, zbuf, err
 	}
-	f, err := os.CreateTemp(filepath.Dir(path), hash[:16]+".tmp*")
+	f, err := os.CreateTemp(filepath.Dir(path), c.Hash[:16]+".tmp*")
 	if err != nil {
 		return c, false, zbuf, fmt.Errorf("write chunk: %w", err)
 	}
@@ -274,11 +327,46 @@ func (w *Writer) storeChunk(enc *zstd.Encoder, c Chunk, b, zbuf []byte) (Chunk, 
 	return c, true, zbuf, nil
 }
 
+// Stats are the store-side statistics of everything submitted so far (call
+// after Wait).
+func (w *Writer) Stats() Stats {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var st Stats
+	for _, fw := range w.files {
+		st.RawBytes += fw.file.Size
+		for _, r := range fw.chunks {
+			st.Chunks++
+			st.StoredBytes += r.c.Stored
+			if r.fresh {
+				st.NewChunks++
+				st.NewBytes += r.c.Stored
+			}
+		}
+	}
+	return st
+}
+
+func (w *Writer) stop() {
+	w.mu.Lock()
+	closed := w.closed
+	w.closed = true
+	w.mu.Unlock()
+	if !closed {
+		close(w.jobs)
+		w.workers.Wait()
+	}
+}
+
 // Commit makes the generation durable and visible: syncfs flushes every
 // chunk at once, then the manifest is written and fsynced, and the staging
 // directory is renamed to checkpoints/<gen>, the commit point. m's Files,
 // Generation, Format and the store fields of Stats are filled in here.
 func (w *Writer) Commit(m *Manifest) (int, error) {
+	if err := w.Wait(); err != nil {
+		return 0, err
+	}
+	w.stop()
 	gens, err := w.s.Generations()
 	if err != nil {
 		return 0, err
@@ -292,8 +380,23 @@ func (w *Writer) Commit(m *Manifest) (int, error) {
 	}
 	m.Format = FormatVersion
 	m.Generation = gen
-	m.Files = w.files
-	st := w.stats
+	m.Files = nil
+	for _, fw := range w.files {
+		f := fw.file
+		for _, r := range fw.chunks {
+			if !r.done {
+				return 0, fmt.Errorf("%s: a chunk was never stored", f.Name)
+			}
+			f.Chunks = append(f.Chunks, r.c)
+		}
+		if len(f.Chunks) == 0 {
+			// An empty file still has one (empty) chunk.
+			f.Chunks = []Chunk{{Hash: zeroHash(0), Zero: true}}
+		}
+		f.Digest = fileDigest(f.Chunks)
+		m.Files = append(m.Files, f)
+	}
+	st := w.Stats()
 	st.FrozenMS, st.DumpMS, st.DurableMS = m.Stats.FrozenMS, m.Stats.DumpMS, m.Stats.DurableMS
 	st.FreezingMS, st.MemdumpMS, st.MemwriteMS = m.Stats.FreezingMS, m.Stats.MemdumpMS, m.Stats.MemwriteMS
 	st.PagesScanned, st.PagesWritten = m.Stats.PagesScanned, m.Stats.PagesWritten
@@ -326,6 +429,9 @@ func (w *Writer) Commit(m *Manifest) (int, error) {
 
 // Abort discards the staging directory. Chunks written stay until GC.
 func (w *Writer) Abort() error {
+	w.fail(errors.New("aborted"))
+	w.pending.Wait()
+	w.stop()
 	if w.staging == "" {
 		return nil
 	}
@@ -333,9 +439,6 @@ func (w *Writer) Abort() error {
 	w.staging = ""
 	return err
 }
-
-// Stats so far (store fields only).
-func (w *Writer) Stats() Stats { return w.stats }
 
 func syncFS(dir string) error {
 	f, err := os.Open(dir)

@@ -1,0 +1,267 @@
+// Package pageserver is the receiving end of CRIU's page-server protocol
+// (criu/page-xfer.c), so that a dump streams memory pages straight into
+// cryo instead of writing pages-*.img: each run of pages arrives with its
+// virtual address, is cut into address-aligned chunks and handed on for
+// hashing and compression while CRIU is still dumping. The pagemap images
+// that CRIU would have written are rebuilt from what arrived (PagemapImage),
+// so the stored generation restores with a plain CRIU restore.
+//
+// It knows the wire format and the image format of pagemaps, nothing of the
+// store.
+package pageserver
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+
+	"github.com/checkpoint-restore/go-criu/v7/crit/images/pagemap"
+	"google.golang.org/protobuf/proto"
+)
+
+// Commands of the protocol (criu/page-xfer.c).
+const (
+	cmdAdd        = 1
+	cmdHole       = 2
+	cmdOpen       = 3
+	cmdOpen2      = 4
+	cmdParent     = 5
+	cmdAddF       = 6
+	cmdGet        = 7
+	cmdClose      = 0x1023
+	cmdForceClose = 0x1024
+
+	cmdBits  = 16
+	typeBits = 8
+	typePID  = 1
+	typeShm  = 2
+)
+
+// Pagemap entry flags.
+const (
+	PEParent  = 1 << 0
+	PELazy    = 1 << 1
+	PEPresent = 1 << 2
+)
+
+// Image magics (criu/include/magic.h).
+const (
+	imgCommonMagic = 0x54564319
+	pagemapMagic   = 0x56084025
+)
+
+// PageSize is the size of a page on the wire.
+const PageSize = 4096
+
+// Entry is one pagemap entry: a run of pages at an address.
+type Entry struct {
+	Vaddr   uint64
+	NrPages uint32
+	Flags   uint32
+}
+
+// Image is one pagemap and its pages as they arrived.
+type Image struct {
+	Pagemap string // "pagemap-<pid>.img" or "pagemap-shmem-<id>.img"
+	Pages   string // "pages-<id>.img"
+	PagesID uint32
+	Entries []Entry
+	Bytes   int64 // page bytes received
+}
+
+// Sink takes the pages of one image as chunks, in order. Buffer returns an
+// empty buffer of at least max bytes' capacity; Put takes it over.
+type Sink interface {
+	Buffer() []byte
+	Put(img *Image, data []byte) error
+}
+
+// Receiver serves one dump's connection.
+type Receiver struct {
+	// Window is the address window chunks may not cross (a power of two).
+	Window uint64
+	// Max is the largest chunk.
+	Max  int
+	Sink Sink
+
+	images  []*Image
+	nextID  uint32
+	cur     *Image
+	buf     []byte // the chunk being filled
+	bufAddr uint64 // address of buf's first byte
+}
+
+// Images returns what was received, in the order the dump opened them.
+func (r *Receiver) Images() []*Image { return r.images }
+
+type iov struct {
+	cmd     uint32
+	nrPages uint32
+	vaddr   uint64
+	dstID   uint64
+}
+
+// Serve reads the dump's requests from c until it closes the stream, and
+// answers them. It returns nil when CRIU said the transfer is complete.
+func (r *Receiver) Serve(c io.ReadWriter) error {
+	if r.Window == 0 || r.Max == 0 || r.Sink == nil {
+		return errors.New("pageserver: receiver not configured")
+	}
+	var hdr [24]byte
+	for {
+		if _, err := io.ReadFull(c, hdr[:]); err != nil {
+			if errors.Is(err, io.EOF) {
+				return errors.New("pageserver: CRIU closed the stream without finishing it")
+			}
+			return fmt.Errorf("pageserver: read request: %w", err)
+		}
+		pi := iov{
+			cmd:     binary.LittleEndian.Uint32(hdr[0:]),
+			nrPages: binary.LittleEndian.Uint32(hdr[4:]),
+			vaddr:   binary.LittleEndian.Uint64(hdr[8:]),
+			dstID:   binary.LittleEndian.Uint64(hdr[16:]),
+		}
+		cmd, flags := pi.cmd&(1<<cmdBits-1), pi.cmd>>cmdBits
+		switch cmd {
+		case cmdOpen, cmdOpen2:
+			if err := r.open(pi.dstID); err != nil {
+				return err
+			}
+			if cmd == cmdOpen2 {
+				if _, err := c.Write([]byte{0}); err != nil { // no parent images
+					return err
+				}
+			}
+		case cmdParent:
+			var no [4]byte // int32 0: no parent
+			if _, err := c.Write(no[:]); err != nil {
+				return err
+			}
+		case cmdAdd, cmdAddF, cmdHole:
+			switch cmd {
+			case cmdAdd:
+				flags = PEPresent
+			case cmdHole:
+				flags = PEParent
+			}
+			if err := r.add(c, pi, flags); err != nil {
+				return err
+			}
+		case cmdClose, cmdForceClose:
+			if err := r.flush(); err != nil {
+				return err
+			}
+			var ok [4]byte // int32 0: all received
+			if _, err := c.Write(ok[:]); err != nil {
+				return err
+			}
+			return nil
+		case cmdGet:
+			return errors.New("pageserver: lazy page requests are not served by a dump receiver")
+		default:
+			return fmt.Errorf("pageserver: unknown command %#x", pi.cmd)
+		}
+	}
+}
+
+func (r *Receiver) open(dst uint64) error {
+	if err := r.flush(); err != nil {
+		return err
+	}
+	id := dst >> typeBits
+	var name string
+	switch dst & (1<<typeBits - 1) {
+	case typePID:
+		name = fmt.Sprintf("pagemap-%d.img", id)
+	case typeShm:
+		name = fmt.Sprintf("pagemap-shmem-%d.img", id)
+	default:
+		return fmt.Errorf("pageserver: unknown pagemap type in %#x", dst)
+	}
+	for _, img := range r.images {
+		if img.Pagemap == name {
+			r.cur = img
+			return nil
+		}
+	}
+	r.nextID++
+	img := &Image{Pagemap: name, PagesID: r.nextID, Pages: fmt.Sprintf("pages-%d.img", r.nextID)}
+	r.images = append(r.images, img)
+	r.cur = img
+	return nil
+}
+
+func (r *Receiver) add(c io.Reader, pi iov, flags uint32) error {
+	if r.cur == nil {
+		// Old CRIUs send pages without OPEN; the dst_id says where.
+		if err := r.open(pi.dstID); err != nil {
+			return err
+		}
+	}
+	img := r.cur
+	img.Entries = append(img.Entries, Entry{Vaddr: pi.vaddr, NrPages: pi.nrPages, Flags: flags})
+	if flags&PEPresent == 0 {
+		return nil
+	}
+	addr := pi.vaddr
+	left := uint64(pi.nrPages) * PageSize
+	for left > 0 {
+		// A chunk ends where the address jumps, where a window begins, or
+		// when it is full.
+		if r.buf != nil && (addr != r.bufAddr+uint64(len(r.buf)) || addr%r.Window == 0 || len(r.buf) >= r.Max) {
+			if err := r.flush(); err != nil {
+				return err
+			}
+		}
+		if r.buf == nil {
+			r.buf = r.Sink.Buffer()
+			r.bufAddr = addr
+		}
+		room := min(uint64(r.Max-len(r.buf)), r.Window-addr%r.Window, left)
+		n := len(r.buf)
+		r.buf = r.buf[:n+int(room)]
+		if _, err := io.ReadFull(c, r.buf[n:]); err != nil {
+			return fmt.Errorf("pageserver: read pages at %#x: %w", addr, err)
+		}
+		img.Bytes += int64(room)
+		addr += room
+		left -= room
+	}
+	return nil
+}
+
+func (r *Receiver) flush() error {
+	if r.buf == nil {
+		return nil
+	}
+	b := r.buf
+	r.buf = nil
+	return r.Sink.Put(r.cur, b)
+}
+
+// PagemapImage encodes img's pagemap the way CRIU writes pagemap-*.img:
+// the common and pagemap magics, then length-prefixed protobuf entries, a
+// PagemapHead naming the pages image first.
+func PagemapImage(img *Image) ([]byte, error) {
+	out := binary.LittleEndian.AppendUint32(nil, imgCommonMagic)
+	out = binary.LittleEndian.AppendUint32(out, pagemapMagic)
+	add := func(m proto.Message) error {
+		b, err := proto.Marshal(m)
+		if err != nil {
+			return err
+		}
+		out = binary.LittleEndian.AppendUint32(out, uint32(len(b)))
+		out = append(out, b...)
+		return nil
+	}
+	if err := add(&pagemap.PagemapHead{PagesId: proto.Uint32(img.PagesID)}); err != nil {
+		return nil, err
+	}
+	for _, e := range img.Entries {
+		if err := add(&pagemap.PagemapEntry{Vaddr: proto.Uint64(e.Vaddr), NrPages: proto.Uint32(e.NrPages), Flags: proto.Uint32(e.Flags)}); err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}
