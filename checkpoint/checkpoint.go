@@ -16,6 +16,8 @@ import (
 	"github.com/cryo-hpc/cryo/internal/proc"
 	"github.com/cryo-hpc/cryo/internal/store"
 	"github.com/cryo-hpc/cryo/internal/workdir"
+	"github.com/cryo-hpc/cryo/offload"
+	"github.com/cryo-hpc/cryo/offload/drivers"
 )
 
 // Version is cryo's version, recorded in every manifest.
@@ -46,10 +48,20 @@ type Options struct {
 	LockWait time.Duration
 	// CheckCache is where a passing `criu check` is remembered ("" = never).
 	CheckCache string
+	// NoStream makes CRIU write pages into the work directory (RAM when
+	// there is room) instead of streaming them to cryo's page server.
+	NoStream bool
 	// Reap, with Kill, reaps killed processes that are children of the
 	// caller (a supervisor's job-init) so that their PIDs become free.
-	Reap   bool
-	Logger *slog.Logger
+	Reap bool
+	// Offload finds and drives the job's offload contexts (nil: every
+	// driver cryo has, configured from the environment).
+	Offload *offload.Registry
+	// OffloadLockTimeout bounds the lock of each offload context, that is
+	// how long offload work in flight may take to drain (0: offload's
+	// default).
+	OffloadLockTimeout time.Duration
+	Logger             *slog.Logger
 }
 
 // Result describes a committed checkpoint.
@@ -64,6 +76,9 @@ type Result struct {
 	NewBytes   int64           `json:"new_bytes"`
 	Removed    []int           `json:"removed,omitempty"`
 	Killed     bool            `json:"killed"`
+	// Offload is the number of offload contexts (CUDA processes) whose
+	// device state the checkpoint holds.
+	Offload int `json:"offload_contexts,omitempty"`
 }
 
 // Take checkpoints the tree rooted at o.PID into a new generation of o.Store.
@@ -103,13 +118,24 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 		return nil, err
 	}
 	defer unlock()
+	reg := o.Offload
+	if reg == nil {
+		reg = drivers.Default(drivers.Config{Logger: log})
+	}
+	// A cryo killed half-way may have left a job's offload contexts locked.
+	if _, err := offload.Recover(ctx, offload.RecoverOptions{Registry: reg, JournalDir: st.JournalDir(), Logger: log}); err != nil {
+		return nil, fmt.Errorf("a killed cryo left offload contexts locked and they cannot be recovered yet: %w", err)
+	}
 	if n, err := st.CleanStaging(); err != nil {
 		return nil, fmt.Errorf("clean staging: %w", err)
 	} else if n > 0 {
 		log.Info("removed work a killed cryo left in staging", "entries", n)
 	}
 
-	need := treeRSS(o.PID) + 64<<20
+	need := int64(64 << 20) // images but pages, with pages streamed
+	if o.NoStream {
+		need += treeRSS(o.PID)
+	}
 	work, err := workdir.Make(o.WorkDir, filepath.Join(st.Dir, "staging"), need)
 	if err != nil {
 		return nil, err
@@ -126,11 +152,71 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 		Pid: o.PID, LeaveRunning: !o.Kill, LeaveStopped: o.Kill,
 		TCPEstablished: true, ShellJob: true, FileLocks: true, ExtUnixSockets: true,
 	}
+	// Offload contexts: lock, then checkpoint, so their device state is in
+	// host memory for CRIU. Until Resume (or the job's end) every failure
+	// path must bring them back, after the tree runs again.
+	grp, err := offload.Quiesce(ctx, offload.QuiesceOptions{Registry: reg, Job: jobRef(o.PID),
+		LockTimeout: o.OffloadLockTimeout, JournalDir: st.JournalDir(), Logger: log})
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, grp.Resume(context.WithoutCancel(ctx)))
+		}
+		if cerr := grp.Close(); cerr != nil {
+			log.Warn("offload journal", "err", cerr)
+		}
+	}()
+	if o.Kill {
+		if err := grp.NoteStopped(); err != nil {
+			return nil, err
+		}
+	}
+	// The writer starts before the dump: with streaming, pages are
+	// hashed, compressed and stored while CRIU is still dumping.
+	w, err := st.NewWriterOpts(store.WriterOptions{Queue: queueFor(o.NoStream)})
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, w.Abort())
+		}
+	}()
+	var stream *pageStream
+	if !o.NoStream {
+		if stream, err = startPageStream(w); err != nil {
+			return nil, err
+		}
+		copts.PageServer = &criu.PageServerAddr{File: stream.theirs}
+	}
 	dumpStart := time.Now()
-	if err := criu.Dump(ctx, bin, copts, nil); err != nil {
-		return nil, keepLog(st, err, filepath.Join(work, "dump.log"), "dump")
+	derr := criu.Dump(ctx, bin, copts, nil)
+	if stream != nil {
+		if serr := stream.finish(images, derr); serr != nil && derr == nil {
+			derr = serr
+			if o.Kill {
+				// CRIU left the tree stopped; it must go on.
+				tasks, _ := criu.ReadTree(images)
+				derr = errors.Join(derr, resume(o, tasks))
+			}
+		}
+	}
+	if err := derr; err != nil {
+		err = keepLog(st, err, filepath.Join(work, "dump.log"), "dump")
+		if grp.Len() > 0 {
+			err = &offload.PhaseError{Phase: "dump", Err: err}
+		}
+		return nil, err
 	}
 	dumpTime := time.Since(dumpStart)
+	if !o.Kill {
+		// CRIU let the tree run on; now its offload contexts may too.
+		if err := grp.Resume(ctx); err != nil {
+			return nil, fmt.Errorf("the job was dumped but its offload contexts could not be resumed: %w", err)
+		}
+	}
 	tasks, err := criu.ReadTree(images)
 	if err != nil {
 		return nil, errors.Join(err, resume(o, tasks))
@@ -148,15 +234,6 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 	}
 	log.Debug("dumped", "processes", len(tasks), "took", dumpTime, "frozen_ms", stats.FrozenMS)
 
-	w, err := st.NewWriter()
-	if err != nil {
-		return nil, err
-	}
-	defer func() {
-		if err != nil {
-			err = errors.Join(err, w.Abort())
-		}
-	}()
 	specs, err := fileSpecs(images, work)
 	if err != nil {
 		return nil, err
@@ -170,6 +247,7 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 		Host:      host,
 		CreatedBy: "cryo " + Version,
 		Job:       store.Job{RootPID: o.PID},
+		Offload:   offload.ToManifest(grp.Records()),
 		CRIU: store.CRIUInfo{Version: bin.VersionString(), LeaveRunning: !o.Kill,
 			TCPEstablished: copts.TCPEstablished, ShellJob: copts.ShellJob},
 		Stats: store.Stats{
@@ -188,7 +266,7 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 	}
 	res = &Result{Generation: gen, Store: st.Dir, Manifest: m, Processes: len(tasks),
 		Frozen: time.Duration(stats.FrozenMS) * time.Millisecond, Durable: time.Since(start),
-		RawBytes: m.Stats.RawBytes, NewBytes: m.Stats.NewBytes}
+		RawBytes: m.Stats.RawBytes, NewBytes: m.Stats.NewBytes, Offload: grp.Len()}
 	log.Debug("committed", "generation", gen, "raw", m.Stats.RawBytes, "new", m.Stats.NewBytes, "durable", res.Durable)
 
 	if o.Kill {
@@ -204,6 +282,18 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 		res.Removed = removed
 	}
 	return res, nil
+}
+
+// queueFor sizes the writer's queue: with streaming, pages wait in memory
+// for a worker rather than hold up the frozen job, up to a quarter of the
+// memory available (at most 4 GiB).
+func queueFor(noStream bool) int {
+	if noStream {
+		return 0
+	}
+	avail := memAvailable() / 4
+	avail = min(max(avail, 64<<20), 4<<30)
+	return int(avail / ChunkWindow)
 }
 
 // fileSpecs lists the images to store, with page images cut at address
@@ -245,6 +335,19 @@ func keepLog(st *store.Store, err error, log, op string) error {
 		ce.Log = dst
 	}
 	return err
+}
+
+// jobRef names the processes of the tree rooted at pid for the offload
+// journal.
+func jobRef(pid int) offload.JobRef {
+	job := offload.JobRef{RootPID: pid}
+	pids, _ := proc.Tree(pid)
+	for _, p := range pids {
+		if st, err := proc.ReadStat(p); err == nil {
+			job.Procs = append(job.Procs, offload.ProcRef{PID: p, StartTime: st.StartTime})
+		}
+	}
+	return job
 }
 
 func treeRSS(pid int) int64 {

@@ -1,12 +1,16 @@
 // Package checkpoint takes a consistent snapshot of a job and commits it to
 // a store as a new generation.
 //
-// Take runs: preflight (CRIU vetted, target alive, room for the images) ->
-// CRIU dump into a private RAM-backed work directory -> the job resumes (or,
-// with Kill, stays stopped) -> persist: chunk, hash and compress the images
-// into the store in parallel -> commit (syncfs, manifest, atomic rename) ->
-// retention. Every step is undone if a later one fails: a failed
-// checkpoint leaves the job running as it was and older generations intact.
+// Take runs: preflight (CRIU vetted, target alive, room for the images;
+// offload state that a killed cryo left behind recovered) -> quiesce the
+// job's offload contexts (offload.Quiesce: lock all, then checkpoint all,
+// so device state is in host memory) -> CRIU dump into a private RAM-backed
+// work directory -> the job resumes, its offload contexts restored and
+// unlocked (or, with Kill, it stays stopped) -> persist: chunk, hash and
+// compress the images into the store in parallel -> commit (syncfs,
+// manifest, atomic rename) -> retention. Every step is undone if a later
+// one fails: a failed checkpoint leaves the job running as it was (its
+// offload contexts unlocked) and older generations intact.
 //
 // It owns the order of these steps; the store format belongs to
 // internal/store and CRIU's options to internal/criu. It must not print:

@@ -91,6 +91,8 @@ func newApp(e *env) *ucli.App {
 			verifyCommand(e),
 			gcCommand(e),
 			checkCommand(e),
+			gpusCommand(e),
+			recoverCommand(e),
 			runCommand(e),
 			monitorCommand(e),
 			ctlCommand(e),

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/cryo-hpc/cryo/checkpoint"
+	"github.com/cryo-hpc/cryo/offload"
 	ucli "github.com/urfave/cli/v2"
 )
 
@@ -18,6 +19,7 @@ type checkpointOpts struct {
 	workDir      string
 	keep         int
 	lockWait     time.Duration
+	offloadWait  time.Duration
 }
 
 func checkpointCommand(e *env) *ucli.Command {
@@ -33,6 +35,7 @@ func checkpointCommand(e *env) *ucli.Command {
 			&ucli.StringFlag{Name: "work-dir", Usage: "where images wait before they are stored (default: /dev/shm when it has room)", Destination: &o.workDir, EnvVars: []string{"CRYO_WORK_DIR"}},
 			&ucli.IntFlag{Name: "keep", Usage: "keep at most N generations (0: all)", Destination: &o.keep, EnvVars: []string{"CRYO_KEEP"}},
 			&ucli.DurationFlag{Name: "lock-wait", Usage: "how long to wait for another cryo writing the store", Value: 30 * time.Second, Destination: &o.lockWait},
+			&ucli.DurationFlag{Name: "offload-timeout", Usage: "how long GPU work in flight may take to drain when the job's CUDA contexts are locked", Value: offload.DefaultLockTimeout, Destination: &o.offloadWait, EnvVars: []string{"CRYO_OFFLOAD_TIMEOUT"}},
 		),
 		Action: func(c *ucli.Context) error {
 			if c.NArg() != 1 {
@@ -54,7 +57,7 @@ func checkpointCommand(e *env) *ucli.Command {
 			}
 			res, err := checkpoint.Take(c.Context, checkpoint.Options{
 				Store: o.store, PID: pid, Kill: o.kill, CRIU: bin, WorkDir: o.workDir,
-				Keep: o.keep, LockWait: o.lockWait, CheckCache: checkCache, Logger: o.logger(e),
+				Keep: o.keep, LockWait: o.lockWait, OffloadLockTimeout: o.offloadWait, CheckCache: checkCache, Logger: o.logger(e),
 			})
 			if err != nil {
 				return fmt.Errorf("checkpoint of pid %d failed: %w", pid, err)

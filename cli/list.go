@@ -43,7 +43,10 @@ func listCommand(e *env) *ucli.Command {
 			if err != nil {
 				return err
 			}
-			unlock, err := st.Lock(c.Context, false)
+			// Wait for a checkpoint or GC writing the store, but not forever.
+			lctx, cancel := contextWithTimeout(c, 30*time.Second)
+			unlock, err := st.Lock(lctx, false)
+			cancel()
 			if err != nil {
 				return err
 			}

@@ -5,6 +5,7 @@ import (
 	"io"
 	"time"
 
+	"github.com/cryo-hpc/cryo/offload"
 	"github.com/cryo-hpc/cryo/restore"
 	ucli "github.com/urfave/cli/v2"
 )
@@ -15,6 +16,7 @@ type restoreOpts struct {
 	generation int
 	workDir    string
 	pidWait    time.Duration
+	deviceMap  string
 }
 
 func restoreCommand(e *env) *ucli.Command {
@@ -27,6 +29,7 @@ func restoreCommand(e *env) *ucli.Command {
 			&ucli.IntFlag{Name: "generation", Usage: "generation to restore (default: newest)", Destination: &o.generation},
 			&ucli.StringFlag{Name: "work-dir", Usage: "where images are materialized (default: /dev/shm when it has room)", Destination: &o.workDir, EnvVars: []string{"CRYO_WORK_DIR"}},
 			&ucli.DurationFlag{Name: "pid-wait", Usage: "how long to wait for a dying process to free a PID the job needs", Value: 10 * time.Second, Destination: &o.pidWait},
+			&ucli.StringFlag{Name: "device-map", Usage: "restore GPU contexts onto these GPUs: OLD=NEW,... (GPU UUIDs or indexes; default: the recorded GPUs, or same-model ones with room)", Destination: &o.deviceMap, EnvVars: []string{"CRYO_DEVICE_MAP"}},
 		),
 		Action: func(c *ucli.Context) error {
 			if c.NArg() != 0 {
@@ -35,13 +38,17 @@ func restoreCommand(e *env) *ucli.Command {
 			if o.generation < 0 {
 				return usagef("--generation must be >= 1, got %d", o.generation)
 			}
+			dmap, err := offload.ParseDeviceMap(o.deviceMap)
+			if err != nil {
+				return usagef("--device-map: %v", err)
+			}
 			bin, err := o.locateCRIU(e)
 			if err != nil {
 				return err
 			}
 			res, err := restore.Restore(c.Context, restore.Options{
 				Store: o.store, Generation: o.generation, CRIU: bin, WorkDir: o.workDir,
-				PIDWait: o.pidWait, CheckCache: checkCache, Logger: o.logger(e),
+				PIDWait: o.pidWait, CheckCache: checkCache, DeviceMap: dmap, Logger: o.logger(e),
 			})
 			if err != nil {
 				return fmt.Errorf("restore failed: %w", err)

@@ -56,7 +56,13 @@ func runCommand(e *env) *ucli.Command {
 all of them with the channels between them. SIGUSR1 checkpoints now;
 SIGTERM or SIGINT checkpoints and stops the job (exit 143). When the job
 fails, cryo terminates what is left and restores the newest good checkpoint.
-Run again with the same store to resume an unfinished job.`,
+Run again with the same store to resume an unfinished job.
+
+In a Slurm batch job --store defaults to STORE-ROOT/cryo-$SLURM_JOB_ID, which
+survives requeues. With --requeue, the checkpoint signal (sbatch
+--signal=B:USR1@300) checkpoints and stops the job and requeues it; when
+Slurm runs the script again, cryo resumes the job. Start cryo with exec, so
+that the signal reaches it (docs/slurm.md).`,
 		Flags: append(o.common.flags(),
 			&ucli.StringFlag{Name: "store", Usage: "store directory for the job's checkpoints and logs (default in a Slurm job: STORE-ROOT/cryo-$SLURM_JOB_ID)", Destination: &o.store, EnvVars: []string{"CRYO_STORE"}},
 			&ucli.StringSliceFlag{Name: "offload", Usage: "an offload tree's command line (repeatable)", Destination: &o.offload},
@@ -77,7 +83,7 @@ Run again with the same store to resume an unfinished job.`,
 			&ucli.StringFlag{Name: "monitor", Usage: "hand the job to the node daemon (cryo monitor) at this socket instead of supervising it here (no root needed)", Destination: &o.monitorSock, EnvVars: []string{"CRYO_MONITOR_SOCKET"}},
 			&ucli.StringFlag{Name: "name", Usage: "job name for the node daemon (default: derived from the store)", Destination: &o.name},
 			&ucli.StringFlag{Name: "store-root", Usage: "in a Slurm job without --store: where the per-job store cryo-$SLURM_JOB_ID goes (default: $SLURM_SUBMIT_DIR)", Destination: &o.storeRoot, EnvVars: []string{"CRYO_STORE_ROOT"}},
-			&ucli.StringFlag{Name: "checkpoint-signal", Usage: "signal that checkpoints the job now (with --requeue: checkpoints, stops and requeues it); SIGUSR1 always checkpoints", Value: "USR1", Destination: &o.ckptSignal, EnvVars: []string{"CRYO_CHECKPOINT_SIGNAL"}},
+			&ucli.StringFlag{Name: "checkpoint-signal", Usage: "signal that checkpoints the job now (with --requeue: checkpoints, stops and requeues it); when another is named, SIGUSR1 still takes a plain checkpoint", Value: "USR1", Destination: &o.ckptSignal, EnvVars: []string{"CRYO_CHECKPOINT_SIGNAL"}},
 			&ucli.BoolFlag{Name: "requeue", Usage: "in a Slurm batch job: on the checkpoint signal, checkpoint, stop and requeue the job (scontrol requeue); when it runs again it resumes (see docs/slurm.md)", Destination: &o.requeue, EnvVars: []string{"CRYO_REQUEUE"}},
 			&ucli.BoolFlag{Name: "start-over", Usage: "when resuming and no checkpoint of the store is intact, start the job from the beginning instead of failing (verifies the store first)", Destination: &o.startOver, EnvVars: []string{"CRYO_START_OVER"}},
 		),
@@ -181,8 +187,7 @@ Run again with the same store to resume an unfinished job.`,
 					op := sigplan.op(s)
 					go func() {
 						if _, err := sup.Request(ctx, op); err != nil {
-							fmt.Fprintf(e.stderr, "cryo: %s on %s failed: %v\n", op, s, err)
-							sigplan.failed(e, s)
+							sigplan.failed(e, s, op, err)
 						}
 					}()
 				}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"time"
 
 	"github.com/cryo-hpc/cryo/internal/store"
 	ucli "github.com/urfave/cli/v2"
@@ -39,7 +40,10 @@ func verifyCommand(e *env) *ucli.Command {
 			if err != nil {
 				return err
 			}
-			unlock, err := st.Lock(c.Context, false)
+			// Wait for a checkpoint or GC writing the store, but not forever.
+			lctx, cancel := contextWithTimeout(c, 30*time.Second)
+			unlock, err := st.Lock(lctx, false)
+			cancel()
 			if err != nil {
 				return err
 			}

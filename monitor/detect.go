@@ -12,31 +12,34 @@ import (
 )
 
 // detect runs the slow failure detectors (about once a second) and returns
-// the first failure found: its kind and a description.
-func (s *Supervisor) detect() (string, string) {
-	if s.pending != "" {
-		d := s.pending
-		s.pending = ""
-		return "tree-exit", d
+// the first failure found.
+func (s *Supervisor) detect() failure {
+	if s.pending.kind != "" {
+		f := s.pending
+		s.pending = failure{}
+		return f
 	}
 	trees := s.treePIDs()
 	if s.cfg.ChannelGrace > 0 {
-		if d := s.chans.check(trees, s.alive); d != "" {
-			return "channel", d
+		if d, onset := s.chans.check(trees, s.alive); d != "" {
+			return failure{"channel", d, onset}
 		}
 	}
 	if s.cfg.HeartbeatTimeout > 0 {
 		hb := filepath.Join(RunDir(s.cfg.Store), "heartbeat")
-		if st, err := os.Stat(hb); err == nil && st.ModTime().After(s.heartbeat) {
-			s.heartbeat = st.ModTime()
+		if st, err := os.Stat(hb); err == nil && st.ModTime().After(s.beat) {
+			s.beat = st.ModTime()
 		}
-		if age := time.Since(s.heartbeat); age > s.cfg.HeartbeatTimeout {
-			return "heartbeat", fmt.Sprintf("no heartbeat from the job for %s (timeout %s)", age.Round(time.Second), s.cfg.HeartbeatTimeout)
+		// The timeout runs from the last beat, or from when the job last
+		// stood frozen by a checkpoint or was (re)started, if later; the
+		// failure began at the last beat all the same.
+		if age := time.Since(later(s.beat, s.pause)); age > s.cfg.HeartbeatTimeout {
+			return failure{"heartbeat", fmt.Sprintf("no heartbeat from the job for %s (timeout %s)", time.Since(s.beat).Round(time.Second), s.cfg.HeartbeatTimeout), s.beat}
 		}
 	}
 	if s.cfg.HangTimeout > 0 {
-		if d := s.checkHang(trees); d != "" {
-			return "hang", d
+		if d, onset := s.checkHang(trees); d != "" {
+			return failure{"hang", d, onset}
 		}
 	}
 	if s.cfg.Health != nil {
@@ -45,11 +48,11 @@ func (s *Supervisor) detect() (string, string) {
 			all = append(all, ps...)
 		}
 		if errs := s.cfg.Health.Critical(all); len(errs) > 0 {
-			return "gpu-xid", strings.Join(errs, "; ")
+			return failure{"gpu-xid", strings.Join(errs, "; "), time.Now().Add(-time.Second)}
 		}
 	}
 	s.watchMemory(trees)
-	return "", ""
+	return failure{}
 }
 
 func (s *Supervisor) alive(pid int) bool { return proc.Live(pid) }
@@ -66,12 +69,15 @@ func (s *Supervisor) treePIDs() map[string][]int {
 }
 
 type hangMark struct {
-	ticks uint64
-	since time.Time
+	ticks    uint64
+	since    time.Time // first sample that saw these ticks
+	progress time.Time // the sample before: the tree ran after it
+	sampled  time.Time // latest sample
 }
 
-// checkHang reports an offload tree that used no CPU for HangTimeout.
-func (s *Supervisor) checkHang(trees map[string][]int) string {
+// checkHang reports an offload tree that used no CPU for HangTimeout, and
+// when it last did.
+func (s *Supervisor) checkHang(trees map[string][]int) (string, time.Time) {
 	for name, pids := range trees {
 		if s.isHost(name) {
 			continue
@@ -82,16 +88,32 @@ func (s *Supervisor) checkHang(trees map[string][]int) string {
 				ticks += st.CPUTicks
 			}
 		}
+		now := time.Now()
 		m, ok := s.hang[name]
 		if !ok || m.ticks != ticks {
-			s.hang[name] = hangMark{ticks: ticks, since: time.Now()}
+			// The progress happened since the previous sample: that is
+			// the earliest the tree can have stopped.
+			prev := m.sampled
+			if !ok {
+				prev = now
+			}
+			s.hang[name] = hangMark{ticks: ticks, since: now, progress: prev, sampled: now}
 			continue
 		}
-		if idle := time.Since(m.since); idle > s.cfg.HangTimeout {
-			return fmt.Sprintf("offload tree %s made no CPU progress for %s (timeout %s)", name, idle.Round(time.Second), s.cfg.HangTimeout)
+		m.sampled = now
+		s.hang[name] = m
+		if idle := time.Since(later(m.since, s.pause)); idle > s.cfg.HangTimeout {
+			return fmt.Sprintf("offload tree %s made no CPU progress for %s (timeout %s)", name, time.Since(m.since).Round(time.Second), s.cfg.HangTimeout), m.progress
 		}
 	}
-	return ""
+	return "", time.Time{}
+}
+
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }
 
 // memWatch samples the job's resident memory and warns of steady growth.
@@ -140,6 +162,7 @@ type channelWatch struct {
 	grace  time.Duration
 	known  map[string]*channel
 	broken map[string]time.Time
+	well   map[string]time.Time // last time each channel was seen intact
 }
 
 type channel struct {
@@ -150,14 +173,14 @@ type channel struct {
 }
 
 func newChannelWatch(grace time.Duration) *channelWatch {
-	return &channelWatch{grace: grace, known: map[string]*channel{}, broken: map[string]time.Time{}}
+	return &channelWatch{grace: grace, known: map[string]*channel{}, broken: map[string]time.Time{}, well: map[string]time.Time{}}
 }
 
 func (c *channel) String() string {
 	return fmt.Sprintf("%s channel between %s (pid %d) and %s (pid %d)", c.kind, c.treeA, c.pa, c.treeB, c.pb)
 }
 
-func (w *channelWatch) check(trees map[string][]int, alive func(int) bool) string {
+func (w *channelWatch) check(trees map[string][]int, alive func(int) bool) (string, time.Time) {
 	owner := map[int]string{}
 	var all []int
 	for name, pids := range trees {
@@ -259,6 +282,7 @@ func (w *channelWatch) check(trees map[string][]int, alive func(int) bool) strin
 		}
 		if why == "" {
 			delete(w.broken, key)
+			w.well[key] = time.Now()
 			continue
 		}
 		first, seen := w.broken[key]
@@ -269,8 +293,12 @@ func (w *channelWatch) check(trees map[string][]int, alive func(int) bool) strin
 		if time.Since(first) >= w.grace {
 			delete(w.known, key)
 			delete(w.broken, key)
-			return fmt.Sprintf("%s broke: %s", ch, why)
+			onset, ok := w.well[key]
+			if !ok {
+				onset = first
+			}
+			return fmt.Sprintf("%s broke: %s", ch, why), onset
 		}
 	}
-	return ""
+	return "", time.Time{}
 }

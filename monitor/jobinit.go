@@ -187,6 +187,12 @@ func startTree(t TreeSpec) (int, error) {
 		env = os.Environ()
 	}
 	env = slices.DeleteFunc(slices.Clone(env), func(kv string) bool { return strings.HasPrefix(kv, InitEnv+"=") })
+	// Go >= 1.24 opens MPTCP listeners where the kernel has MPTCP, and CRIU
+	// cannot checkpoint MPTCP sockets: unless told otherwise, Go programs
+	// of the job use plain TCP.
+	if !slices.ContainsFunc(env, func(kv string) bool { return strings.HasPrefix(kv, "GODEBUG=") }) {
+		env = append(env, "GODEBUG=multipathtcp=0")
+	}
 	// syscall.ForkExec, not os/exec: no pidfd is left in job-init, so
 	// nothing in the checkpointed tree refers to a process outside it.
 	return syscall.ForkExec(path, t.Argv, &syscall.ProcAttr{

@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -142,17 +143,31 @@ type Supervisor struct {
 	status Status
 
 	// Owned by Run's goroutine.
-	initPID   int
-	roots     map[int]string // tree root pid -> tree name
-	eventsOff int64
-	cost      costEstimate
-	interval  time.Duration
-	chans     *channelWatch
-	hang      map[string]hangMark
-	heartbeat time.Time
-	mem       memWatch
-	hostExit  *int
-	pending   string // a failure seen in job-init's events, reported by detect
+	initPID    int
+	roots      map[int]string // tree root pid -> tree name
+	eventsOff  int64
+	cost       costEstimate
+	interval   time.Duration
+	chans      *channelWatch
+	hang       map[string]hangMark
+	beat       time.Time // last heartbeat seen
+	pause      time.Time // when the job last stood still by our doing (start, restore, checkpoint)
+	mem        memWatch
+	hostExit   *int
+	hostExitAt time.Time
+	genBegan   map[int]time.Time // generation -> when its checkpoint began
+	pending    failure           // a failure seen in job-init's events, reported by detect
+	// before, when set, bounds which generations a restore may use: those
+	// whose checkpoint began before the failure may have begun.
+	before time.Time
+}
+
+// failure is a detected failure and the latest time it can have begun
+// (the last time the job was seen well), so that a checkpoint taken after
+// that is never restored: it may hold the fault itself.
+type failure struct {
+	kind, detail string
+	onset        time.Time
 }
 
 type request struct {
@@ -291,7 +306,9 @@ func (s *Supervisor) Run(ctx context.Context) (code int, err error) {
 	}
 	prev := s.readRunState()
 	gens, _ := st.Generations()
-	resume := !s.cfg.Fresh && len(gens) > 0 && prev != nil && prev.State != StateCompleted && prev.State != StateFailed
+	// Resume an unfinished run: one that was stopped, swapped out, killed
+	// with its supervisor, or that failed (the node may be healthy now).
+	resume := !s.cfg.Fresh && len(gens) > 0 && prev != nil && prev.State != StateCompleted
 	if resume && !slices.EqualFunc(prev.Trees, s.cfg.Trees, func(a, b TreeSpec) bool { return slices.Equal(a.Argv, b.Argv) }) {
 		return 1, fmt.Errorf("store %s holds a checkpoint of a different job (%q); use --fresh to start over, or another store", st.Dir, prev.Trees[0].Argv)
 	}
@@ -363,10 +380,10 @@ func (s *Supervisor) afterStart() {
 	s.roots = map[int]string{}
 	s.chans = newChannelWatch(s.cfg.ChannelGrace)
 	s.hang = map[string]hangMark{}
-	s.heartbeat = time.Now()
+	s.beat, s.pause = time.Now(), time.Now()
 	s.mem = memWatch{}
 	s.hostExit = nil
-	s.pending = ""
+	s.pending = failure{}
 	s.mu.Lock()
 	s.status.PID = s.initPID
 	s.status.State = StateRunning
@@ -400,8 +417,11 @@ func (s *Supervisor) loop(ctx context.Context) (int, error) {
 			s.writeRunState(StateStopped, nil)
 			return 1, ctx.Err()
 		case <-ckptTimer:
-			s.periodic()
-			resetTimer()
+			if s.periodic() {
+				resetTimer()
+			} else {
+				ckptTimer = time.After(time.Second) // try again soon
+			}
 		case r := <-s.reqs:
 			code, done, err := s.handle(ctx, r)
 			if done {
@@ -413,25 +433,29 @@ func (s *Supervisor) loop(ctx context.Context) (int, error) {
 			if s.initPID == 0 {
 				continue // swapped out
 			}
-			var kind, detail string
+			var f failure
 			if exited, code, how := s.reapInit(); exited {
 				if code == 0 && s.hostExit != nil && *s.hostExit == 0 {
 					s.setExit(StateCompleted, 0)
 					s.emit("completed", "the job finished with exit code 0", 0)
 					return 0, nil
 				}
-				kind, detail = "exit", how
+				f = failure{kind: "exit", detail: how, onset: time.Now()}
 				if s.hostExit != nil {
-					kind, detail = "exit", fmt.Sprintf("host tree exited with code %d", *s.hostExit)
+					f.detail = fmt.Sprintf("host tree exited with code %d", *s.hostExit)
+					f.onset = s.hostExitAt
+				}
+				if s.pending.kind != "" && s.pending.onset.Before(f.onset) {
+					f.onset = s.pending.onset // an offload tree went first
 				}
 			} else if time.Since(lastSlow) >= time.Second {
 				lastSlow = time.Now()
-				kind, detail = s.detect()
+				f = s.detect()
 			}
-			if kind == "" {
+			if f.kind == "" {
 				continue
 			}
-			code, done, err := s.fail(ctx, kind, detail)
+			code, done, err := s.fail(ctx, f)
 			if done {
 				return code, err
 			}
@@ -503,11 +527,12 @@ func (s *Supervisor) readEvents() {
 			delete(s.roots, e.PID)
 			if s.isHost(e.Tree) {
 				c := e.Code
-				s.hostExit = &c
+				s.hostExit, s.hostExitAt = &c, e.Time
 			} else if s.hostExit == nil {
 				// An offload tree ended while the host still needs it.
 				if e.Code != 0 || e.Event == "start-failed" {
-					s.pending = fmt.Sprintf("offload tree %s (pid %d) %s", e.Tree, e.PID, describeExit(e))
+					s.pending = failure{kind: "tree-exit", onset: e.Time,
+						detail: fmt.Sprintf("offload tree %s (pid %d) %s", e.Tree, e.PID, describeExit(e))}
 				}
 			}
 		}
@@ -533,11 +558,16 @@ func (s *Supervisor) isHost(name string) bool {
 	return false
 }
 
-// periodic takes a scheduled checkpoint and adapts the interval.
-func (s *Supervisor) periodic() {
+// periodic takes a scheduled checkpoint and adapts the interval. It
+// returns false when the job looked unwell and the checkpoint was put off.
+func (s *Supervisor) periodic() bool {
+	if why := s.unwell(); why != "" {
+		s.log.Debug("checkpoint put off", "why", why)
+		return false
+	}
 	res, err := s.checkpoint(context.Background(), false)
 	if err != nil || !s.cfg.AutoInterval {
-		return
+		return true
 	}
 	s.cost.add(res.Frozen)
 	s.interval = DalyInterval(s.cost.avg, s.cfg.MTBF)
@@ -545,6 +575,30 @@ func (s *Supervisor) periodic() {
 		s.interval = time.Second
 	}
 	s.log.Debug("interval", "cost", s.cost.avg, "mtbf", s.cfg.MTBF, "interval", s.interval)
+	return true
+}
+
+// unwell says why the job should not be checkpointed now (a checkpoint of
+// a job that is already failing would be restored into the same failure):
+// a failure seen but not yet handled, a channel broken within its grace
+// period, a heartbeat or CPU progress half way to its timeout.
+func (s *Supervisor) unwell() string {
+	s.readEvents()
+	if s.pending.kind != "" {
+		return s.pending.detail
+	}
+	if s.chans != nil && len(s.chans.broken) > 0 {
+		return "a channel between the trees looks broken"
+	}
+	if s.cfg.HeartbeatTimeout > 0 && time.Since(later(s.beat, s.pause)) > s.cfg.HeartbeatTimeout/2 {
+		return "the heartbeat is late"
+	}
+	for name, m := range s.hang {
+		if s.cfg.HangTimeout > 0 && time.Since(later(m.since, s.pause)) > s.cfg.HangTimeout/2 {
+			return "offload tree " + name + " has made no CPU progress lately"
+		}
+	}
+	return ""
 }
 
 // checkpoint takes a checkpoint of the running job; with kill the job is
@@ -559,16 +613,36 @@ func (s *Supervisor) checkpoint(ctx context.Context, kill bool) (*checkpoint.Res
 		WorkDir: s.cfg.WorkDir, CheckCache: s.cfg.CheckCache, Logger: s.log, Reap: true,
 	})
 	// The job was frozen: do not count that against it.
-	s.heartbeat = time.Now()
-	for k, m := range s.hang {
-		m.since = time.Now()
-		s.hang[k] = m
-	}
+	s.pause = time.Now()
 	if err != nil {
+		if !proc.Exists(s.initPID) || s.hostExit != nil {
+			// The job ended under the checkpoint: nothing was lost, and
+			// the loop will see why it ended.
+			return nil, fmt.Errorf("the job ended during the checkpoint: %w", err)
+		}
 		s.cfg.Metrics.CheckpointFailed(s.cfg.Name)
 		s.emit("checkpoint-failed", err.Error(), 0)
 		return nil, err
 	}
+	if missing := s.missingTrees(res); missing != "" {
+		// A tree ended while the job was being dumped: this generation is
+		// of a broken job and must never be restored.
+		rerr := s.discard(res.Generation)
+		err := fmt.Errorf("generation %d lacks %s: discarded", res.Generation, missing)
+		if rerr != nil {
+			err = errors.Join(err, rerr)
+		}
+		s.cfg.Metrics.CheckpointFailed(s.cfg.Name)
+		s.emit("checkpoint-failed", err.Error(), 0)
+		if s.pending.kind == "" {
+			s.pending = failure{kind: "tree-exit", detail: missing + " vanished", onset: t0}
+		}
+		return nil, err
+	}
+	if s.genBegan == nil {
+		s.genBegan = map[int]time.Time{}
+	}
+	s.genBegan[res.Generation] = t0
 	s.cfg.Metrics.Checkpoint(s.cfg.Name, time.Since(t0), res.Frozen, res.RawBytes, res.NewBytes)
 	s.mu.Lock()
 	s.status.Generation = res.Generation
@@ -582,8 +656,75 @@ func (s *Supervisor) checkpoint(ctx context.Context, kill bool) (*checkpoint.Res
 	return res, nil
 }
 
+// began is when generation g's checkpoint began: remembered for the
+// checkpoints this supervisor took, else derived from its manifest.
+func (s *Supervisor) began(st *store.Store, g int) (time.Time, bool) {
+	if t, ok := s.genBegan[g]; ok {
+		return t, true
+	}
+	m, err := st.ReadManifest(g)
+	if err != nil {
+		return time.Time{}, false
+	}
+	return m.Created.Add(-time.Duration(m.Stats.DurableMS) * time.Millisecond), true
+}
+
+// missingTrees names the job's trees whose root is not in the checkpoint.
+func (s *Supervisor) missingTrees(res *checkpoint.Result) string {
+	if res.Manifest == nil {
+		return ""
+	}
+	have := map[int]bool{}
+	for _, p := range res.Manifest.Job.Processes {
+		if p.PPID == res.Manifest.Job.RootPID {
+			have[p.PID] = true
+		}
+	}
+	var missing []string
+	for pid, name := range s.roots {
+		if !have[pid] {
+			missing = append(missing, fmt.Sprintf("tree %s (pid %d)", name, pid))
+		}
+	}
+	slices.Sort(missing)
+	if len(missing) == 0 {
+		return ""
+	}
+	return strings.Join(missing, ", ")
+}
+
+// discard removes a generation that must not be restored.
+func (s *Supervisor) discard(gen int) error {
+	st, err := store.Open(s.cfg.Store)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	unlock, err := st.Lock(ctx, true)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	return st.Remove(gen)
+}
+
 func (s *Supervisor) handle(ctx context.Context, r request) (int, bool, error) {
 	var rep reply
+	if r.op != "swap-in" && s.initPID != 0 {
+		if why := s.unwell(); why != "" {
+			if r.op == "stop" {
+				// Stop all the same, keeping the older checkpoints.
+				s.terminate()
+				r.reply <- reply{err: fmt.Errorf("the job was failing (%s): stopped without a new checkpoint", why)}
+				s.setExit(StateStopped, 128+int(syscall.SIGTERM))
+				s.emit("stopped", "without a new checkpoint: the job was failing: "+why, 0)
+				return 128 + int(syscall.SIGTERM), true, nil
+			}
+			r.reply <- reply{err: fmt.Errorf("not checkpointing a job that is failing: %s", why)}
+			return 0, false, nil
+		}
+	}
 	switch r.op {
 	case "checkpoint":
 		rep.res, rep.err = s.checkpoint(ctx, false)
@@ -618,12 +759,14 @@ func (s *Supervisor) handle(ctx context.Context, r request) (int, bool, error) {
 
 // fail handles a detected failure: terminate, then restore with backoff,
 // falling back to older generations; it returns done when giving up.
-func (s *Supervisor) fail(ctx context.Context, kind, detail string) (int, bool, error) {
+func (s *Supervisor) fail(ctx context.Context, f failure) (int, bool, error) {
+	kind, detail := f.kind, f.detail
 	s.cfg.Metrics.Failure(s.cfg.Name, kind)
 	s.emit("failure", fmt.Sprintf("%s: %s", kind, detail), 0)
 	s.mu.Lock()
 	s.status.LastFailure = fmt.Sprintf("%s: %s", kind, detail)
 	s.mu.Unlock()
+	s.before = f.onset
 	s.terminate()
 	code := 1
 	if s.hostExit != nil {
@@ -662,6 +805,10 @@ func (s *Supervisor) recover(ctx context.Context, why string) error {
 		if err == nil {
 			return nil
 		}
+		if errors.Is(err, errAllCorrupt) {
+			// Waiting will not mend a damaged store.
+			return err
+		}
 		why = err.Error()
 		backoff = min(2*backoff, 30*time.Second)
 	}
@@ -679,12 +826,23 @@ func (s *Supervisor) restoreNewest(ctx context.Context) error {
 		return err
 	}
 	if len(gens) == 0 {
+		s.before = time.Time{}
 		s.emit("restored", "no checkpoint yet: starting the job from the beginning", 0)
 		return s.start()
 	}
 	var errs []error
 	for i := len(gens) - 1; i >= 0; i-- {
 		g := gens[i]
+		if began, ok := s.began(st, g); ok && !s.before.IsZero() && !began.Before(s.before) {
+			// Taken after the failure may have begun: it may hold the
+			// fault. Never restore it, now or later.
+			s.emit("warning", fmt.Sprintf("generation %d was taken after the failure may have begun (%s): discarded", g,
+				s.before.Format("15:04:05.000")), g)
+			if err := s.discard(g); err != nil {
+				errs = append(errs, fmt.Errorf("discard generation %d: %w", g, err))
+			}
+			continue
+		}
 		// Events written after this point belong to the restored run.
 		if off, err := fileSize(filepath.Join(RunDir(s.cfg.Store), "events.jsonl")); err == nil {
 			s.eventsOff = off
@@ -701,6 +859,7 @@ func (s *Supervisor) restoreNewest(ctx context.Context) error {
 			continue
 		}
 		s.cfg.Metrics.Restore(s.cfg.Name, true)
+		s.before = time.Time{}
 		s.initPID = res.PID
 		s.afterStart()
 		if m, err := st.ReadManifest(g); err == nil {
@@ -709,8 +868,25 @@ func (s *Supervisor) restoreNewest(ctx context.Context) error {
 		s.emit("restored", fmt.Sprintf("generation %d, job-init pid %d", g, res.PID), g)
 		return nil
 	}
-	return fmt.Errorf("no generation restores: %w", errors.Join(errs...))
+	if len(errs) == 0 {
+		// Every generation came after the failure began: start over.
+		s.before = time.Time{}
+		s.emit("restored", "no checkpoint from before the failure: starting the job from the beginning", 0)
+		return s.start()
+	}
+	err = fmt.Errorf("no generation restores: %w", errors.Join(errs...))
+	allCorrupt := true
+	for _, e := range errs {
+		allCorrupt = allCorrupt && errors.Is(e, store.ErrCorrupt)
+	}
+	if allCorrupt {
+		err = fmt.Errorf("%w: %w", errAllCorrupt, err)
+	}
+	return err
 }
+
+// errAllCorrupt means every generation of the store failed verification.
+var errAllCorrupt = errors.New("every checkpoint in the store is damaged")
 
 // rootsFromManifest names the restored trees: job-init's children, matched
 // with the names job-init recorded when it started them.

@@ -2,10 +2,15 @@
 //
 // Restore runs: pick the generation -> preflight (CRIU vetted, every PID
 // and thread ID of the job free, or held only by a dying process that we
-// wait for) -> materialize the images into a private RAM-backed work
-// directory, verifying every chunk's checksum before any process starts ->
-// CRIU restore (detached in its own session, or as a child of the caller)
-// -> report the restored root PID.
+// wait for; the job's offload contexts placed: the recorded GPUs, else
+// same-model ones with room, or a device map, refused when none fits) ->
+// materialize the images into a private RAM-backed work directory,
+// verifying every chunk's checksum before any process starts -> CRIU
+// restore (detached in its own session, or as a child of the caller) ->
+// restore every offload context onto its GPUs and unlock it (if that
+// fails, the restored job is killed: it cannot run without its device
+// state, and the checkpoint can be tried again) -> report the restored
+// root PID.
 //
 // It reads the store under a shared lock (so retention and GC wait) and
 // never modifies a generation.

@@ -10,12 +10,15 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/cryo-hpc/cryo/internal/criu"
 	"github.com/cryo-hpc/cryo/internal/proc"
 	"github.com/cryo-hpc/cryo/internal/store"
 	"github.com/cryo-hpc/cryo/internal/workdir"
+	"github.com/cryo-hpc/cryo/offload"
+	"github.com/cryo-hpc/cryo/offload/drivers"
 )
 
 // ErrPIDInUse means a PID the job needs is held by a live process.
@@ -35,7 +38,17 @@ type Options struct {
 	// session of its own.
 	Sibling    bool
 	CheckCache string
-	Logger     *slog.Logger
+	// DeviceMap chooses the GPUs the checkpoint's offload contexts go to
+	// (see offload.Plan); without it they go to the recorded GPUs, or to
+	// others of the same model when those are missing or full.
+	DeviceMap []offload.MapEntry
+	// Offload drives the offload contexts (nil: every driver cryo has,
+	// configured from the environment).
+	Offload *offload.Registry
+	// LockWait is how long to wait for a checkpoint or GC holding the
+	// store (default 30 s).
+	LockWait time.Duration
+	Logger   *slog.Logger
 }
 
 // Result describes a restored job.
@@ -45,6 +58,10 @@ type Result struct {
 	Processes   int           `json:"processes"`
 	Materialize time.Duration `json:"materialize_ns"`
 	Restore     time.Duration `json:"restore_ns"`
+	// Offload is the number of offload contexts restored and unlocked, and
+	// DeviceMap where their devices went.
+	Offload   int               `json:"offload_contexts,omitempty"`
+	DeviceMap offload.DeviceMap `json:"device_map,omitempty"`
 }
 
 // Restore restores a generation of o.Store.
@@ -57,11 +74,25 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	unlock, err := st.Lock(ctx, false)
+	lockWait := o.LockWait
+	if lockWait == 0 {
+		lockWait = 30 * time.Second
+	}
+	lctx, cancel := context.WithTimeout(ctx, lockWait)
+	unlock, err := st.Lock(lctx, false)
+	cancel()
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
+	reg := o.Offload
+	if reg == nil {
+		reg = drivers.Default(drivers.Config{Logger: log})
+	}
+	// A cryo killed half-way may have left a job's offload contexts locked.
+	if _, err := offload.Recover(ctx, offload.RecoverOptions{Registry: reg, JournalDir: st.JournalDir(), Logger: log}); err != nil {
+		return nil, fmt.Errorf("a killed cryo left offload contexts locked and they cannot be recovered yet: %w", err)
+	}
 
 	gen := o.Generation
 	if gen == 0 {
@@ -89,6 +120,13 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 	if err := pidsFree(ctx, m, wait, log); err != nil {
 		return nil, err
 	}
+	// The job's GPUs (or others that can take its device state) must be
+	// here before anything starts.
+	recs := offload.FromManifest(m.Offload)
+	dmap, err := offload.PlanRestore(ctx, reg, recs, o.DeviceMap)
+	if err != nil {
+		return nil, fmt.Errorf("restore generation %d: %w", gen, err)
+	}
 
 	work, err := workdir.Make(o.WorkDir, filepath.Join(st.Dir, "staging"), m.RawBytes()+16<<20)
 	if err != nil {
@@ -105,6 +143,21 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 	}
 	res := &Result{Generation: gen, Processes: len(m.Job.Processes), Materialize: time.Since(t0)}
 	log.Debug("materialized", "generation", gen, "bytes", m.RawBytes(), "took", res.Materialize)
+
+	job := offload.JobRef{RootPID: m.Job.RootPID}
+	for _, p := range m.Job.Processes {
+		job.Procs = append(job.Procs, offload.ProcRef{PID: p.PID})
+	}
+	grp, err := offload.Attach(ctx, offload.AttachOptions{Registry: reg, Records: recs, Map: dmap, Job: job,
+		JournalDir: st.JournalDir(), Logger: log})
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if cerr := grp.Close(); cerr != nil {
+			log.Warn("offload journal", "err", cerr)
+		}
+	}()
 
 	t1 := time.Now()
 	pid, err := criu.Restore(ctx, bin, criu.Options{
@@ -125,7 +178,39 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 	}
 	res.PID, res.Restore = pid, time.Since(t1)
 	log.Debug("restored", "pid", pid, "took", res.Restore)
+	if grp.Len() > 0 {
+		// The job runs; its offload contexts wait, locked, for their state.
+		err := grp.Refresh()
+		if err == nil {
+			err = grp.Resume(ctx)
+		}
+		if err != nil {
+			// It cannot go on without its device state: stop it, so that the
+			// checkpoint can be restored again.
+			if kerr := killJob(m); kerr != nil {
+				return nil, fmt.Errorf("restore generation %d: %w; killing the restored job failed too: %w", gen, err, kerr)
+			}
+			grp.Forget()
+			return nil, fmt.Errorf("restore generation %d: %w; the restored job was killed, the checkpoint is intact", gen, err)
+		}
+		res.Offload, res.DeviceMap = grp.Len(), dmap
+		log.Debug("offload contexts restored", "contexts", grp.Len(), "map", dmap)
+	}
 	return res, nil
+}
+
+// killJob kills the processes of a restored job and waits for them to go.
+func killJob(m *store.Manifest) error {
+	for _, p := range m.Job.Processes {
+		_ = syscall.Kill(p.PID, syscall.SIGKILL)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var errs []error
+	for _, p := range m.Job.Processes {
+		errs = append(errs, proc.WaitGone(ctx, p.PID))
+	}
+	return errors.Join(errs...)
 }
 
 // pidsFree checks that every PID and thread ID of the job is free, waiting

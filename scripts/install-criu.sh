@@ -19,8 +19,16 @@ bin=$prefix/sbin/criu
 
 log() { printf 'install-criu: %s\n' "$*" >&2; }
 
+# Our patches (scripts/criu-patches, applied in order) are part of what is
+# installed: a binary built without the current set is rebuilt.
+patches=("$top"/scripts/criu-patches/*.patch)
+[ -e "${patches[0]}" ] || patches=()
+stamp=$prefix/patches.sha256
+want_stamp=$(cat /dev/null "${patches[@]}" | sha256sum | cut -d' ' -f1)
+
 # Already there and working? Nothing to do.
-if [ -x "$bin" ] && "$bin" --version 2>/dev/null | grep -q "Version: $version"; then
+if [ -x "$bin" ] && "$bin" --version 2>/dev/null | grep -q "Version: $version" &&
+   [ "$(cat "$stamp" 2>/dev/null)" = "$want_stamp" ]; then
   log "CRIU $version already at $bin"
   echo "$bin"
   exit 0
@@ -60,7 +68,7 @@ export DEBIAN_FRONTEND=noninteractive
 deps=(build-essential pkgconf libbsd-dev libcap-dev libgnutls28-dev libnet1-dev
       libnftables-dev libnl-3-dev libprotobuf-c-dev libprotobuf-dev
       protobuf-c-compiler protobuf-compiler uuid-dev python3-protobuf libaio-dev
-      iproute2 iptables xz-utils ca-certificates)
+      iproute2 iptables xz-utils ca-certificates patch)
 missing=()
 for p in "${deps[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -93,9 +101,14 @@ echo "$sha256  $tarball" | sha256sum -c --quiet - || { log "sha256 mismatch for 
 
 log "building criu $version (about 20 s on 2 cores)"
 tar -C "$work" -xf "$tarball"
+for p in "${patches[@]}"; do
+  log "applying $(basename "$p")"
+  patch -d "$work/criu-$version" -p1 --quiet <"$p" || { log "patch $p does not apply"; exit 1; }
+done
 make -C "$work/criu-$version" -j"$(nproc)" criu >"$work/build.log" 2>&1 || {
   tail -40 "$work/build.log" >&2; log "build failed"; exit 1; }
 install -D -m 0755 "$work/criu-$version/criu/criu" "$bin"
+echo "$want_stamp" >"$stamp"
 "$bin" check >/dev/null 2>&1 || log "warning: '$bin check' does not say 'Looks good' on this kernel"
 log "installed $bin"
 echo "$bin"

@@ -16,10 +16,75 @@ type Error struct {
 
 func (e *Error) Error() string {
 	s := e.Err.Error()
+	// CRIU reports its first Error line as the reason, which on some
+	// machines is a harmless complaint; name the real one instead.
+	if benign(s) {
+		if best := lastError(e.Log); best != "" {
+			s = "criu failed: " + best
+		}
+	}
 	if ex := LogErrors(e.Log, 2); ex != "" {
 		s += "\n" + ex
 	}
+	if h := hint(e.Log); h != "" {
+		s += "\nhint: " + h
+	}
 	return s + "\nfull CRIU log: " + e.Log
+}
+
+// benignErrors are Error lines CRIU logs without failing because of them.
+var benignErrors = []string{
+	"rlimit: Can't setup RLIMIT_NOFILE", // CRIU raising its own fd limit inside a container
+}
+
+func benign(line string) bool {
+	for _, b := range benignErrors {
+		if strings.Contains(line, b) {
+			return true
+		}
+	}
+	return false
+}
+
+// lastError is the last meaningful Error line of a CRIU log, without its
+// timestamp: the reason, rather than the "Dumping FAILED." that follows it.
+func lastError(path string) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return ""
+	}
+	best := ""
+	for _, line := range strings.Split(string(b), "\n") {
+		if !strings.Contains(line, "Error (") || benign(line) ||
+			strings.Contains(line, "FAILED.") || strings.Contains(line, "Killing processes because of failure") {
+			continue
+		}
+		if i := strings.Index(line, "Error ("); i >= 0 {
+			best = line[i:]
+		}
+	}
+	return best
+}
+
+// hints turn CRIU failures with a known cause into advice.
+var hints = []struct{ match, advice string }{
+	{"Unsupported proto 262", "the job has an MPTCP socket, which CRIU cannot checkpoint; Go >= 1.24 programs open MPTCP listeners by default: run them with GODEBUG=multipathtcp=0 (cryo run does so unless GODEBUG is set)"},
+	{"Can't get 1:16 opt", "this CRIU cannot dump TCP sockets on Linux >= 6.16; build it with scripts/install-criu.sh, which applies cryo's fix"},
+	{"has bad size", "a file the job had open changed size since the checkpoint; cryo run opens the job's output with O_APPEND, which CRIU does not check"},
+	{"File exists", "a PID or file the job needs is still taken: wait for the old job to be reaped"},
+}
+
+func hint(path string) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return ""
+	}
+	for _, h := range hints {
+		if strings.Contains(string(b), h.match) {
+			return h.advice
+		}
+	}
+	return ""
 }
 
 func (e *Error) Unwrap() error { return e.Err }
@@ -40,6 +105,9 @@ func LogErrors(path string, ctx int) string {
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
 		line := sc.Text()
+		if benign(line) {
+			continue
+		}
 		if strings.Contains(line, "Error") || strings.Contains(line, "err:") {
 			start := i - len(window)
 			for j, w := range window {

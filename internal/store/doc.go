@@ -7,6 +7,8 @@
 //	  chunks/<2 hex>/<sha256>          zstd-compressed chunk, named by the SHA-256 of its content
 //	  checkpoints/<gen>/manifest.json  written last; its presence means committed
 //	  staging/                         work in progress; never read as a checkpoint
+//	  staging/journal/                 intent journals of operations on a live job (offload
+//	                                   contexts locked); kept by CleanStaging for recovery
 //	  logs/                            CRIU logs of failed operations
 //	  lock                             flock: one writer, or many readers
 //

@@ -133,10 +133,23 @@ func zeroHash(n int) string {
 
 // Offload is one offload context of the job (filled by the offload drivers).
 type Offload struct {
-	Kind   string            `json:"kind"` // "cuda", "process"
-	PID    int               `json:"pid"`
-	Device string            `json:"device,omitempty"`
-	Attrs  map[string]string `json:"attrs,omitempty"`
+	Kind   string `json:"kind"` // "cuda", "process"
+	PID    int    `json:"pid"`
+	Device string `json:"device,omitempty"` // the first of Devices, for a quick look
+	// Devices are the devices the context held, so that a restore can check
+	// (and choose) its target devices before it starts.
+	Devices []OffloadDevice `json:"devices,omitempty"`
+	// State is the context's state when it was found ("running", "locked").
+	State string            `json:"state,omitempty"`
+	Attrs map[string]string `json:"attrs,omitempty"`
+}
+
+// OffloadDevice is one device an offload context held.
+type OffloadDevice struct {
+	UUID   string `json:"uuid"`
+	Model  string `json:"model,omitempty"`
+	Index  int    `json:"index"`
+	Memory uint64 `json:"memory_bytes,omitempty"` // device memory it held there
 }
 
 // fileDigest binds a file's chunks together.

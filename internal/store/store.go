@@ -139,8 +139,9 @@ func (s *Store) Lock(ctx context.Context, exclusive bool) (func(), error) {
 	return func() { f.Close() }, nil
 }
 
-// CleanStaging removes everything in staging/: work that a killed writer
-// left behind. The caller must hold the exclusive lock.
+// CleanStaging removes everything in staging/ but the journal directory:
+// work that a killed writer left behind. The caller must hold the exclusive
+// lock.
 func (s *Store) CleanStaging() (int, error) {
 	dir := filepath.Join(s.Dir, "staging")
 	ents, err := os.ReadDir(dir)
@@ -148,10 +149,26 @@ func (s *Store) CleanStaging() (int, error) {
 		return 0, err
 	}
 	var errs []error
+	n := 0
 	for _, e := range ents {
+		if e.Name() == journalDir {
+			continue // recovery's business, not debris
+		}
 		errs = append(errs, os.RemoveAll(filepath.Join(dir, e.Name())))
+		n++
 	}
-	return len(ents), errors.Join(errs...)
+	return n, errors.Join(errs...)
+}
+
+// journalDir is the directory in staging/ for intent journals.
+const journalDir = "journal"
+
+// JournalDir is where operations that change a job's state outside the
+// store (offload contexts locked, a job left stopped) keep their intent
+// journals: staging/journal/. CleanStaging leaves it alone; the offload
+// package reads and removes what is in it.
+func (s *Store) JournalDir() string {
+	return filepath.Join(s.Dir, "staging", journalDir)
 }
 
 // Generations lists the committed generations, oldest first.

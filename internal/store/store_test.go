@@ -239,7 +239,7 @@ func TestDedup(t *testing.T) {
 	files := map[string][]byte{
 		"pages-1.img": randBytes(7, 2*MaxChunk+100),
 		"core-1.img":  randBytes(8, 3000),
-		"zeros.img":   make([]byte, 3*MaxChunk), // zero chunks: not stored at all
+		"zeros.img":   make([]byte, 3*MaxChunk),                                  // zero chunks: not stored at all
 		"twice.img":   append(randBytes(9, MaxChunk), randBytes(9, MaxChunk)...), // identical chunks within one generation
 	}
 	specs := writeSpecs(t, src, files)

@@ -11,8 +11,11 @@
 //
 // Faults for the detectors (-fault, at item -fault-at, only while the file
 // -fault-file does not exist; the worker creates it, so a restored job
-// does not fail again): exit (exit 1), kill (SIGKILL itself), close (close
-// the connection and keep running), hang (stop, using no CPU).
+// does not fail again; with no -fault-file, every time): exit (exit 1),
+// kill (SIGKILL itself), close (close the connection and keep running),
+// hang (stop, using no CPU). A -patient host does not exit when the
+// channel breaks: it waits forever, as a host that misses the loss would.
+// -work makes the worker spend that much CPU on each item.
 package main
 
 import (
@@ -36,6 +39,8 @@ func main() {
 	fault := flag.String("fault", "", "worker fault: exit, kill, close, hang")
 	faultAt := flag.Int("fault-at", 50, "item at which the fault strikes")
 	faultFile := flag.String("fault-file", "", "the fault strikes only while this file is absent")
+	patient := flag.Bool("patient", false, "host: on a broken channel, wait instead of exiting")
+	work := flag.Duration("work", 0, "worker: CPU time to spend on each item")
 	flag.Parse()
 	network := "tcp"
 	if strings.Contains(*addr, "/") {
@@ -43,9 +48,16 @@ func main() {
 	}
 	switch *role {
 	case "worker":
-		worker(network, *addr, *fault, *faultAt, *faultFile)
+		worker(network, *addr, *fault, *faultAt, *faultFile, *work)
 	default:
-		os.Exit(host(network, *addr, *items, *delay))
+		code := host(network, *addr, *items, *delay)
+		if code == 4 && *patient {
+			fmt.Println("waiting for the worker")
+			for {
+				time.Sleep(time.Hour)
+			}
+		}
+		os.Exit(code)
 	}
 }
 
@@ -104,7 +116,7 @@ func host(network, addr string, items int, delay time.Duration) int {
 	return 0
 }
 
-func worker(network, addr, fault string, faultAt int, faultFile string) {
+func worker(network, addr, fault string, faultAt int, faultFile string, work time.Duration) {
 	if network == "unix" {
 		os.Remove(addr)
 	}
@@ -125,9 +137,15 @@ func worker(network, addr, fault string, faultAt int, faultFile string) {
 		if _, err := io.ReadFull(c, b[:]); err != nil {
 			os.Exit(0) // the host is done
 		}
-		if fault != "" && n == faultAt && faultFile != "" {
-			if _, err := os.Stat(faultFile); err != nil {
-				os.WriteFile(faultFile, []byte(fault), 0o644)
+		if work > 0 {
+			for t := time.Now(); time.Since(t) < work; {
+			}
+		}
+		if fault != "" && n == faultAt {
+			if _, err := os.Stat(faultFile); faultFile == "" || err != nil {
+				if faultFile != "" {
+					os.WriteFile(faultFile, []byte(fault), 0o644)
+				}
 				switch fault {
 				case "exit":
 					os.Exit(1)

@@ -1,0 +1,303 @@
+package cryo
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+func envOf(m map[string]string) func(string) string {
+	return func(k string) string { return m[k] }
+}
+
+func TestSlurmJobFromEnv(t *testing.T) {
+	code := func(n int) *int { return &n }
+	for _, tc := range []struct {
+		name    string
+		env     map[string]string
+		want    SlurmJob
+		wantErr error
+	}{
+		{"not slurm", map[string]string{}, SlurmJob{}, ErrNotSlurm},
+		{"bad id", map[string]string{"SLURM_JOB_ID": "12/../x"}, SlurmJob{}, ErrNotSlurm},
+		{"batch job, first run", map[string]string{
+			"SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": "/home/ada/sim", "SLURM_JOB_UID": "1000", "SLURM_JOB_GID": "100",
+			"SLURM_JOB_USER": "ada", "SLURMD_NODENAME": "n17", "SLURM_CLUSTER_NAME": "big",
+		}, SlurmJob{ID: "4242", Cluster: "big", User: "ada", UID: 1000, GID: 100, SubmitDir: "/home/ada/sim", Node: "n17"}, nil},
+		{"batch job, requeued", map[string]string{"SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "2"},
+			SlurmJob{ID: "4242", UID: -1, GID: -1, RestartCount: 2}, nil},
+		{"epilog", map[string]string{
+			"SLURM_JOB_ID": "7", "SLURM_JOB_RESTART_COUNT": "1", "SLURM_JOB_WORK_DIR": "/w", "SLURM_JOB_UID": "0",
+			"SLURM_JOB_EXIT_CODE2": "3:0", "SLURM_JOB_EXIT_CODE": "768", "SLURM_SCRIPT_CONTEXT": "epilog_slurmd",
+			"SLURM_JOB_GPUS": "0,1", "CUDA_VISIBLE_DEVICES": "0,1",
+		}, SlurmJob{ID: "7", UID: 0, GID: -1, RestartCount: 1, WorkDir: "/w", Exited: code(3), Context: "epilog_slurmd",
+			GPUs: "0,1", CUDAVisibleDevices: "0,1"}, nil},
+		{"epilog, killed by a signal", map[string]string{"SLURM_JOB_ID": "7", "SLURM_JOB_EXIT_CODE2": "0:9"},
+			SlurmJob{ID: "7", UID: -1, GID: -1, Exited: code(137)}, nil},
+		{"epilog, raw status only", map[string]string{"SLURM_JOB_ID": "7", "SLURM_JOB_EXIT_CODE": "15"},
+			SlurmJob{ID: "7", UID: -1, GID: -1, Exited: code(143)}, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := SlurmJobFromEnv(envOf(tc.env))
+			if !errors.Is(err, tc.wantErr) {
+				t.Fatalf("error %v, want %v", err, tc.wantErr)
+			}
+			if err != nil {
+				return
+			}
+			g, _ := json.Marshal(got)
+			w, _ := json.Marshal(tc.want)
+			if string(g) != string(w) {
+				t.Errorf("got  %s\nwant %s", g, w)
+			}
+		})
+	}
+}
+
+func TestSlurmJobStore(t *testing.T) {
+	j := SlurmJob{ID: "99", SubmitDir: "/home/ada/sim/", WorkDir: "/elsewhere"}
+	for _, tc := range []struct {
+		root, want, err string
+	}{
+		{"", "/home/ada/sim/cryo-99", ""},
+		{"/scratch/cryo", "/scratch/cryo/cryo-99", ""},
+		{"scratch", "", "not an absolute path"},
+	} {
+		got, err := j.Store(tc.root)
+		if got != tc.want || (err == nil) != (tc.err == "") || (err != nil && !strings.Contains(err.Error(), tc.err)) {
+			t.Errorf("Store(%q) = %q, %v; want %q, %q", tc.root, got, err, tc.want, tc.err)
+		}
+	}
+	hook := SlurmJob{ID: "99", WorkDir: "/w"}
+	if got, _ := hook.Store(""); got != "/w/cryo-99" {
+		t.Errorf("in a hook the default root is the work dir: got %q", got)
+	}
+	if _, err := (SlurmJob{ID: "99"}).Store(""); err == nil {
+		t.Errorf("no root at all must fail")
+	}
+}
+
+func TestNodeGPUs(t *testing.T) {
+	gpus, err := NodeGPUs("testdata/nvidia/gpus")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []GPU{
+		{Minor: 0, UUID: "GPU-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee", Bus: "0000:86:00.0", Model: "NVIDIA A100-SXM4-40GB"},
+		{Minor: 1, UUID: "GPU-11111111-2222-3333-4444-555555555555", Bus: "0000:3b:00.0", Model: "NVIDIA A100-SXM4-40GB"},
+	}
+	if fmt.Sprint(gpus) != fmt.Sprint(want) {
+		t.Errorf("got %+v\nwant %+v", gpus, want)
+	}
+	if gpus, err := NodeGPUs(filepath.Join(t.TempDir(), "none")); err != nil || gpus != nil {
+		t.Errorf("no driver: got %v, %v; want none", gpus, err)
+	}
+}
+
+// hookJob is a job of the current user whose working directory is a
+// fresh temporary directory.
+func hookJob(t *testing.T) SlurmJob {
+	return SlurmJob{ID: strconv.Itoa(100000 + rand.IntN(800000)), UID: os.Getuid(), GID: os.Getgid(),
+		WorkDir: t.TempDir(), Node: "n1", User: "me"}
+}
+
+func writeRunState(t *testing.T, store, state string) {
+	t.Helper()
+	if err := os.MkdirAll(filepath.Join(store, "run"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(store, "run", "state.json"), []byte(`{"state":"`+state+`"}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestSlurmPrologMakesStore(t *testing.T) {
+	ctx := context.Background()
+	job := hookJob(t)
+	rep, err := SlurmProlog(ctx, job, HookOptions{LeaveOrphans: true, GPUInfo: "testdata/nvidia/gpus"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(job.WorkDir, "cryo-"+job.ID)
+	if rep.Store != dir || !rep.Created || len(rep.GPUs) != 2 {
+		t.Errorf("report %+v", rep)
+	}
+	st, err := os.Stat(dir)
+	if err != nil || st.Mode().Perm() != 0o700 {
+		t.Fatalf("store: %v, %v", st, err)
+	}
+	if gens, err := List(dir); err != nil || len(gens) != 0 {
+		t.Errorf("List of a new store: %v, %v", gens, err)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, "slurm", historyName))
+	if err != nil || !strings.Contains(string(b), `"hook":"prolog"`) || !strings.Contains(string(b), `"node":"n1"`) ||
+		!strings.Contains(string(b), "GPU-11111111") {
+		t.Errorf("history: %q, %v", b, err)
+	}
+	// Again (a requeued job): the store is kept as it is.
+	if rep, err := SlurmProlog(ctx, job, HookOptions{LeaveOrphans: true}); err != nil || rep.Created {
+		t.Errorf("second prolog: %+v, %v", rep, err)
+	}
+}
+
+func TestSlurmPrologRefusesSymlink(t *testing.T) {
+	job := hookJob(t)
+	target := t.TempDir()
+	if err := os.Symlink(target, filepath.Join(job.WorkDir, "cryo-"+job.ID)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := SlurmProlog(context.Background(), job, HookOptions{LeaveOrphans: true}); err == nil {
+		t.Errorf("the prolog followed a symbolic link in the store's place")
+	}
+	if ents, _ := os.ReadDir(target); len(ents) != 0 {
+		t.Errorf("the prolog wrote through the link: %v", ents)
+	}
+}
+
+func TestSlurmPrologRefusesOthersRoot(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to make a directory of another user")
+	}
+	job := hookJob(t)
+	job.UID, job.GID = 65534, 65534
+	// The work dir belongs to root, not to the job's user.
+	if _, err := SlurmProlog(context.Background(), job, HookOptions{LeaveOrphans: true}); err == nil || !strings.Contains(err.Error(), "not to the job's user") {
+		t.Errorf("prolog in a directory of another user: %v", err)
+	}
+	if err := os.Chown(job.WorkDir, 65534, 65534); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := SlurmProlog(context.Background(), job, HookOptions{LeaveOrphans: true}); err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(job.WorkDir, "cryo-"+job.ID)
+	var st syscall.Stat_t
+	if err := syscall.Stat(filepath.Join(dir, "cryo-store.json"), &st); err != nil || st.Uid != 65534 {
+		t.Errorf("store contents not given to the job's user: uid %d, %v", st.Uid, err)
+	}
+}
+
+func TestSlurmEpilog(t *testing.T) {
+	ctx := context.Background()
+	exit := func(n int) *int { return &n }
+	for _, tc := range []struct {
+		name    string
+		state   string // run/state.json; "" none
+		exit    *int
+		keep    bool
+		removed bool
+		why     string
+	}{
+		{"cryo never ran", "", exit(1), false, true, "never ran"},
+		{"stopped for a requeue", "stopped", exit(0), false, false, "kept for the requeue"},
+		{"killed while running", "running", exit(137), false, false, "unfinished (state running)"},
+		{"completed", "completed", exit(0), false, true, "completed successfully"},
+		{"completed, kept as configured", "completed", exit(0), true, false, "kept as configured"},
+		{"completed, script failed after", "completed", exit(2), false, false, "exited with 2"},
+		{"failed", "failed", exit(1), false, false, "failed"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			job := hookJob(t)
+			if _, err := SlurmProlog(ctx, job, HookOptions{LeaveOrphans: true}); err != nil {
+				t.Fatal(err)
+			}
+			dir := filepath.Join(job.WorkDir, "cryo-"+job.ID)
+			if tc.state != "" {
+				writeRunState(t, dir, tc.state)
+			}
+			if err := os.MkdirAll(filepath.Join(dir, "staging", "cryo-work-123", "images"), 0o700); err != nil {
+				t.Fatal(err)
+			}
+			job.Exited = tc.exit
+			rep, err := SlurmEpilog(ctx, job, HookOptions{LeaveOrphans: true, KeepOnSuccess: tc.keep})
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, serr := os.Stat(dir)
+			if rep.Removed != tc.removed || (serr == nil) == tc.removed || !strings.Contains(rep.Why, tc.why) {
+				t.Errorf("removed %v (store there: %v), why %q; want removed %v, why ~ %q", rep.Removed, serr == nil, rep.Why, tc.removed, tc.why)
+			}
+			if !tc.removed {
+				if rep.Staging != 1 {
+					t.Errorf("staging leftovers removed: %d, want 1", rep.Staging)
+				}
+				if b, _ := os.ReadFile(filepath.Join(dir, "slurm", historyName)); !strings.Contains(string(b), `"hook":"epilog"`) {
+					t.Errorf("no epilog line in the history: %q", b)
+				}
+			}
+		})
+	}
+}
+
+func TestSlurmEpilogDoesNotFollowStaging(t *testing.T) {
+	ctx := context.Background()
+	job := hookJob(t)
+	if _, err := SlurmProlog(ctx, job, HookOptions{LeaveOrphans: true}); err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(job.WorkDir, "cryo-"+job.ID)
+	writeRunState(t, dir, "stopped")
+	precious := t.TempDir()
+	if err := os.WriteFile(filepath.Join(precious, "keep-me"), []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	os.RemoveAll(filepath.Join(dir, "staging"))
+	if err := os.Symlink(precious, filepath.Join(dir, "staging")); err != nil {
+		t.Fatal(err)
+	}
+	_, err := SlurmEpilog(ctx, job, HookOptions{LeaveOrphans: true})
+	if err == nil || !strings.Contains(err.Error(), "staging") {
+		t.Errorf("epilog with staging/ a symbolic link: %v, want an error about staging", err)
+	}
+	if _, err := os.Stat(filepath.Join(precious, "keep-me")); err != nil {
+		t.Errorf("the epilog deleted through a symbolic link: %v", err)
+	}
+}
+
+func TestKillJobOrphans(t *testing.T) {
+	if _, err := exec.LookPath("sleep"); err != nil {
+		t.Skip("no sleep command")
+	}
+	job := SlurmJob{ID: strconv.Itoa(100000 + rand.IntN(800000)), Cluster: fmt.Sprintf("test%d", rand.IntN(1e6))}
+	start := func(env ...string) *exec.Cmd {
+		cmd := exec.Command("sleep", "60")
+		cmd.Env = append(os.Environ(), env...)
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		return cmd
+	}
+	orphan := start("SLURM_JOB_ID="+job.ID, "SLURM_CLUSTER_NAME="+job.Cluster)
+	otherCluster := start("SLURM_JOB_ID="+job.ID, "SLURM_CLUSTER_NAME=elsewhere")
+	otherJob := start("SLURM_JOB_ID=1"+job.ID, "SLURM_CLUSTER_NAME="+job.Cluster)
+	done := make(chan struct{})
+	go func() { orphan.Wait(); close(done) }()
+	found, err := killJobOrphans(context.Background(), job, discard(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(found) != 1 || found[0].PID != orphan.Process.Pid || found[0].Comm != "sleep" {
+		t.Errorf("found %+v, want only pid %d (sleep)", found, orphan.Process.Pid)
+	}
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Errorf("the orphan still runs")
+	}
+	for _, c := range []*exec.Cmd{otherCluster, otherJob} {
+		if err := c.Process.Signal(syscall.Signal(0)); err != nil {
+			t.Errorf("pid %d of another job was ended", c.Process.Pid)
+		}
+	}
+}
