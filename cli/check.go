@@ -25,12 +25,17 @@ func checkCommand(e *env) *ucli.Command {
 			}
 			bin, err = criu.Vet(c.Context, bin, "") // always run `criu check` afresh here
 			out := struct {
-				Path    string `json:"path"`
-				Source  string `json:"found_via"`
-				Version string `json:"version,omitempty"`
-				OK      bool   `json:"ok"`
-				Problem string `json:"problem,omitempty"`
+				Path     string         `json:"path"`
+				Source   string         `json:"found_via"`
+				Version  string         `json:"version,omitempty"`
+				OK       bool           `json:"ok"`
+				Problem  string         `json:"problem,omitempty"`
+				Features *criu.Features `json:"features,omitempty"`
 			}{Path: bin.Path, Source: bin.Source, OK: err == nil}
+			if err == nil {
+				f := criu.Probe(c.Context, bin)
+				out.Features = &f
+			}
 			if bin.Version > 0 {
 				out.Version = bin.VersionString()
 			}
@@ -44,6 +49,14 @@ func checkCommand(e *env) *ucli.Command {
 				}
 				if out.OK {
 					fmt.Fprintln(w, "criu check: looks good")
+				}
+				if f := out.Features; f != nil {
+					if f.DirtyTracking {
+						fmt.Fprintln(w, "memory change tracking (soft-dirty): available")
+					} else {
+						fmt.Fprintln(w, "memory change tracking (soft-dirty): not in this kernel; incremental checkpoints rely on content dedup")
+					}
+					fmt.Fprintf(w, "lazy restore (userfaultfd): %s\n", map[bool]string{true: "available", false: "not available"}[f.LazyPages])
 				}
 			}); perr != nil {
 				return perr

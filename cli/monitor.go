@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/cryo-hpc/cryo/monitor"
+	"github.com/cryo-hpc/cryo/offload/nvml"
 	ucli "github.com/urfave/cli/v2"
 )
 
@@ -52,6 +53,10 @@ and stops every job, then exits.`,
 			defer stop()
 			d := &monitor.Daemon{CRIU: bin, CheckCache: checkCache, Logger: o.logger(e), Metrics: &monitor.Metrics{},
 				OnEvent: func(ev monitor.Event) { fmt.Fprintf(e.stderr, "cryo: %s: %s: %s\n", ev.Job, ev.Kind, ev.Detail) }}
+			if lib, err := nvml.Open(os.Getenv("CRYO_LIBNVML")); err == nil {
+				defer lib.Close()
+				d.Health = monitor.WatchGPUs(ctx, lib, d.Logger)
+			}
 			if o.metricsAddr != "" {
 				l, err := net.Listen("tcp", o.metricsAddr)
 				if err != nil {

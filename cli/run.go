@@ -16,6 +16,7 @@ import (
 	"github.com/cryo-hpc/cryo/checkpoint"
 	"github.com/cryo-hpc/cryo/internal/store"
 	"github.com/cryo-hpc/cryo/monitor"
+	"github.com/cryo-hpc/cryo/offload/nvml"
 	ucli "github.com/urfave/cli/v2"
 )
 
@@ -169,6 +170,12 @@ that the signal reaches it (docs/slurm.md).`,
 			}
 			if err := o.startOverCheck(c.Context, e, &cfg); err != nil {
 				return err
+			}
+			// GPU health: Xid errors on the job's GPUs are failures. A node
+			// without NVML has no GPUs to watch.
+			if lib, err := nvml.Open(os.Getenv("CRYO_LIBNVML")); err == nil {
+				defer lib.Close()
+				cfg.Health = monitor.WatchGPUs(context.WithoutCancel(c.Context), lib, cfg.Logger)
 			}
 			sup, err := monitor.New(cfg)
 			if err != nil {

@@ -56,6 +56,8 @@ func verifyCommand(e *env) *ucli.Command {
 			}
 			var results []verifyResult
 			bad := 0
+			prog, done := o.progress(e, "verify")
+			st.Progress = prog
 			for _, g := range gens {
 				r := verifyResult{Generation: g}
 				m, err := st.ReadManifest(g)
@@ -70,6 +72,7 @@ func verifyCommand(e *env) *ucli.Command {
 				}
 				results = append(results, r)
 			}
+			done()
 			if err := o.emit(e, results, func(w io.Writer) {
 				for _, r := range results {
 					switch {

@@ -177,7 +177,7 @@ func TestRunRecoversFromOffloadFailures(t *testing.T) {
 		{name: "worker killed", fault: "kill", kind: "failure: exit"},
 		{name: "worker exits", fault: "exit", hostFlags: []string{"-patient"}, kind: "failure: tree-exit: offload tree offload-1"},
 		{name: "channel closed", fault: "close", hostFlags: []string{"-patient"}, flags: []string{"--channel-grace", "1s"}, kind: "failure: channel: unix channel between"},
-		{name: "worker hangs", fault: "hang", workerFlags: []string{"-work", "2ms"}, flags: []string{"--hang-timeout", "2s"}, kind: "failure: hang: offload tree offload-1 made no CPU progress"},
+		{name: "worker hangs", fault: "hang", workerFlags: []string{"-work", "5ms"}, flags: []string{"--hang-timeout", "3s"}, kind: "failure: hang: offload tree offload-1 made no CPU progress"},
 		{name: "heartbeat stops", fault: "hang", flags: []string{"--heartbeat-timeout", "2s"}, kind: "failure: heartbeat: no heartbeat"},
 	}
 	for _, tc := range cases {

@@ -96,6 +96,9 @@ func (r *Registry) pick(name string, uid int) (*Supervisor, error) {
 // Serve answers control requests on a unix socket at path until ctx ends.
 // Only root and a job's owner may act on it (checked with SO_PEERCRED).
 func (r *Registry) Serve(ctx context.Context, path string, log *slog.Logger) error {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
 	_ = os.Remove(path)
 	l, err := net.Listen("unix", path)
 	if err != nil {

@@ -24,6 +24,7 @@ type Daemon struct {
 	CheckCache string
 	Logger     *slog.Logger
 	Metrics    *Metrics
+	Health     HealthSource // GPU health for every job (nil: no GPUs)
 	OnEvent    func(Event)
 	// Linger is how long a finished job stays listed (default 10 min).
 	Linger time.Duration
@@ -90,7 +91,7 @@ func (d *Daemon) submit(name string, spec JobSpec, uid, gid int) error {
 	sup, err := New(Config{
 		Name: name, Store: spec.Store, Trees: trees, Interval: spec.Interval, MaxRestarts: spec.MaxRestarts,
 		Keep: spec.Keep, Fresh: spec.Fresh, CRIU: d.CRIU, CheckCache: d.CheckCache,
-		Logger: d.Logger, Metrics: d.Metrics, OnEvent: d.OnEvent,
+		Logger: d.Logger, Metrics: d.Metrics, OnEvent: d.OnEvent, Health: d.Health,
 	})
 	if err != nil {
 		return err

@@ -48,6 +48,18 @@ type Options struct {
 	// LockWait is how long to wait for a checkpoint or GC holding the
 	// store (default 30 s).
 	LockWait time.Duration
+	// Replica is a replica of the store (checkpoint.Options.Replica): a
+	// damaged or missing chunk, or a damaged manifest, of the generation is
+	// healed from it (verified, and written back into the store) before
+	// any process starts. An unusable replica is logged and ignored.
+	Replica string
+	// Fallback restores the newest older generation that is intact (or
+	// can be healed) when the chosen one is damaged (ErrCorrupt); the
+	// generations passed over are in Result.Skipped. Other failures are
+	// returned at once. See fallback.go.
+	Fallback bool
+	// Progress, when set, counts the image bytes materialized so far.
+	Progress *store.Progress
 	Logger   *slog.Logger
 }
 
@@ -62,10 +74,17 @@ type Result struct {
 	// DeviceMap where their devices went.
 	Offload   int               `json:"offload_contexts,omitempty"`
 	DeviceMap offload.DeviceMap `json:"device_map,omitempty"`
+	// Healed lists the chunks (and "manifest.json") healed from the
+	// replica; Skipped the damaged generations a Fallback passed over.
+	Healed  []store.Problem `json:"healed,omitempty"`
+	Skipped []Skip          `json:"skipped,omitempty"`
 }
 
 // Restore restores a generation of o.Store.
 func Restore(ctx context.Context, o Options) (*Result, error) {
+	if o.Fallback {
+		return restoreFallback(ctx, o)
+	}
 	log := o.Logger
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -74,6 +93,7 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
+	st.Progress = o.Progress
 	lockWait := o.LockWait
 	if lockWait == 0 {
 		lockWait = 30 * time.Second
@@ -85,6 +105,8 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 		return nil, err
 	}
 	defer unlock()
+	rep, unlockRep := openReplica(ctx, o.Replica, st, lockWait, log)
+	defer unlockRep()
 	reg := o.Offload
 	if reg == nil {
 		reg = drivers.Default(drivers.Config{Logger: log})
@@ -105,7 +127,18 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 		}
 		gen = gens[len(gens)-1]
 	}
+	var healed []store.Problem
 	m, err := st.ReadManifest(gen)
+	if err != nil && rep != nil && errors.Is(err, store.ErrCorrupt) {
+		var herr error
+		if m, herr = st.HealManifest(rep, gen); herr != nil {
+			return nil, fmt.Errorf("%w; %v", err, herr)
+		}
+		healed = append(healed, store.Problem{File: "manifest.json", Chunk: -1, Path: filepath.Join(st.GenDir(gen), "manifest.json"),
+			Reason: err.Error() + "; restored from the replica"})
+		log.Info("healed a damaged manifest from the replica", "generation", gen, "replica", rep.Dir)
+		err = nil
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -138,10 +171,14 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 		return nil, err
 	}
 	t0 := time.Now()
-	if err := st.Materialize(ctx, m, images); err != nil {
+	fixed, err := st.MaterializeFrom(ctx, m, images, rep)
+	for _, p := range fixed {
+		log.Info("healed a damaged chunk from the replica", "generation", gen, "problem", p.String())
+	}
+	if err != nil {
 		return nil, err
 	}
-	res := &Result{Generation: gen, Processes: len(m.Job.Processes), Materialize: time.Since(t0)}
+	res := &Result{Generation: gen, Processes: len(m.Job.Processes), Materialize: time.Since(t0), Healed: append(healed, fixed...)}
 	log.Debug("materialized", "generation", gen, "bytes", m.RawBytes(), "took", res.Materialize)
 
 	job := offload.JobRef{RootPID: m.Job.RootPID}

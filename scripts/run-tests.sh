@@ -9,7 +9,14 @@ if [ "$(id -u)" = 0 ] && [ -x "${CRYO_CRIU:-}" ]; then
 fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-go test -count=1 -v -timeout 40m ${TEST_FLAGS:-} ./... 2>&1 | tee "$log" | grep -E '^(=== RUN|--- |    --- |ok|FAIL|PASS|panic)|_test.go:[0-9]+:' | grep -v '^=== RUN'
+# One line per test result, the tests' own log lines, and the continuation
+# lines of multi-line failure messages (what cryo said, say); not the
+# workloads' progress lines.
+go test -p 1 -count=1 -v -timeout 40m ${TEST_FLAGS:-} ./... 2>&1 | tee "$log" | awk '
+  /^(--- |    --- |        --- |ok|FAIL|PASS|panic)/ { print; cont = 0; next }
+  /_test\.go:[0-9]+:/ { print; cont = 1; next }
+  cont && /^        / && !/^ *step [0-9]+$/ { print; next }
+  { cont = 0 }'
 rc=${PIPESTATUS[0]}
 pass=$(grep -cE '^\s*--- PASS' "$log")
 fail=$(grep -cE '^\s*--- FAIL' "$log")

@@ -156,3 +156,23 @@ func lastLines(s string, n int) string {
 	}
 	return strings.Join(lines, " | ")
 }
+
+// Features are the optional kernel capabilities CRIU can use here.
+type Features struct {
+	// DirtyTracking: soft-dirty page tracking, which lets CRIU skip pages a
+	// job did not touch since the previous dump (pre-dump, track-mem).
+	DirtyTracking bool `json:"dirty_tracking"`
+	// LazyPages: userfaultfd, which lets a restore start the job before all
+	// of its memory is back.
+	LazyPages bool `json:"lazy_pages"`
+}
+
+// Probe asks CRIU which optional features this kernel offers.
+func Probe(ctx context.Context, b Binary) Features {
+	has := func(feature string) bool {
+		ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		return exec.CommandContext(ctx, b.Path, "check", "--feature", feature).Run() == nil
+	}
+	return Features{DirtyTracking: has("mem_dirty_track"), LazyPages: has("uffd-noncoop")}
+}

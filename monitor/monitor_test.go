@@ -1,0 +1,186 @@
+package monitor
+
+import (
+	"context"
+	"math"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+func TestDalyInterval(t *testing.T) {
+	cases := []struct {
+		delta, mtbf time.Duration
+		want        time.Duration // ±1%
+	}{
+		// δ=60 s, M=24 h: sqrt(2·60·86400)=3220 s; Daly's correction terms
+		// add ~1.4% and subtract δ.
+		{60 * time.Second, 24 * time.Hour, 3205 * time.Second},
+		// A checkpoint costing more than 2M: checkpoint every M.
+		{3 * time.Hour, time.Hour, time.Hour},
+		{0, time.Hour, 0},
+	}
+	for _, tc := range cases {
+		got := DalyInterval(tc.delta, tc.mtbf)
+		if math.Abs(float64(got-tc.want)) > 0.01*float64(tc.want)+float64(time.Millisecond) {
+			t.Errorf("DalyInterval(%v, %v) = %v, want about %v", tc.delta, tc.mtbf, got, tc.want)
+		}
+	}
+	// Young's first order term, and Daly's estimate stays close to it for
+	// small costs.
+	y := YoungInterval(time.Second, 24*time.Hour)
+	if want := time.Duration(math.Sqrt(2*86400) * float64(time.Second)); y != want {
+		t.Errorf("YoungInterval = %v, want %v", y, want)
+	}
+	if d := DalyInterval(time.Second, 24*time.Hour); d < y-2*time.Second || d > y+2*time.Second {
+		t.Errorf("Daly %v strays from Young %v for a tiny cost", d, y)
+	}
+}
+
+func TestCostEstimateSmooths(t *testing.T) {
+	var c costEstimate
+	c.add(time.Second)
+	c.add(time.Second)
+	c.add(11 * time.Second) // one slow checkpoint
+	if c.avg < 2*time.Second || c.avg > 5*time.Second {
+		t.Errorf("avg after one outlier = %v, want between 2 s and 5 s", c.avg)
+	}
+}
+
+func TestGrowthFit(t *testing.T) {
+	t0 := time.Now()
+	var ts []time.Time
+	var vs []float64
+	for i := 0; i < 10; i++ {
+		ts = append(ts, t0.Add(time.Duration(i)*10*time.Second))
+		vs = append(vs, 1e9+float64(i)*5e6) // 5 MB per 10 s
+	}
+	slope, r2 := growth(ts, vs)
+	if math.Abs(slope-5e5) > 1 || r2 < 0.999 {
+		t.Errorf("steady growth: slope %v r2 %v, want 5e5 B/s and r2≈1", slope, r2)
+	}
+	flat := []float64{1, 3, 1, 3, 1, 3, 1, 3, 1, 3}
+	if _, r2 := growth(ts, flat); r2 > 0.2 {
+		t.Errorf("noise fitted with r2 %v", r2)
+	}
+}
+
+func TestMetricsExposition(t *testing.T) {
+	m := &Metrics{}
+	m.Checkpoint("j1", 2*time.Second, 100*time.Millisecond, 1000, 200)
+	m.CheckpointFailed("j1")
+	m.Restore("j1", true)
+	m.Failure("j1", "channel")
+	m.Failure("j1", "channel")
+	var b strings.Builder
+	m.WriteTo(&b)
+	out := b.String()
+	for _, want := range []string{
+		"# TYPE cryo_checkpoints_total counter",
+		`cryo_checkpoints_total{job="j1"} 1`,
+		`cryo_checkpoint_failures_total{job="j1"} 1`,
+		`cryo_checkpoint_duration_seconds_sum{job="j1"} 2`,
+		`cryo_checkpoint_bytes_total{job="j1"} 1000`,
+		`cryo_restores_total{job="j1"} 1`,
+		`cryo_failures_detected_total{job="j1",kind="channel"} 2`,
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("metrics lack %q:\n%s", want, out)
+		}
+	}
+	var nilM *Metrics
+	nilM.Checkpoint("x", 0, 0, 0, 0) // a nil *Metrics records nothing, and does not panic
+}
+
+func TestRegistryAuthorises(t *testing.T) {
+	s, err := New(Config{Name: "j", Store: t.TempDir(), Trees: []TreeSpec{{Name: "host", Argv: []string{"true"}, Host: true}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &Registry{}
+	r.Add(s, 1000)
+	ctx := context.Background()
+	if resp := r.answer(ctx, Request{Op: "status"}, 1000, 1000); !resp.OK {
+		t.Errorf("owner refused: %+v", resp)
+	}
+	if resp := r.answer(ctx, Request{Op: "status"}, 0, 0); !resp.OK {
+		t.Errorf("root refused: %+v", resp)
+	}
+	resp := r.answer(ctx, Request{Op: "stop"}, 1001, 1001)
+	if resp.OK || !strings.Contains(resp.Error, "belongs to uid 1000") {
+		t.Errorf("another user could stop the job: %+v", resp)
+	}
+	if resp := r.answer(ctx, Request{Op: "list"}, 1001, 1001); !resp.OK || len(resp.Jobs) != 0 {
+		t.Errorf("another user sees the job in list: %+v", resp)
+	}
+	if resp := r.answer(ctx, Request{Op: "run", Job: "x", Run: &JobSpec{}}, 0, 0); resp.OK {
+		t.Errorf("a single-job registry accepted a submission")
+	}
+	if resp := r.answer(ctx, Request{Op: "reboot"}, 0, 0); resp.OK || !strings.Contains(resp.Error, "unknown op") {
+		t.Errorf("unknown op: %+v", resp)
+	}
+}
+
+// The control socket identifies its peer by SO_PEERCRED: here, ourselves.
+func TestControlSocketPeerCredentials(t *testing.T) {
+	s, err := New(Config{Name: "j", Store: t.TempDir(), Trees: []TreeSpec{{Name: "host", Argv: []string{"true"}, Host: true}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &Registry{}
+	r.Add(s, os.Getuid()+1) // owned by someone else
+	path := filepath.Join(t.TempDir(), "c.sock")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go r.Serve(ctx, path, nil)
+	for i := 0; i < 100; i++ {
+		if _, err := os.Stat(path); err == nil {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	resp, err := Call(ctx, path, Request{Op: "status"})
+	if os.Getuid() == 0 {
+		if err != nil || !resp.OK {
+			t.Fatalf("root refused: %v", err)
+		}
+		return
+	}
+	if err == nil || !strings.Contains(err.Error(), "belongs to uid") {
+		t.Fatalf("a stranger got the status: %v %+v", err, resp)
+	}
+}
+
+func TestSocketsSeeABrokenUnixChannel(t *testing.T) {
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Close(fds[0])
+	inos := socketInodes([]int{os.Getpid()})
+	us, err := unixSockets(inos)
+	if err != nil {
+		t.Skipf("sock_diag unavailable here: %v", err)
+	}
+	var a, b uint64
+	for ino, si := range us {
+		if si.peer != 0 && us[si.peer].peer == ino {
+			a, b = ino, si.peer
+		}
+	}
+	if a == 0 {
+		t.Fatal("the socketpair was not found with its peer")
+	}
+	syscall.Close(fds[1])
+	us, _ = unixSockets(socketInodes([]int{os.Getpid()}))
+	alive := us[a]
+	if alive.ino == 0 {
+		alive = us[b]
+	}
+	if alive.shutdown == 0 {
+		t.Errorf("the end whose peer closed shows shutdown %d, want non-zero", alive.shutdown)
+	}
+}
