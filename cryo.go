@@ -58,7 +58,12 @@ type CheckpointOptions struct {
 	WorkDir string
 	// LockWait bounds the wait for another writer of the store (default 30 s).
 	LockWait time.Duration
-	Logger   *slog.Logger
+	// Replica is a second store directory that gets a copy of the
+	// generation, committed before the store's. A failing replica does not
+	// fail the checkpoint: CheckpointResult.ReplicaError says why the copy
+	// is missing.
+	Replica string
+	Logger  *slog.Logger
 }
 
 // CheckpointResult describes a committed generation.
@@ -72,6 +77,9 @@ type CheckpointResult struct {
 	NewBytes   int64         `json:"new_bytes"`  // compressed bytes this generation added
 	Stopped    bool          `json:"stopped"`
 	Removed    []int         `json:"removed,omitempty"` // generations dropped by Keep
+	// ReplicaError says why the replica did not get a copy (the generation
+	// is committed in Store only).
+	ReplicaError string `json:"replica_error,omitempty"`
 }
 
 // Checkpoint takes a consistent snapshot of the process tree rooted at
@@ -85,14 +93,14 @@ func Checkpoint(ctx context.Context, o CheckpointOptions) (*CheckpointResult, er
 	}
 	res, err := checkpoint.Take(ctx, checkpoint.Options{
 		Store: o.Store, PID: o.PID, Kill: o.Stop, CRIU: bin, WorkDir: o.WorkDir, Keep: o.Keep,
-		LockWait: o.LockWait, CheckCache: CheckCache, Logger: o.Logger,
+		LockWait: o.LockWait, CheckCache: CheckCache, Replica: o.Replica, Logger: o.Logger,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("checkpoint of pid %d into %s: %w", o.PID, o.Store, err)
 	}
 	return &CheckpointResult{Generation: res.Generation, Store: res.Store, Processes: res.Processes,
 		Frozen: res.Frozen, Durable: res.Durable, RawBytes: res.RawBytes, NewBytes: res.NewBytes,
-		Stopped: res.Killed, Removed: res.Removed}, nil
+		Stopped: res.Killed, Removed: res.Removed, ReplicaError: res.ReplicaError}, nil
 }
 
 // RestoreOptions are the choices for one restore.
@@ -110,8 +118,11 @@ type RestoreOptions struct {
 	// Child makes the restored root a child of the calling process, which
 	// must then wait for it; otherwise it is restored detached, in a
 	// session of its own.
-	Child  bool
-	Logger *slog.Logger
+	Child bool
+	// Replica is a replica of the store: damaged chunks or a damaged
+	// manifest are healed from it before any process starts.
+	Replica string
+	Logger  *slog.Logger
 }
 
 // RestoreResult describes a restored job.
@@ -123,6 +134,8 @@ type RestoreResult struct {
 	// Skipped lists the newer generations that were damaged and passed
 	// over (only when Generation was 0).
 	Skipped []string `json:"skipped,omitempty"`
+	// Healed lists the chunks healed from the replica.
+	Healed []string `json:"healed,omitempty"`
 }
 
 // Restore brings a job back from its store. Every chunk is verified before
@@ -135,38 +148,26 @@ func Restore(ctx context.Context, o RestoreOptions) (*RestoreResult, error) {
 	if err != nil {
 		return nil, err
 	}
-	gens := []int{o.Generation}
-	if o.Generation == 0 {
-		st, err := store.Open(o.Store)
-		if err != nil {
-			return nil, err
+	t0 := time.Now()
+	// The fallback is restore's, the same that `cryo restore --fallback` uses.
+	res, err := restore.Restore(ctx, restore.Options{
+		Store: o.Store, Generation: o.Generation, CRIU: bin, WorkDir: o.WorkDir, PIDWait: o.PIDWait,
+		Sibling: o.Child, CheckCache: CheckCache, Replica: o.Replica, Fallback: o.Generation == 0, Logger: o.Logger,
+	})
+	if err != nil {
+		if o.Generation != 0 {
+			return nil, fmt.Errorf("restore generation %d of %s: %w", o.Generation, o.Store, err)
 		}
-		if gens, err = st.Generations(); err != nil {
-			return nil, err
-		}
-		if len(gens) == 0 {
-			return nil, fmt.Errorf("%w: store %s has no checkpoints yet", ErrNoGeneration, st.Dir)
-		}
+		return nil, err
 	}
-	var skipped []string
-	var errs []error
-	for i := len(gens) - 1; i >= 0; i-- {
-		t0 := time.Now()
-		res, err := restore.Restore(ctx, restore.Options{
-			Store: o.Store, Generation: gens[i], CRIU: bin, WorkDir: o.WorkDir, PIDWait: o.PIDWait,
-			Sibling: o.Child, CheckCache: CheckCache, Logger: o.Logger,
-		})
-		if err == nil {
-			return &RestoreResult{PID: res.PID, Generation: res.Generation, Processes: res.Processes,
-				Took: time.Since(t0), Skipped: skipped}, nil
-		}
-		if o.Generation != 0 || !errors.Is(err, ErrCorrupt) {
-			return nil, errors.Join(append(errs, fmt.Errorf("restore generation %d of %s: %w", gens[i], o.Store, err))...)
-		}
-		skipped = append(skipped, err.Error())
-		errs = append(errs, err)
+	out := &RestoreResult{PID: res.PID, Generation: res.Generation, Processes: res.Processes, Took: time.Since(t0)}
+	for _, s := range res.Skipped {
+		out.Skipped = append(out.Skipped, s.String())
 	}
-	return nil, fmt.Errorf("no generation of %s restores: %w", o.Store, errors.Join(errs...))
+	for _, p := range res.Healed {
+		out.Healed = append(out.Healed, p.String())
+	}
+	return out, nil
 }
 
 // Generation is one committed checkpoint of a store, as List sees it.

@@ -61,7 +61,17 @@ type Options struct {
 	// how long offload work in flight may take to drain (0: offload's
 	// default).
 	OffloadLockTimeout time.Duration
-	Logger             *slog.Logger
+	// Replica is a second store directory (another disk, a partner node's
+	// mount; created if missing) that gets a copy of every new chunk and
+	// of the manifest, committed before the store's (see store's
+	// replica.go). A replica that fails costs only its copy: the
+	// generation is committed in Store and Result.ReplicaError says what
+	// happened, unless ReplicaRequired makes it fail the checkpoint.
+	Replica         string
+	ReplicaRequired bool
+	// Progress, when set, counts the image bytes stored so far.
+	Progress *store.Progress
+	Logger   *slog.Logger
 }
 
 // Result describes a committed checkpoint.
@@ -79,6 +89,12 @@ type Result struct {
 	// Offload is the number of offload contexts (CUDA processes) whose
 	// device state the checkpoint holds.
 	Offload int `json:"offload_contexts,omitempty"`
+	// Replica is the replica store that holds a copy of the generation;
+	// ReplicaError, when set, says why it does not (the generation is then
+	// in Store only).
+	Replica      string `json:"replica,omitempty"`
+	ReplicaBytes int64  `json:"replica_new_bytes,omitempty"`
+	ReplicaError string `json:"replica_error,omitempty"`
 }
 
 // Take checkpoints the tree rooted at o.PID into a new generation of o.Store.
@@ -118,6 +134,13 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 		return nil, err
 	}
 	defer unlock()
+	st.Progress = o.Progress
+	rep, repErr := openReplica(ctx, o, wait, log)
+	if rep != nil {
+		defer rep.unlock()
+	} else if repErr != nil && o.ReplicaRequired {
+		return nil, repErr
+	}
 	reg := o.Offload
 	if reg == nil {
 		reg = drivers.Default(drivers.Config{Logger: log})
@@ -175,7 +198,9 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 	}
 	// The writer starts before the dump: with streaming, pages are
 	// hashed, compressed and stored while CRIU is still dumping.
-	w, err := st.NewWriterOpts(store.WriterOptions{Queue: queueFor(o.NoStream)})
+	// With leave-running, the workers wait until CRIU lets the job go, so
+	// that hashing and compressing take no CPU from the frozen job's dump.
+	w, err := st.NewWriterOpts(store.WriterOptions{Queue: queueFor(o.NoStream), Hold: !o.Kill && !o.NoStream, Replica: rep.store(), ReplicaRequired: o.ReplicaRequired})
 	if err != nil {
 		return nil, err
 	}
@@ -193,6 +218,7 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 	}
 	dumpStart := time.Now()
 	derr := criu.Dump(ctx, bin, copts, nil)
+	w.Release()
 	if stream != nil {
 		if serr := stream.finish(images, derr); serr != nil && derr == nil {
 			derr = serr
@@ -241,6 +267,7 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 	if err := w.AddFiles(ctx, specs); err != nil {
 		return nil, fmt.Errorf("store images: %w", err)
 	}
+	log.Debug("stored", "since_start", time.Since(start))
 	host, _ := os.Hostname()
 	m := &store.Manifest{
 		Created:   time.Now().UTC(),
@@ -281,6 +308,7 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 	} else {
 		res.Removed = removed
 	}
+	rep.finish(res, w, repErr, o, log)
 	return res, nil
 }
 

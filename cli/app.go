@@ -89,6 +89,8 @@ func newApp(e *env) *ucli.App {
 			restoreCommand(e),
 			listCommand(e),
 			verifyCommand(e),
+			repairCommand(e),
+			inspectCommand(e),
 			gcCommand(e),
 			checkCommand(e),
 			gpusCommand(e),

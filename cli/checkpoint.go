@@ -20,6 +20,8 @@ type checkpointOpts struct {
 	keep         int
 	lockWait     time.Duration
 	offloadWait  time.Duration
+	replica      string
+	replicaReq   bool
 }
 
 func checkpointCommand(e *env) *ucli.Command {
@@ -36,6 +38,8 @@ func checkpointCommand(e *env) *ucli.Command {
 			&ucli.IntFlag{Name: "keep", Usage: "keep at most N generations (0: all)", Destination: &o.keep, EnvVars: []string{"CRYO_KEEP"}},
 			&ucli.DurationFlag{Name: "lock-wait", Usage: "how long to wait for another cryo writing the store", Value: 30 * time.Second, Destination: &o.lockWait},
 			&ucli.DurationFlag{Name: "offload-timeout", Usage: "how long GPU work in flight may take to drain when the job's CUDA contexts are locked", Value: offload.DefaultLockTimeout, Destination: &o.offloadWait, EnvVars: []string{"CRYO_OFFLOAD_TIMEOUT"}},
+			&ucli.StringFlag{Name: "replica", Usage: "also copy the checkpoint to this store directory (another disk, a partner node's mount); if that fails the checkpoint is kept in --store only, with a warning", Destination: &o.replica, EnvVars: []string{"CRYO_REPLICA"}},
+			&ucli.BoolFlag{Name: "replica-required", Usage: "fail the checkpoint (the job goes on) when the --replica copy cannot be made", Destination: &o.replicaReq, EnvVars: []string{"CRYO_REPLICA_REQUIRED"}},
 		),
 		Action: func(c *ucli.Context) error {
 			if c.NArg() != 1 {
@@ -51,17 +55,24 @@ func checkpointCommand(e *env) *ucli.Command {
 			if o.keep < 0 {
 				return usagef("--keep must be >= 0, got %d", o.keep)
 			}
+			if o.replicaReq && o.replica == "" {
+				return usagef("--replica-required needs --replica DIR")
+			}
 			bin, err := o.locateCRIU(e)
 			if err != nil {
 				return err
 			}
+			prog, done := o.progress(e, "checkpoint: stored")
 			res, err := checkpoint.Take(c.Context, checkpoint.Options{
 				Store: o.store, PID: pid, Kill: o.kill, CRIU: bin, WorkDir: o.workDir,
-				Keep: o.keep, LockWait: o.lockWait, OffloadLockTimeout: o.offloadWait, CheckCache: checkCache, Logger: o.logger(e),
+				Keep: o.keep, LockWait: o.lockWait, OffloadLockTimeout: o.offloadWait, CheckCache: checkCache,
+				Replica: o.replica, ReplicaRequired: o.replicaReq, Progress: prog, Logger: o.logger(e),
 			})
+			done()
 			if err != nil {
 				return fmt.Errorf("checkpoint of pid %d failed: %w", pid, err)
 			}
+			warnReplica(e, res, o.replica)
 			return o.emit(e, res, func(w io.Writer) {
 				fmt.Fprintf(w, "generation %d of %s: %d processes, %s of images, %s new in the store; frozen %s, durable after %s\n",
 					res.Generation, res.Store, res.Processes, human(res.RawBytes), human(res.NewBytes),
@@ -88,4 +99,15 @@ func human(n int64) string {
 	default:
 		return fmt.Sprintf("%d B", n)
 	}
+}
+
+// warnReplica says on stderr, in --json mode too, that a generation has no
+// replica copy and how to make one.
+func warnReplica(e *env, res *checkpoint.Result, replica string) {
+	if res.ReplicaError == "" {
+		return
+	}
+	fmt.Fprintf(e.stderr, "cryo: warning: generation %d is committed in %s but NOT in the replica: %s\n"+
+		"cryo: copy it once the replica is usable again: cryo repair --store %s --replica %s --generation %d\n",
+		res.Generation, res.Store, res.ReplicaError, replica, res.Store, res.Generation)
 }

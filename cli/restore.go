@@ -1,10 +1,12 @@
 package cli
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"time"
 
+	"github.com/cryo-hpc/cryo/internal/store"
 	"github.com/cryo-hpc/cryo/offload"
 	"github.com/cryo-hpc/cryo/restore"
 	ucli "github.com/urfave/cli/v2"
@@ -17,6 +19,9 @@ type restoreOpts struct {
 	workDir    string
 	pidWait    time.Duration
 	deviceMap  string
+	replica    string
+	fallback   bool
+	lazy       bool
 }
 
 func restoreCommand(e *env) *ucli.Command {
@@ -30,6 +35,9 @@ func restoreCommand(e *env) *ucli.Command {
 			&ucli.StringFlag{Name: "work-dir", Usage: "where images are materialized (default: /dev/shm when it has room)", Destination: &o.workDir, EnvVars: []string{"CRYO_WORK_DIR"}},
 			&ucli.DurationFlag{Name: "pid-wait", Usage: "how long to wait for a dying process to free a PID the job needs", Value: 10 * time.Second, Destination: &o.pidWait},
 			&ucli.StringFlag{Name: "device-map", Usage: "restore GPU contexts onto these GPUs: OLD=NEW,... (GPU UUIDs or indexes; default: the recorded GPUs, or same-model ones with room)", Destination: &o.deviceMap, EnvVars: []string{"CRYO_DEVICE_MAP"}},
+			&ucli.StringFlag{Name: "replica", Usage: "heal damaged chunks (and a damaged manifest) of the generation from this replica store before anything starts", Destination: &o.replica, EnvVars: []string{"CRYO_REPLICA"}},
+			&ucli.BoolFlag{Name: "lazy", Usage: "start the job before its memory is back: pages come on demand (userfaultfd) and in the background; cryo prints the PID at once and exits when every page is home", Destination: &o.lazy, EnvVars: []string{"CRYO_LAZY"}},
+			&ucli.BoolFlag{Name: "fallback", Usage: "when the generation is damaged and cannot be healed, restore the newest older intact one instead", Destination: &o.fallback, EnvVars: []string{"CRYO_FALLBACK"}},
 		),
 		Action: func(c *ucli.Context) error {
 			if c.NArg() != 0 {
@@ -46,12 +54,50 @@ func restoreCommand(e *env) *ucli.Command {
 			if err != nil {
 				return err
 			}
+			prog, done := o.progress(e, "restore: verified")
 			res, err := restore.Restore(c.Context, restore.Options{
 				Store: o.store, Generation: o.generation, CRIU: bin, WorkDir: o.workDir,
-				PIDWait: o.pidWait, CheckCache: checkCache, DeviceMap: dmap, Logger: o.logger(e),
+				PIDWait: o.pidWait, CheckCache: checkCache, DeviceMap: dmap,
+				Replica: o.replica, Fallback: o.fallback, Progress: prog, Logger: o.logger(e), Lazy: o.lazy,
 			})
+			done()
 			if err != nil {
+				if errors.Is(err, store.ErrCorrupt) && !o.fallback {
+					hint := "hint: cryo restore --fallback restores the newest older intact generation instead"
+					if o.replica == "" {
+						hint += "; with a replica, cryo restore --replica DIR or cryo repair --store " + o.store + " --replica DIR heals this one"
+					}
+					return fmt.Errorf("restore failed: %w\n(%s)", err, hint)
+				}
 				return fmt.Errorf("restore failed: %w", err)
+			}
+			// What was healed or passed over goes to stderr: stdout is the PID.
+			for _, p := range res.Healed {
+				fmt.Fprintf(e.stderr, "cryo: healed from the replica: %s\n", p)
+			}
+			for _, s := range res.Skipped {
+				fmt.Fprintf(e.stderr, "cryo: passed over damaged %s\n", s)
+			}
+			if len(res.Skipped) > 0 {
+				fmt.Fprintf(e.stderr, "cryo: restored OLDER generation %d instead (--fallback)\n", res.Generation)
+			}
+			if o.lazy {
+				// The job runs already: say so now, then stay to serve its
+				// memory (the page server lives in this process).
+				if !o.json {
+					fmt.Fprintln(e.stdout, res.PID)
+				}
+				if err := res.Wait(c.Context); err != nil {
+					return fmt.Errorf("lazy restore of pid %d: %w", res.PID, err)
+				}
+				if o.json {
+					return o.emit(e, res, nil)
+				}
+				if o.verbose {
+					fmt.Fprintf(e.stderr, "cryo: job started after %s; %s of its memory followed in %s\n",
+						(res.Materialize + res.Restore).Round(time.Millisecond), human(res.LazyServed), res.LazyDone.Round(time.Millisecond))
+				}
+				return nil
 			}
 			return o.emit(e, res, func(w io.Writer) { fmt.Fprintln(w, res.PID) })
 		},

@@ -38,6 +38,7 @@ type runOpts struct {
 	stdout       string
 	stderr       string
 	workDir      string
+	replica      string
 	monitorSock  string
 	name         string
 	// Slurm and signals (cli/slurm.go).
@@ -81,6 +82,7 @@ that the signal reaches it (docs/slurm.md).`,
 			&ucli.StringFlag{Name: "stdout", Usage: "file the host tree's stdout is appended to (default: cryo's stdout if it is a file, else STORE/run/host.out relayed to cryo's stdout)", Destination: &o.stdout},
 			&ucli.StringFlag{Name: "stderr", Usage: "file the host tree's stderr is appended to (default like --stdout)", Destination: &o.stderr},
 			&ucli.StringFlag{Name: "work-dir", Usage: "where images wait between CRIU and the store", Destination: &o.workDir, EnvVars: []string{"CRYO_WORK_DIR"}},
+			&ucli.StringFlag{Name: "replica", Usage: "copy every checkpoint to this second store too, and heal damaged chunks from it on restore (a failing replica is logged, the checkpoint kept)", Destination: &o.replica, EnvVars: []string{"CRYO_REPLICA"}},
 			&ucli.StringFlag{Name: "monitor", Usage: "hand the job to the node daemon (cryo monitor) at this socket instead of supervising it here (no root needed)", Destination: &o.monitorSock, EnvVars: []string{"CRYO_MONITOR_SOCKET"}},
 			&ucli.StringFlag{Name: "name", Usage: "job name for the node daemon (default: derived from the store)", Destination: &o.name},
 			&ucli.StringFlag{Name: "store-root", Usage: "in a Slurm job without --store: where the per-job store cryo-$SLURM_JOB_ID goes (default: $SLURM_SUBMIT_DIR)", Destination: &o.storeRoot, EnvVars: []string{"CRYO_STORE_ROOT"}},
@@ -99,7 +101,7 @@ that the signal reaches it (docs/slurm.md).`,
 			cfg := monitor.Config{
 				Name: "job", Store: o.store, MaxRestarts: o.maxRestarts, HeartbeatTimeout: o.heartbeat,
 				HangTimeout: o.hang, ChannelGrace: o.channelGrace, Grace: o.grace, Keep: o.keep,
-				Fresh: o.fresh, CheckCache: checkCache, WorkDir: o.workDir, Logger: o.logger(e),
+				Fresh: o.fresh, CheckCache: checkCache, WorkDir: o.workDir, Replica: o.replica, Logger: o.logger(e),
 				Metrics: &monitor.Metrics{},
 			}
 			switch {

@@ -63,6 +63,9 @@ type Config struct {
 	CRIU       criu.Binary
 	CheckCache string
 	WorkDir    string
+	// Replica is a second store that every checkpoint is copied to and
+	// restores heal damaged chunks from (checkpoint.Options.Replica).
+	Replica string
 	// Self is the cryo binary that runs job-init ("cryo job-init");
 	// default /proc/self/exe.
 	Self    string
@@ -610,7 +613,7 @@ func (s *Supervisor) checkpoint(ctx context.Context, kill bool) (*checkpoint.Res
 	t0 := time.Now()
 	res, err := checkpoint.Take(ctx, checkpoint.Options{
 		Store: s.cfg.Store, PID: s.initPID, Kill: kill, CRIU: s.cfg.CRIU, Keep: s.cfg.Keep,
-		WorkDir: s.cfg.WorkDir, CheckCache: s.cfg.CheckCache, Logger: s.log, Reap: true,
+		WorkDir: s.cfg.WorkDir, CheckCache: s.cfg.CheckCache, Logger: s.log, Reap: true, Replica: s.cfg.Replica,
 	})
 	// The job was frozen: do not count that against it.
 	s.pause = time.Now()
@@ -650,6 +653,9 @@ func (s *Supervisor) checkpoint(ctx context.Context, kill bool) (*checkpoint.Res
 	s.status.LastCheckpoint = time.Now()
 	s.mu.Unlock()
 	s.emit("checkpoint", fmt.Sprintf("generation %d: %d bytes of images, %d new, frozen %s", res.Generation, res.RawBytes, res.NewBytes, res.Frozen), res.Generation)
+	if res.ReplicaError != "" {
+		s.emit("replica-failed", fmt.Sprintf("generation %d is not in the replica: %s", res.Generation, res.ReplicaError), res.Generation)
+	}
 	if kill {
 		s.initPID = 0
 	}
@@ -848,7 +854,7 @@ func (s *Supervisor) restoreNewest(ctx context.Context) error {
 			s.eventsOff = off
 		}
 		res, err := restore.Restore(ctx, restore.Options{
-			Store: s.cfg.Store, Generation: g, CRIU: s.cfg.CRIU, Sibling: true,
+			Store: s.cfg.Store, Generation: g, CRIU: s.cfg.CRIU, Sibling: true, Replica: s.cfg.Replica,
 			WorkDir: s.cfg.WorkDir, CheckCache: s.cfg.CheckCache, Logger: s.log,
 		})
 		if err != nil {

@@ -61,6 +61,11 @@ type Options struct {
 	// Progress, when set, counts the image bytes materialized so far.
 	Progress *store.Progress
 	Logger   *slog.Logger
+	// Lazy starts the job before its memory is back: the pages of private
+	// anonymous mappings are served on demand by cryo's page server through
+	// CRIU's lazy-pages daemon, and the rest in the background. The caller
+	// must call Result.Wait to see every page home.
+	Lazy bool
 }
 
 // Result describes a restored job.
@@ -78,6 +83,25 @@ type Result struct {
 	// replica; Skipped the damaged generations a Fallback passed over.
 	Healed  []store.Problem `json:"healed,omitempty"`
 	Skipped []Skip          `json:"skipped,omitempty"`
+	// LazyBytes is how much memory a lazy restore left to be served after
+	// the job started, and LazyServed how much it served (after Wait).
+	LazyBytes  int64         `json:"lazy_bytes,omitempty"`
+	LazyServed int64         `json:"lazy_served,omitempty"`
+	LazyDone   time.Duration `json:"lazy_done_ns,omitempty"`
+
+	finish func(context.Context) error // a lazy restore's page service
+}
+
+// Wait, after a lazy restore, waits until all of the job's memory has been
+// served, then releases the store and the work directory. It returns at
+// once for a full restore.
+func (r *Result) Wait(ctx context.Context) error {
+	if r == nil || r.finish == nil {
+		return nil
+	}
+	f := r.finish
+	r.finish = nil
+	return f(ctx)
 }
 
 // Restore restores a generation of o.Store.
@@ -165,13 +189,22 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer os.RemoveAll(work)
+	keepWork := false // a lazy restore's work directory outlives Restore
+	defer func() {
+		if !keepWork {
+			os.RemoveAll(work)
+		}
+	}()
 	images := filepath.Join(work, "images")
 	if err := os.Mkdir(images, 0o700); err != nil {
 		return nil, err
 	}
 	t0 := time.Now()
-	fixed, err := st.MaterializeFrom(ctx, m, images, rep)
+	var kinds []string
+	if o.Lazy {
+		kinds = []string{"image"} // pages follow, rewritten for lazy service
+	}
+	fixed, err := st.MaterializeFrom(ctx, m, images, rep, kinds...)
 	for _, p := range fixed {
 		log.Info("healed a damaged chunk from the replica", "generation", gen, "problem", p.String())
 	}
@@ -179,6 +212,19 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 		return nil, err
 	}
 	res := &Result{Generation: gen, Processes: len(m.Job.Processes), Materialize: time.Since(t0), Healed: append(healed, fixed...)}
+	var lazy *lazySession
+	if o.Lazy {
+		if lazy, err = prepareLazy(ctx, st, m, images, work, bin, log); err != nil {
+			return nil, err
+		}
+		defer func() {
+			if res.finish == nil {
+				lazy.stop() // the restore failed
+			}
+		}()
+		res.LazyBytes = lazy.lazy
+		res.Materialize = time.Since(t0)
+	}
 	log.Debug("materialized", "generation", gen, "bytes", m.RawBytes(), "took", res.Materialize)
 
 	job := offload.JobRef{RootPID: m.Job.RootPID}
@@ -201,7 +247,7 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 		ImagesDir: images, WorkDir: work, LogFile: "restore.log",
 		RestoreSibling: o.Sibling, RestoreDetached: !o.Sibling,
 		TCPEstablished: m.CRIU.TCPEstablished, ShellJob: m.CRIU.ShellJob,
-		FileLocks: true, ExtUnixSockets: true,
+		FileLocks: true, ExtUnixSockets: true, LazyPages: o.Lazy,
 	}, nil)
 	if err != nil {
 		var ce *criu.Error
@@ -232,6 +278,32 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 		}
 		res.Offload, res.DeviceMap = grp.Len(), dmap
 		log.Debug("offload contexts restored", "contexts", grp.Len(), "map", dmap)
+	}
+	if lazy != nil {
+		// The store must stay as it is, and the work directory with the
+		// daemon's images, until every page is home: a shared lock of the
+		// session's own holds the store past this function.
+		hold, err := st.Lock(ctx, false)
+		if err != nil {
+			return nil, err
+		}
+		keepWork = true
+		res.finish = func(ctx context.Context) error {
+			defer hold()
+			defer os.RemoveAll(work)
+			n, err := lazy.wait(ctx)
+			res.LazyServed, res.LazyDone = n, time.Since(lazy.started)
+			log.Debug("lazy pages served", "bytes", n, "took", res.LazyDone)
+			if err != nil {
+				logf := filepath.Join(work, "lazy-pages.log")
+				if b, rerr := os.ReadFile(logf); rerr == nil {
+					logf = st.LogPath("lazy-pages")
+					_ = os.WriteFile(logf, b, 0o600)
+				}
+				return fmt.Errorf("serving the lazy pages of generation %d: %w (CRIU's log: %s)", gen, err, logf)
+			}
+			return nil
+		}
 	}
 	return res, nil
 }

@@ -33,6 +33,9 @@ type Options struct {
 	// Restore only.
 	RestoreSibling  bool // restored root becomes a child of the caller
 	RestoreDetached bool // restore into a new session, away from our terminal
+	// LazyPages leaves the pages marked lazy in the images to CRIU's
+	// lazy-pages daemon, which must be listening in WorkDir.
+	LazyPages bool
 
 	// Both.
 	TCPEstablished bool // checkpoint/restore established TCP connections
@@ -100,6 +103,9 @@ func (o Options) rpcOpts() (*rpc.CriuOpts, []*os.File, error) {
 	}
 	if o.RestoreSibling {
 		ro.RstSibling = ptr(true)
+	}
+	if o.LazyPages {
+		ro.LazyPages = ptr(true)
 	}
 	if o.Timeout > 0 {
 		ro.Timeout = ptr(uint32(o.Timeout))

@@ -265,3 +265,8 @@ func PagemapImage(img *Image) ([]byte, error) {
 	}
 	return out, nil
 }
+
+// IsShmemPagemap tells whether an image name is a shared-memory pagemap.
+func IsShmemPagemap(name string) bool {
+	return len(name) > len("pagemap-shmem-") && name[:len("pagemap-shmem-")] == "pagemap-shmem-"
+}

@@ -18,6 +18,10 @@
 // nothing but staging debris and unreferenced chunks, which the next writer
 // and GC remove. Chunks are shared by generations and never rewritten.
 //
+// A replica is a second store that a Writer fills alongside, with
+// byte-identical chunks and manifests, committed just before this store's;
+// Repair and MaterializeFrom heal damage from it (see replica.go).
+//
 // The store knows nothing about CRIU or processes beyond the manifest's
 // descriptive fields: callers say where a file is cut into chunks.
 package store

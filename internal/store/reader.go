@@ -60,6 +60,15 @@ type job struct {
 // chunk's verified content. It collects every problem rather than stopping
 // at the first, so that a user learns the whole damage at once.
 func (s *Store) walk(ctx context.Context, m *Manifest, sel func(File) bool, fn func(j job, data []byte) error) []Problem {
+	return s.walkHealing(ctx, m, sel, nil, fn)
+}
+
+// healFunc is given a chunk that failed to read (err says why) and returns
+// its verified content from elsewhere, or an error saying why it cannot.
+type healFunc func(j job, name string, buf []byte, err error) ([]byte, error)
+
+// walkHealing is walk with a heal function for bad chunks (nil: none).
+func (s *Store) walkHealing(ctx context.Context, m *Manifest, sel func(File) bool, heal healFunc, fn func(j job, data []byte) error) []Problem {
 	var jobs []job
 	for i, f := range m.Files {
 		if sel != nil && !sel(f) {
@@ -73,6 +82,7 @@ func (s *Store) walk(ctx context.Context, m *Manifest, sel func(File) bool, fn f
 		if off != f.Size {
 			return []Problem{{File: f.Name, Chunk: -1, Reason: fmt.Sprintf("chunks add up to %d bytes, file is %d", off, f.Size)}}
 		}
+		s.Progress.AddTotal(f.Size)
 	}
 	var (
 		mu       sync.Mutex
@@ -87,10 +97,14 @@ func (s *Store) walk(ctx context.Context, m *Manifest, sel func(File) bool, fn f
 			var out []byte
 			for j := range work {
 				var reason string
+				s.Progress.Add(j.c.Len)
 				if j.c.Zero {
 					continue // nothing stored; the file already reads as zeros there
 				}
 				data, err := s.readChunk(j.c, out)
+				if err != nil && heal != nil {
+					data, err = heal(j, m.Files[j.file].Name, data, err)
+				}
 				out = data[:0]
 				if err != nil {
 					reason = err.Error()
@@ -180,6 +194,10 @@ func (s *Store) Quick(m *Manifest) []Problem {
 // naming each bad file and chunk; files are written only in dir.
 // kinds selects which kinds of file to write (nil: all but logs).
 func (s *Store) Materialize(ctx context.Context, m *Manifest, dir string, kinds ...string) error {
+	return s.materialize(ctx, m, dir, nil, kinds)
+}
+
+func (s *Store) materialize(ctx context.Context, m *Manifest, dir string, heal healFunc, kinds []string) error {
 	sel := func(f File) bool {
 		if len(kinds) == 0 {
 			return f.Kind != "log"
@@ -216,7 +234,7 @@ func (s *Store) Materialize(ctx context.Context, m *Manifest, dir string, kinds 
 			return err
 		}
 	}
-	problems := s.walk(ctx, m, sel, func(j job, data []byte) error {
+	problems := s.walkHealing(ctx, m, sel, heal, func(j job, data []byte) error {
 		_, err := out[j.file].WriteAt(data, j.off)
 		return err
 	})

@@ -41,6 +41,9 @@ type storeMeta struct {
 // Store is an opened store directory.
 type Store struct {
 	Dir string
+	// Progress, when set, counts the bytes that writers, Verify and
+	// Materialize process, for a caller that shows progress.
+	Progress *Progress
 }
 
 // Create opens the store at dir, creating it (and its parents) if needed.

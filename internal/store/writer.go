@@ -44,13 +44,17 @@ type Writer struct {
 	jobs    chan chunkJob
 	workers sync.WaitGroup
 	pending sync.WaitGroup
-	bufs    sync.Pool
+	bufs    chan []byte   // free buffers, kept (a sync.Pool loses them at every GC)
+	hold    chan struct{} // closed when workers may start (WriterOptions.Hold)
+	holdOne sync.Once
 	seen    sync.Map // hash -> *inflight
 
 	mu       sync.Mutex
 	files    []*FileWriter
 	firstErr error
 	closed   bool
+
+	rep *replicaWriter // nil without a replica (replica.go)
 }
 
 type chunkJob struct {
@@ -79,6 +83,18 @@ type WriterOptions struct {
 	// block (default 64). A producer that must not be slowed, such as a
 	// frozen job's page stream, wants a deep queue.
 	Queue int
+	// Hold keeps the workers idle until Release (or until the queue is
+	// full): while a job is frozen, its pages are only copied into memory,
+	// and hashing and compression wait for it to run again instead of
+	// taking CPU from the dump.
+	Hold bool
+	// Replica, when set, is a second store that receives a byte-identical
+	// copy of every chunk and of the manifest, committed before this
+	// store's (see replica.go). The caller holds its exclusive lock too. A
+	// failing replica does not fail the writer (see ReplicaErr) unless
+	// ReplicaRequired is set.
+	Replica         *Store
+	ReplicaRequired bool
 }
 
 // NewWriter starts a generation.
@@ -93,8 +109,14 @@ func (s *Store) NewWriterOpts(o WriterOptions) (*Writer, error) {
 	if o.Queue <= 0 {
 		o.Queue = 64
 	}
-	w := &Writer{s: s, staging: staging, jobs: make(chan chunkJob, o.Queue)}
-	w.bufs.New = func() any { b := make([]byte, 0, MaxChunk); return &b }
+	w := &Writer{s: s, staging: staging, jobs: make(chan chunkJob, o.Queue),
+		bufs: make(chan []byte, min(o.Queue+8, 4096)), hold: make(chan struct{})}
+	if !o.Hold {
+		w.Release()
+	}
+	if o.Replica != nil {
+		w.rep = newReplicaWriter(s, o.Replica, o.ReplicaRequired)
+	}
 	for range runtime.GOMAXPROCS(0) {
 		w.workers.Add(1)
 		go w.work()
@@ -107,14 +129,27 @@ func (w *Writer) Staging() string { return w.staging }
 
 // Buffer returns an empty buffer of capacity MaxChunk for Put; Put takes
 // it over and recycles it.
-func (w *Writer) Buffer() []byte { return (*w.bufs.Get().(*[]byte))[:0] }
-
-func (w *Writer) recycle(b []byte) {
-	if cap(b) == MaxChunk {
-		b = b[:0]
-		w.bufs.Put(&b)
+func (w *Writer) Buffer() []byte {
+	select {
+	case b := <-w.bufs:
+		return b[:0]
+	default:
+		return make([]byte, 0, MaxChunk)
 	}
 }
+
+func (w *Writer) recycle(b []byte) {
+	if cap(b) != MaxChunk {
+		return
+	}
+	select {
+	case w.bufs <- b[:0]:
+	default:
+	}
+}
+
+// Release lets the workers start (see WriterOptions.Hold).
+func (w *Writer) Release() { w.holdOne.Do(func() { close(w.hold) }) }
 
 func (w *Writer) fail(err error) {
 	w.mu.Lock()
@@ -157,7 +192,13 @@ func (fw *FileWriter) Put(data []byte) error {
 	fw.w.mu.Unlock()
 	fw.file.Size += int64(len(data))
 	fw.w.pending.Add(1)
-	fw.w.jobs <- chunkJob{f: fw, idx: idx, data: data}
+	select {
+	case fw.w.jobs <- chunkJob{f: fw, idx: idx, data: data}:
+	default:
+		// The queue is full: holding on would stall the producer.
+		fw.w.Release()
+		fw.w.jobs <- chunkJob{f: fw, idx: idx, data: data}
+	}
 	return nil
 }
 
@@ -170,6 +211,7 @@ func (w *Writer) work() {
 		w.fail(err)
 	}
 	var zbuf []byte
+	<-w.hold
 	for j := range w.jobs {
 		if enc != nil && w.Err() == nil {
 			var r pieceResult
@@ -184,6 +226,7 @@ func (w *Writer) work() {
 				w.mu.Unlock()
 			}
 		}
+		w.s.Progress.Add(int64(len(j.data)))
 		w.recycle(j.data)
 		w.pending.Done()
 	}
@@ -235,6 +278,7 @@ func (w *Writer) addFile(ctx context.Context, sp FileSpec) error {
 // Wait blocks until every submitted chunk is stored and returns the first
 // error.
 func (w *Writer) Wait() error {
+	w.Release()
 	w.pending.Wait()
 	return w.Err()
 }
@@ -301,6 +345,9 @@ func (w *Writer) storeChunk(enc *zstd.Encoder, c Chunk, b, zbuf []byte) (Chunk, 
 	path := w.s.ChunkPath(c.Hash)
 	if st, err := os.Stat(path); err == nil {
 		c.Stored = st.Size()
+		if w.rep != nil {
+			c.Stored = w.rep.have(enc, c, b)
+		}
 		return c, false, zbuf, nil
 	}
 	zbuf = enc.EncodeAll(b, zbuf[:0])
@@ -324,6 +371,7 @@ func (w *Writer) storeChunk(enc *zstd.Encoder, c Chunk, b, zbuf []byte) (Chunk, 
 		os.Remove(tmp)
 		return c, false, zbuf, fmt.Errorf("write chunk %s: %w", path, err)
 	}
+	w.rep.put(c, zbuf)
 	return c, true, zbuf, nil
 }
 
@@ -375,6 +423,7 @@ func (w *Writer) Commit(m *Manifest) (int, error) {
 	if len(gens) > 0 {
 		gen = gens[len(gens)-1] + 1
 	}
+	gen = w.rep.nextGen(gen)
 	if err := syncFS(w.s.Dir); err != nil {
 		return 0, err
 	}
@@ -408,6 +457,11 @@ func (w *Writer) Commit(m *Manifest) (int, error) {
 	if err != nil {
 		return 0, err
 	}
+	// The replica commits first: once this store shows the generation, its
+	// copy is durable too.
+	if err := w.rep.commit(gen, b); err != nil {
+		return 0, err
+	}
 	// Only manifest.json may be in the generation directory.
 	ents, _ := os.ReadDir(w.staging)
 	for _, e := range ents {
@@ -429,9 +483,11 @@ func (w *Writer) Commit(m *Manifest) (int, error) {
 
 // Abort discards the staging directory. Chunks written stay until GC.
 func (w *Writer) Abort() error {
+	w.Release()
 	w.fail(errors.New("aborted"))
 	w.pending.Wait()
 	w.stop()
+	w.rep.abort()
 	if w.staging == "" {
 		return nil
 	}

@@ -1,0 +1,51 @@
+package store
+
+import (
+	"fmt"
+)
+
+// ReadAt returns n bytes at offset off of the generation's file name,
+// reading and verifying only the chunks that hold them, so that a caller
+// can look at a few bytes of a large image (a process's command line in
+// its pages) without materializing it. It returns fewer bytes only at the
+// end of the file.
+func (s *Store) ReadAt(m *Manifest, name string, off, n int64) ([]byte, error) {
+	var f *File
+	for i := range m.Files {
+		if m.Files[i].Name == name {
+			f = &m.Files[i]
+			break
+		}
+	}
+	if f == nil {
+		return nil, fmt.Errorf("generation %d has no file %s", m.Generation, name)
+	}
+	if off < 0 || n < 0 {
+		return nil, fmt.Errorf("%s: bad range %d+%d", name, off, n)
+	}
+	end := min(off+n, f.Size)
+	var out []byte
+	var pos int64
+	for i, c := range f.Chunks {
+		cend := pos + c.Len
+		if cend > off && pos < end {
+			var data []byte
+			if c.Zero {
+				data = make([]byte, c.Len)
+			} else {
+				var err error
+				if data, err = s.readChunk(c, nil); err != nil {
+					return nil, &CorruptError{Generation: m.Generation, Problems: []Problem{{File: name, Chunk: i,
+						Offset: pos, Hash: c.Hash, Path: s.ChunkPath(c.Hash), Reason: err.Error()}}}
+				}
+			}
+			lo, hi := max(off, pos)-pos, min(end, cend)-pos
+			out = append(out, data[lo:hi]...)
+		}
+		if cend >= end {
+			break
+		}
+		pos = cend
+	}
+	return out, nil
+}
