@@ -8,6 +8,7 @@ cryo=$PWD/bin/cryo
 work=$(mktemp -d /tmp/cryo-demo.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 go build -o "$work/memstate" ./e2e/workloads/memstate
+go build -o "$work/offload" ./e2e/workloads/offload
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 args=(-steps 80 -mem 64 -delay 50ms)
@@ -45,6 +46,34 @@ echo "restored run: $got"
 echo "reference:    $want"
 if [ "$got" = "$want" ] && [ "$steps" = 80 ]; then
   say "same result: the restored job finished as if never interrupted"
+else
+  say "MISMATCH"; exit 1
+fi
+
+# Part two: the main job. A host streams 160 work items to an offload
+# worker over a socket; both run under `cryo run`, which checkpoints them
+# together every second. At item 100 the worker is killed (once); cryo sees
+# the job break, kills what is left, restores the last checkpoint taken
+# before the failure, and the job finishes with the right answer.
+say "reference: host and offload worker straight through"
+sock=$work/ref.sock
+"$work/offload" -role worker -addr "$sock" & wpid=$!
+want=$("$work/offload" -role host -addr "$sock" -items 160 -delay 0 | tail -n 1)
+wait $wpid || true
+echo "$want"
+
+say "cryo run: host + offload worker, a checkpoint every second; the worker dies at item 100"
+sock=$work/job.sock
+rc=0
+"$cryo" run --store "$work/runstore" --interval 1s \
+  --offload "$work/offload -role worker -addr $sock -fault kill -fault-at 100 -fault-file $work/fault-done" \
+  -- "$work/offload" -role host -addr "$sock" -items 160 -delay 25ms >"$work/run.out" 2>"$work/run.err" || rc=$?
+cat "$work/run.err"
+got=$(tail -n 1 "$work/run.out")
+echo "cryo run exited $rc; the host's last line: $got"
+[ -f "$work/fault-done" ] || { say "the fault never struck"; exit 1; }
+if [ "$rc" = 0 ] && [ "$got" = "$want" ] && [ "$(grep -c '^step 1$' "$work/run.out")" = 1 ]; then
+  say "same result: cryo restored the job after its offload worker died, and it finished right"
 else
   say "MISMATCH"; exit 1
 fi
