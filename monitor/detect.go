@@ -30,10 +30,10 @@ func (s *Supervisor) detect() failure {
 		if st, err := os.Stat(hb); err == nil && st.ModTime().After(s.beat) {
 			s.beat = st.ModTime()
 		}
-		// The timeout runs from the last beat, or from when the job last
-		// stood frozen by a checkpoint or was (re)started, if later; the
-		// failure began at the last beat all the same.
-		if age := time.Since(later(s.beat, s.pause)); age > s.cfg.HeartbeatTimeout {
+		// The timeout runs from the last beat (or the job's start),
+		// stopped while a checkpoint held the job still; the failure
+		// began at the last beat all the same.
+		if age := s.quietFor(s.beat); age > s.cfg.HeartbeatTimeout {
 			return failure{"heartbeat", fmt.Sprintf("no heartbeat from the job for %s (timeout %s)", time.Since(s.beat).Round(time.Second), s.cfg.HeartbeatTimeout), s.beat}
 		}
 	}
@@ -102,7 +102,7 @@ func (s *Supervisor) checkHang(trees map[string][]int) (string, time.Time) {
 		}
 		m.sampled = now
 		s.hang[name] = m
-		if idle := time.Since(later(m.since, s.pause)); idle > s.cfg.HangTimeout {
+		if idle := s.quietFor(m.since); idle > s.cfg.HangTimeout {
 			return fmt.Sprintf("offload tree %s made no CPU progress for %s (timeout %s)", name, time.Since(m.since).Round(time.Second), s.cfg.HangTimeout), m.progress
 		}
 	}

@@ -184,3 +184,26 @@ func TestSocketsSeeABrokenUnixChannel(t *testing.T) {
 		t.Errorf("the end whose peer closed shows shutdown %d, want non-zero", alive.shutdown)
 	}
 }
+
+// Checkpoints taken while a job is silent delay its timeout by the time
+// they held it still, and no more: they must never keep resetting it.
+func TestQuietForSubtractsOnlyStillness(t *testing.T) {
+	s := &Supervisor{}
+	now := time.Now()
+	beat := now.Add(-10 * time.Second)
+	// Ten checkpoints of 100 ms since the last beat.
+	for i := 1; i <= 10; i++ {
+		from := beat.Add(time.Duration(i) * 900 * time.Millisecond)
+		s.stood(from, from.Add(100*time.Millisecond))
+	}
+	got := s.quietFor(beat)
+	if got < 8900*time.Millisecond || got > 9100*time.Millisecond {
+		t.Errorf("quietFor = %v, want about 9 s (10 s less 1 s of checkpoints)", got)
+	}
+	// A checkpoint that began before the beat counts only after it.
+	s2 := &Supervisor{}
+	s2.stood(beat.Add(-time.Second), beat.Add(500*time.Millisecond))
+	if got := s2.quietFor(beat); got < 9400*time.Millisecond || got > 9600*time.Millisecond {
+		t.Errorf("quietFor = %v, want about 9.5 s", got)
+	}
+}

@@ -153,8 +153,8 @@ type Supervisor struct {
 	interval   time.Duration
 	chans      *channelWatch
 	hang       map[string]hangMark
-	beat       time.Time // last heartbeat seen
-	pause      time.Time // when the job last stood still by our doing (start, restore, checkpoint)
+	beat       time.Time   // last heartbeat seen
+	stills     []stillness // when the job stood still by our doing (checkpoints), lately
 	mem        memWatch
 	hostExit   *int
 	hostExitAt time.Time
@@ -383,7 +383,7 @@ func (s *Supervisor) afterStart() {
 	s.roots = map[int]string{}
 	s.chans = newChannelWatch(s.cfg.ChannelGrace)
 	s.hang = map[string]hangMark{}
-	s.beat, s.pause = time.Now(), time.Now()
+	s.beat, s.stills = time.Now(), nil
 	s.mem = memWatch{}
 	s.hostExit = nil
 	s.pending = failure{}
@@ -581,6 +581,32 @@ func (s *Supervisor) periodic() bool {
 	return true
 }
 
+// stillness is a time the job could not run because of cryo.
+type stillness struct{ from, to time.Time }
+
+// stood records that the job stood still from..to (a checkpoint).
+func (s *Supervisor) stood(from, to time.Time) {
+	s.stills = append(s.stills, stillness{from, to})
+	// Keep what the longest timeout can still look back on.
+	for len(s.stills) > 0 && time.Since(s.stills[0].to) > 10*time.Minute {
+		s.stills = s.stills[1:]
+	}
+}
+
+// quietFor is how long the job has been able to run since t without
+// showing progress: the time since t less the time it stood still by
+// cryo's doing. Checkpoints may delay a timeout, never reset it.
+func (s *Supervisor) quietFor(t time.Time) time.Duration {
+	d := time.Since(t)
+	for _, st := range s.stills {
+		from := later(st.from, t)
+		if st.to.After(from) {
+			d -= st.to.Sub(from)
+		}
+	}
+	return d
+}
+
 // unwell says why the job should not be checkpointed now (a checkpoint of
 // a job that is already failing would be restored into the same failure):
 // a failure seen but not yet handled, a channel broken within its grace
@@ -593,11 +619,11 @@ func (s *Supervisor) unwell() string {
 	if s.chans != nil && len(s.chans.broken) > 0 {
 		return "a channel between the trees looks broken"
 	}
-	if s.cfg.HeartbeatTimeout > 0 && time.Since(later(s.beat, s.pause)) > s.cfg.HeartbeatTimeout/2 {
+	if s.cfg.HeartbeatTimeout > 0 && s.quietFor(s.beat) > s.cfg.HeartbeatTimeout/2 {
 		return "the heartbeat is late"
 	}
 	for name, m := range s.hang {
-		if s.cfg.HangTimeout > 0 && time.Since(later(m.since, s.pause)) > s.cfg.HangTimeout/2 {
+		if s.cfg.HangTimeout > 0 && s.quietFor(m.since) > s.cfg.HangTimeout/2 {
 			return "offload tree " + name + " has made no CPU progress lately"
 		}
 	}
@@ -615,8 +641,8 @@ func (s *Supervisor) checkpoint(ctx context.Context, kill bool) (*checkpoint.Res
 		Store: s.cfg.Store, PID: s.initPID, Kill: kill, CRIU: s.cfg.CRIU, Keep: s.cfg.Keep,
 		WorkDir: s.cfg.WorkDir, CheckCache: s.cfg.CheckCache, Logger: s.log, Reap: true, Replica: s.cfg.Replica,
 	})
-	// The job was frozen: do not count that against it.
-	s.pause = time.Now()
+	// The job stood still meanwhile: do not count that against it.
+	s.stood(t0, time.Now())
 	if err != nil {
 		if !proc.Exists(s.initPID) || s.hostExit != nil {
 			// The job ended under the checkpoint: nothing was lost, and
