@@ -123,19 +123,13 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 	if err != nil {
 		return nil, err
 	}
-	wait := o.LockWait
-	if wait == 0 {
-		wait = 30 * time.Second
-	}
-	lctx, cancel := context.WithTimeout(ctx, wait)
-	unlock, err := st.Lock(lctx, true)
-	cancel()
+	unlock, err := st.LockWithin(ctx, true, o.LockWait)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
 	st.Progress = o.Progress
-	rep, repErr := openReplica(ctx, o, wait, log)
+	rep, repErr := openReplica(ctx, o, o.LockWait, log)
 	if rep != nil {
 		defer rep.unlock()
 	} else if repErr != nil && o.ReplicaRequired {

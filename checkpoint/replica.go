@@ -37,9 +37,7 @@ func openReplica(ctx context.Context, o Options, wait time.Duration, log *slog.L
 	if err != nil {
 		return fail(err)
 	}
-	lctx, cancel := context.WithTimeout(ctx, wait)
-	unlock, err := st.Lock(lctx, true)
-	cancel()
+	unlock, err := st.LockWithin(ctx, true, wait)
 	if err != nil {
 		return fail(err)
 	}

@@ -44,9 +44,7 @@ func listCommand(e *env) *ucli.Command {
 				return err
 			}
 			// Wait for a checkpoint or GC writing the store, but not forever.
-			lctx, cancel := contextWithTimeout(c, 30*time.Second)
-			unlock, err := st.Lock(lctx, false)
-			cancel()
+			unlock, err := st.LockWithin(c.Context, false, 0)
 			if err != nil {
 				return err
 			}

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"time"
 
 	"github.com/cryo-hpc/cryo/internal/store"
 	ucli "github.com/urfave/cli/v2"
@@ -41,9 +40,7 @@ func verifyCommand(e *env) *ucli.Command {
 				return err
 			}
 			// Wait for a checkpoint or GC writing the store, but not forever.
-			lctx, cancel := contextWithTimeout(c, 30*time.Second)
-			unlock, err := st.Lock(lctx, false)
-			cancel()
+			unlock, err := st.LockWithin(c.Context, false, 0)
 			if err != nil {
 				return err
 			}

@@ -120,11 +120,9 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 	st.Progress = o.Progress
 	lockWait := o.LockWait
 	if lockWait == 0 {
-		lockWait = 30 * time.Second
+		lockWait = store.DefaultLockWait
 	}
-	lctx, cancel := context.WithTimeout(ctx, lockWait)
-	unlock, err := st.Lock(lctx, false)
-	cancel()
+	unlock, err := st.LockWithin(ctx, false, lockWait)
 	if err != nil {
 		return nil, err
 	}

@@ -163,13 +163,7 @@ func Inspect(ctx context.Context, o Options) (*Report, error) {
 	if err != nil {
 		return nil, err
 	}
-	wait := o.LockWait
-	if wait == 0 {
-		wait = 30 * time.Second
-	}
-	lctx, cancel := context.WithTimeout(ctx, wait)
-	unlock, err := st.Lock(lctx, false)
-	cancel()
+	unlock, err := st.LockWithin(ctx, false, o.LockWait)
 	if err != nil {
 		return nil, err
 	}

@@ -285,3 +285,17 @@ func syncDir(dir string) error {
 	}
 	return nil
 }
+
+// DefaultLockWait is how long LockWithin waits when given no time.
+const DefaultLockWait = 30 * time.Second
+
+// LockWithin is Lock with a bound: it waits at most wait (DefaultLockWait
+// when 0) for another cryo holding the store.
+func (s *Store) LockWithin(ctx context.Context, exclusive bool, wait time.Duration) (func(), error) {
+	if wait == 0 {
+		wait = DefaultLockWait
+	}
+	ctx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
+	return s.Lock(ctx, exclusive)
+}
