@@ -37,6 +37,10 @@ type Options struct {
 	// stopped (not killed) while its images are stored, so that if storing
 	// fails it is resumed as if nothing happened.
 	Kill bool
+	// MorePIDs are the roots of further trees of the same job, for trees
+	// that cannot share one root: all of them are frozen at once (cgroup
+	// v1 freezer) and each is dumped, into one generation.
+	MorePIDs []int
 	// CRIU is the binary to use, already located (criu.Locate).
 	CRIU criu.Binary
 	// WorkDir is where images wait between CRIU and the store; empty picks
@@ -110,8 +114,10 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 	if o.PID == os.Getpid() {
 		return nil, fmt.Errorf("pid %d is cryo itself", o.PID)
 	}
-	if !proc.Live(o.PID) {
-		return nil, fmt.Errorf("pid %d: %w", o.PID, ErrNoProcess)
+	for _, p := range append([]int{o.PID}, o.MorePIDs...) {
+		if !proc.Live(p) {
+			return nil, fmt.Errorf("pid %d: %w", p, ErrNoProcess)
+		}
 	}
 	bin, err := criu.Vet(ctx, o.CRIU, o.CheckCache)
 	if err != nil {
@@ -172,7 +178,7 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 	// Offload contexts: lock, then checkpoint, so their device state is in
 	// host memory for CRIU. Until Resume (or the job's end) every failure
 	// path must bring them back, after the tree runs again.
-	grp, err := offload.Quiesce(ctx, offload.QuiesceOptions{Registry: reg, Job: jobRef(o.PID),
+	grp, err := offload.Quiesce(ctx, offload.QuiesceOptions{Registry: reg, Job: jobRef(o.PID, o.MorePIDs...),
 		LockTimeout: o.OffloadLockTimeout, JournalDir: st.JournalDir(), Logger: log})
 	if err != nil {
 		return nil, err
@@ -203,26 +209,8 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 			err = errors.Join(err, w.Abort())
 		}
 	}()
-	var stream *pageStream
-	if !o.NoStream {
-		if stream, err = startPageStream(w); err != nil {
-			return nil, err
-		}
-		copts.PageServer = &criu.PageServerAddr{File: stream.theirs}
-	}
 	dumpStart := time.Now()
-	derr := criu.Dump(ctx, bin, copts, nil)
-	w.Release()
-	if stream != nil {
-		if serr := stream.finish(images, derr); serr != nil && derr == nil {
-			derr = serr
-			if o.Kill {
-				// CRIU left the tree stopped; it must go on.
-				tasks, _ := criu.ReadTree(images)
-				derr = errors.Join(derr, resume(o, tasks))
-			}
-		}
-	}
+	trees, derr := dumpJob(ctx, bin, copts, w, o, images, work, log)
 	if err := derr; err != nil {
 		err = keepLog(st, err, filepath.Join(work, "dump.log"), "dump")
 		if grp.Len() > 0 {
@@ -237,7 +225,7 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 			return nil, fmt.Errorf("the job was dumped but its offload contexts could not be resumed: %w", err)
 		}
 	}
-	tasks, err := criu.ReadTree(images)
+	tasks, err := readTrees(images, trees)
 	if err != nil {
 		return nil, errors.Join(err, resume(o, tasks))
 	}
@@ -248,7 +236,7 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 			err = errors.Join(err, resume(o, tasks))
 		}
 	}()
-	stats, serr := criu.ReadDumpStats(work) // CRIU writes stats-dump to its work dir
+	stats, serr := readStats(work, trees) // CRIU writes stats-dump to its work dir
 	if serr != nil {
 		log.Warn("no CRIU dump statistics", "err", serr)
 	}
@@ -267,7 +255,7 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 		Created:   time.Now().UTC(),
 		Host:      host,
 		CreatedBy: "cryo " + Version,
-		Job:       store.Job{RootPID: o.PID},
+		Job:       store.Job{RootPID: o.PID, Trees: trees},
 		Offload:   offload.ToManifest(grp.Records()),
 		CRIU: store.CRIUInfo{Version: bin.VersionString(), LeaveRunning: !o.Kill,
 			TCPEstablished: copts.TCPEstablished, ShellJob: copts.ShellJob},
@@ -352,6 +340,9 @@ func keepLog(st *store.Store, err error, log, op string) error {
 	if !errors.As(err, &ce) {
 		return err
 	}
+	if _, serr := os.Stat(ce.Log); serr == nil {
+		log = ce.Log // the failing tree's own log, with several trees
+	}
 	dst := st.LogPath(op)
 	if b, rerr := os.ReadFile(log); rerr == nil && os.WriteFile(dst, b, 0o600) == nil {
 		ce.Log = dst
@@ -361,9 +352,13 @@ func keepLog(st *store.Store, err error, log, op string) error {
 
 // jobRef names the processes of the tree rooted at pid for the offload
 // journal.
-func jobRef(pid int) offload.JobRef {
+func jobRef(pid int, more ...int) offload.JobRef {
 	job := offload.JobRef{RootPID: pid}
-	pids, _ := proc.Tree(pid)
+	var pids []int
+	for _, root := range append([]int{pid}, more...) {
+		ps, _ := proc.Tree(root)
+		pids = append(pids, ps...)
+	}
 	for _, p := range pids {
 		if st, err := proc.ReadStat(p); err == nil {
 			job.Procs = append(job.Procs, offload.ProcRef{PID: p, StartTime: st.StartTime})
@@ -395,9 +390,11 @@ func resume(o Options, tasks []criu.Task) error {
 	}
 	if len(tasks) == 0 {
 		// We could not even read the tree: resume what we know of.
-		pids, _ := proc.Tree(o.PID)
-		for _, p := range pids {
-			_ = syscall.Kill(p, syscall.SIGCONT)
+		for _, root := range append([]int{o.PID}, o.MorePIDs...) {
+			pids, _ := proc.Tree(root)
+			for _, p := range pids {
+				_ = syscall.Kill(p, syscall.SIGCONT)
+			}
 		}
 	}
 	return errors.Join(errs...)

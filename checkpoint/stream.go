@@ -19,6 +19,7 @@ import (
 // compression overlap with the dump.
 type pageStream struct {
 	w      *store.Writer
+	prefix string // "tree-N/" when the job has several trees
 	rcv    *pageserver.Receiver
 	ours   *os.File
 	theirs *os.File // handed to CRIU
@@ -63,7 +64,7 @@ func (p *pageStream) file(img *pageserver.Image) *store.FileWriter {
 	defer p.mu.Unlock()
 	fw, ok := p.files[img]
 	if !ok {
-		fw = p.w.Begin(img.Pages, "pages", 0o600)
+		fw = p.w.Begin(p.prefix+img.Pages, "pages", 0o600)
 		p.files[img] = fw
 	}
 	return fw

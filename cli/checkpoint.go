@@ -29,7 +29,7 @@ func checkpointCommand(e *env) *ucli.Command {
 	return &ucli.Command{
 		Name:      "checkpoint",
 		Usage:     "checkpoint the process tree rooted at PID into a new generation of the store",
-		ArgsUsage: "PID",
+		ArgsUsage: "PID [PID...]",
 		Flags: append(o.common.flags(),
 			&ucli.StringFlag{Name: "store", Usage: "store directory (created if missing)", Destination: &o.store, EnvVars: []string{"CRYO_STORE"}, Required: true},
 			&ucli.BoolFlag{Name: "leave-running", Usage: "let the job go on after the checkpoint (default)", Destination: &o.leaveRunning},
@@ -42,13 +42,18 @@ func checkpointCommand(e *env) *ucli.Command {
 			&ucli.BoolFlag{Name: "replica-required", Usage: "fail the checkpoint (the job goes on) when the --replica copy cannot be made", Destination: &o.replicaReq, EnvVars: []string{"CRYO_REPLICA_REQUIRED"}},
 		),
 		Action: func(c *ucli.Context) error {
-			if c.NArg() != 1 {
-				return usagef("checkpoint needs exactly one PID, got %d arguments", c.NArg())
+			if c.NArg() < 1 {
+				return usagef("checkpoint needs the PID of the job's root (or of each of its trees)")
 			}
-			pid, err := strconv.Atoi(c.Args().First())
-			if err != nil || pid <= 0 {
-				return usagef("PID must be a positive number, got %q", c.Args().First())
+			var pids []int
+			for _, a := range c.Args().Slice() {
+				pid, err := strconv.Atoi(a)
+				if err != nil || pid <= 0 {
+					return usagef("PID must be a positive number, got %q", a)
+				}
+				pids = append(pids, pid)
 			}
+			pid := pids[0]
 			if o.leaveRunning && o.kill {
 				return usagef("--leave-running and --kill contradict each other")
 			}
@@ -64,7 +69,7 @@ func checkpointCommand(e *env) *ucli.Command {
 			}
 			prog, done := o.progress(e, "checkpoint: stored")
 			res, err := checkpoint.Take(c.Context, checkpoint.Options{
-				Store: o.store, PID: pid, Kill: o.kill, CRIU: bin, WorkDir: o.workDir,
+				Store: o.store, PID: pid, MorePIDs: pids[1:], Kill: o.kill, CRIU: bin, WorkDir: o.workDir,
 				Keep: o.keep, LockWait: o.lockWait, OffloadLockTimeout: o.offloadWait, CheckCache: checkCache,
 				Replica: o.replica, ReplicaRequired: o.replicaReq, Progress: prog, Logger: o.logger(e),
 			})

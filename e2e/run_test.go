@@ -10,11 +10,15 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/cryo-hpc/cryo/internal/proc"
 )
 
 // The monitor's tests: a host streams work items to an offload worker over
@@ -96,8 +100,28 @@ func startRun(t *testing.T, criu string, args ...string) *runJob {
 			syscall.Kill(-r.cmd.Process.Pid, syscall.SIGKILL)
 			<-r.done
 		}
+		// The job runs in sessions of its own: end whatever cryo left.
+		for _, m := range jobInitRE.FindAllStringSubmatch(r.messages(t), -1) {
+			if pid, err := strconv.Atoi(m[1]); err == nil {
+				killTree(pid)
+			}
+		}
 	})
 	return r
+}
+
+var jobInitRE = regexp.MustCompile(`job-init pid (\d+)`)
+
+// killTree kills pid and its descendants, if pid is still a cryo job-init.
+func killTree(pid int) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil || !strings.Contains(string(b), "job-init") {
+		return
+	}
+	pids, _ := proc.Tree(pid)
+	for _, p := range pids {
+		syscall.Kill(p, syscall.SIGKILL)
+	}
 }
 
 func (r *runJob) wait(t *testing.T, timeout time.Duration) int {

@@ -85,6 +85,8 @@ type Result struct {
 	Skipped []Skip          `json:"skipped,omitempty"`
 	// LazyBytes is how much memory a lazy restore left to be served after
 	// the job started, and LazyServed how much it served (after Wait).
+	// PIDs are the root PIDs of each tree, for a job of several trees.
+	PIDs       []int         `json:"pids,omitempty"`
 	LazyBytes  int64         `json:"lazy_bytes,omitempty"`
 	LazyServed int64         `json:"lazy_served,omitempty"`
 	LazyDone   time.Duration `json:"lazy_done_ns,omitempty"`
@@ -211,6 +213,9 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 	}
 	res := &Result{Generation: gen, Processes: len(m.Job.Processes), Materialize: time.Since(t0), Healed: append(healed, fixed...)}
 	var lazy *lazySession
+	if o.Lazy && len(m.Job.Trees) > 0 {
+		return nil, fmt.Errorf("generation %d holds %d trees: restore it without --lazy", gen, len(m.Job.Trees))
+	}
 	if o.Lazy {
 		if lazy, err = prepareLazy(ctx, st, m, images, work, bin, log); err != nil {
 			return nil, err
@@ -241,12 +246,20 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 	}()
 
 	t1 := time.Now()
-	pid, err := criu.Restore(ctx, bin, criu.Options{
+	copts := criu.Options{
 		ImagesDir: images, WorkDir: work, LogFile: "restore.log",
 		RestoreSibling: o.Sibling, RestoreDetached: !o.Sibling,
 		TCPEstablished: m.CRIU.TCPEstablished, ShellJob: m.CRIU.ShellJob,
 		FileLocks: true, ExtUnixSockets: true, LazyPages: o.Lazy,
-	}, nil)
+	}
+	var pid int
+	if len(m.Job.Trees) > 0 {
+		var pids []int
+		pids, err = restoreTrees(ctx, bin, copts, images, work, m.Job.Trees)
+		pid, res.PIDs = pids[0], pids
+	} else {
+		pid, err = criu.Restore(ctx, bin, copts, nil)
+	}
 	if err != nil {
 		var ce *criu.Error
 		if errors.As(err, &ce) {

@@ -48,6 +48,10 @@ type Options struct {
 	// the restored tree receives in its place.
 	InheritFds map[string]*os.File
 	Timeout    int // seconds CRIU may spend freezing; 0 for CRIU's default
+	// FreezeCgroup is a cgroup v1 freezer holding exactly the tree, which
+	// CRIU freezes (or finds frozen and leaves so) instead of stopping the
+	// tasks one by one.
+	FreezeCgroup string
 }
 
 // PageServerAddr is where a dump sends its pages: a connected stream
@@ -110,6 +114,14 @@ func (o Options) rpcOpts() (*rpc.CriuOpts, []*os.File, error) {
 	if o.Timeout > 0 {
 		ro.Timeout = ptr(uint32(o.Timeout))
 	}
+	if o.FreezeCgroup != "" {
+		ro.FreezeCgroup = ptr(o.FreezeCgroup)
+	}
+	// cryo leaves cgroups alone: a restored job joins the cgroups of the
+	// cryo that restores it (today's allocation, say a requeued Slurm
+	// job's), never the paths it was dumped from, which may be another
+	// job's, gone, or cryo's own temporary freezer cgroups.
+	ro.ManageCgroupsMode = rpc.CriuCgMode_IGNORE.Enum()
 	return ro, files, nil
 }
 
