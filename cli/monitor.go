@@ -4,16 +4,12 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
-	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
 	"syscall"
-	"time"
 
 	"github.com/cryo-hpc/cryo/monitor"
-	"github.com/cryo-hpc/cryo/offload/nvml"
 	ucli "github.com/urfave/cli/v2"
 )
 
@@ -53,19 +49,14 @@ and stops every job, then exits.`,
 			defer stop()
 			d := &monitor.Daemon{CRIU: bin, CheckCache: checkCache, Logger: o.logger(e), Metrics: &monitor.Metrics{},
 				OnEvent: func(ev monitor.Event) { fmt.Fprintf(e.stderr, "cryo: %s: %s: %s\n", ev.Job, ev.Kind, ev.Detail) }}
-			if lib, err := nvml.Open(os.Getenv("CRYO_LIBNVML")); err == nil {
-				defer lib.Close()
-				d.Health = monitor.WatchGPUs(ctx, lib, d.Logger)
+			health, closeHealth := gpuHealth(ctx, d.Logger)
+			defer closeHealth()
+			d.Health = health
+			stopMetrics, err := serveMetrics(o.metricsAddr, d.Metrics)
+			if err != nil {
+				return err
 			}
-			if o.metricsAddr != "" {
-				l, err := net.Listen("tcp", o.metricsAddr)
-				if err != nil {
-					return fmt.Errorf("--metrics-addr: %w", err)
-				}
-				srv := &http.Server{Handler: d.Metrics, ReadHeaderTimeout: 5 * time.Second}
-				go srv.Serve(l)
-				defer srv.Close()
-			}
+			defer stopMetrics()
 			fmt.Fprintf(e.stderr, "cryo: monitor listening on %s\n", o.socket)
 			return d.Serve(ctx, o.socket)
 		},

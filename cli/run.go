@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -175,10 +176,9 @@ that the signal reaches it (docs/slurm.md).`,
 			}
 			// GPU health: Xid errors on the job's GPUs are failures. A node
 			// without NVML has no GPUs to watch.
-			if lib, err := nvml.Open(os.Getenv("CRYO_LIBNVML")); err == nil {
-				defer lib.Close()
-				cfg.Health = monitor.WatchGPUs(context.WithoutCancel(c.Context), lib, cfg.Logger)
-			}
+			health, closeHealth := gpuHealth(context.WithoutCancel(c.Context), cfg.Logger)
+			defer closeHealth()
+			cfg.Health = health
 			sup, err := monitor.New(cfg)
 			if err != nil {
 				return usagef("%v", err)
@@ -208,15 +208,11 @@ that the signal reaches it (docs/slurm.md).`,
 				ctl = filepath.Join(run, "control.sock")
 			}
 			go reg.Serve(ctx, ctl, cfg.Logger)
-			if o.metricsAddr != "" {
-				l, err := net.Listen("tcp", o.metricsAddr)
-				if err != nil {
-					return fmt.Errorf("--metrics-addr: %w", err)
-				}
-				srv := &http.Server{Handler: cfg.Metrics, ReadHeaderTimeout: 5 * time.Second}
-				go srv.Serve(l)
-				defer srv.Close()
+			stopMetrics, err := serveMetrics(o.metricsAddr, cfg.Metrics)
+			if err != nil {
+				return err
 			}
+			defer stopMetrics()
 			stopRelay := relay(ctx, relayOut, e.stdout, relayErr, e.stderr)
 			code, err := sup.Run(ctx)
 			stopRelay()
@@ -425,4 +421,29 @@ func (o *runOpts) viaDaemon(c *ucli.Context, e *env, cfg monitor.Config) error {
 			return nil
 		}
 	}
+}
+
+// serveMetrics serves Prometheus metrics on addr ("" serves nothing) and
+// returns the function that stops it.
+func serveMetrics(addr string, m *monitor.Metrics) (func(), error) {
+	if addr == "" {
+		return func() {}, nil
+	}
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("--metrics-addr: %w", err)
+	}
+	srv := &http.Server{Handler: m, ReadHeaderTimeout: 5 * time.Second}
+	go srv.Serve(l)
+	return func() { srv.Close() }, nil
+}
+
+// gpuHealth watches the node's GPUs for Xid errors when NVML loads (a node
+// without it has no GPUs to watch: nil). The returned function releases NVML.
+func gpuHealth(ctx context.Context, log *slog.Logger) (monitor.HealthSource, func()) {
+	lib, err := nvml.Open(os.Getenv("CRYO_LIBNVML"))
+	if err != nil {
+		return nil, func() {}
+	}
+	return monitor.WatchGPUs(ctx, lib, log), func() { lib.Close() }
 }
