@@ -90,14 +90,7 @@ const historyName = "history.jsonl"
 // store's place and refuses a store or root owned by another user. The
 // report is filled as far as the hook got, also when it returns an error.
 func SlurmProlog(ctx context.Context, job SlurmJob, o HookOptions) (*HookReport, error) {
-	log := discard(o.Logger)
-	rep := &HookReport{Hook: "prolog", Job: job}
-	var errs []error
-	if !o.LeaveOrphans {
-		var err error
-		rep.Orphans, err = killJobOrphans(ctx, job, log)
-		errs = append(errs, err)
-	}
+	log, rep, errs := startHook(ctx, "prolog", job, o)
 	if job.UID < 0 {
 		return rep, errors.Join(append(errs, errors.New("SLURM_JOB_UID is not set: cannot give the store to the job's user"))...)
 	}
@@ -179,14 +172,7 @@ func SlurmProlog(ctx context.Context, job SlurmJob, o HookOptions) (*HookReport,
 // never ran in (only the prolog's) is deleted too. Anything else is kept,
 // and HookReport.Why says why.
 func SlurmEpilog(ctx context.Context, job SlurmJob, o HookOptions) (*HookReport, error) {
-	log := discard(o.Logger)
-	rep := &HookReport{Hook: "epilog", Job: job}
-	var errs []error
-	if !o.LeaveOrphans {
-		var err error
-		rep.Orphans, err = killJobOrphans(ctx, job, log)
-		errs = append(errs, err)
-	}
+	log, rep, errs := startHook(ctx, "epilog", job, o)
 	rootf, dir, err := openRoot(job, o.Root, false)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
@@ -558,4 +544,18 @@ func NodeGPUs(dir string) ([]GPU, error) {
 	}
 	sort.Slice(gpus, func(i, k int) bool { return gpus[i].Minor < gpus[k].Minor })
 	return gpus, nil
+}
+
+// startHook begins a prolog or epilog: its report, and the leftover
+// processes of earlier runs of the job ended (unless LeaveOrphans).
+func startHook(ctx context.Context, hook string, job SlurmJob, o HookOptions) (*slog.Logger, *HookReport, []error) {
+	log := discard(o.Logger)
+	rep := &HookReport{Hook: hook, Job: job}
+	var errs []error
+	if !o.LeaveOrphans {
+		var err error
+		rep.Orphans, err = killJobOrphans(ctx, job, log)
+		errs = append(errs, err)
+	}
+	return log, rep, errs
 }

@@ -108,19 +108,7 @@ func (w *cudaWorld) cryo(t *testing.T, extra []string, args ...string) cryoResul
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	cmd, out, errb := w.command(ctx, extra, args...)
-	start := time.Now()
-	err := cmd.Run()
-	r := cryoResult{stdout: out.String(), stderr: errb.String()}
-	var ee *exec.ExitError
-	switch {
-	case err == nil:
-	case errors.As(err, &ee) && ee.Exited():
-		r.code = ee.ExitCode()
-	default:
-		t.Fatalf("cryo %s: %v\nstderr: %s", strings.Join(args, " "), err, r.stderr)
-	}
-	t.Logf("cryo %s: exit %d in %v", strings.Join(args, " "), r.code, time.Since(start).Round(time.Millisecond))
-	return r
+	return runCryo(t, cmd, out, errb, args)
 }
 
 func (w *cudaWorld) state(t *testing.T, pid int) offload.State {

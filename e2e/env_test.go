@@ -161,6 +161,13 @@ func cryo(t *testing.T, criu string, args ...string) cryoResult {
 	}
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
+	return runCryo(t, cmd, &out, &errb, args)
+}
+
+// runCryo runs a prepared cryo command to its end and collects what it did;
+// anything but an exit status fails the test.
+func runCryo(t *testing.T, cmd *exec.Cmd, out, errb *bytes.Buffer, args []string) cryoResult {
+	t.Helper()
 	start := time.Now()
 	err := cmd.Run()
 	r := cryoResult{stdout: out.String(), stderr: errb.String()}

@@ -2,8 +2,6 @@ package store
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -143,18 +141,7 @@ func (s *Store) readChunk(c Chunk, buf []byte) ([]byte, error) {
 		}
 		return buf, err
 	}
-	data, err := decoder.DecodeAll(z, buf[:0])
-	if err != nil {
-		return buf, fmt.Errorf("cannot decompress (truncated or damaged): %v", err)
-	}
-	if int64(len(data)) != c.Len {
-		return data, fmt.Errorf("holds %d bytes, manifest says %d", len(data), c.Len)
-	}
-	sum := sha256.Sum256(data)
-	if hex.EncodeToString(sum[:]) != c.Hash {
-		return data, errors.New("content does not match its SHA-256")
-	}
-	return data, nil
+	return decodeChunk(z, c, buf)
 }
 
 // Verify re-hashes every chunk of the generation and returns what is wrong
