@@ -22,6 +22,7 @@ type restoreOpts struct {
 	replica    string
 	fallback   bool
 	lazy       bool
+	noStream   bool
 }
 
 func restoreCommand(e *env) *ucli.Command {
@@ -38,6 +39,7 @@ func restoreCommand(e *env) *ucli.Command {
 			&ucli.StringFlag{Name: "replica", Usage: "heal damaged chunks (and a damaged manifest) of the generation from this replica store before anything starts", Destination: &o.replica, EnvVars: []string{"CRYO_REPLICA"}},
 			&ucli.BoolFlag{Name: "lazy", Usage: "start the job before its memory is back: pages come on demand (userfaultfd) and in the background; cryo prints the PID at once and exits when every page is home", Destination: &o.lazy, EnvVars: []string{"CRYO_LAZY"}},
 			&ucli.BoolFlag{Name: "fallback", Usage: "when the generation is damaged and cannot be healed, restore the newest older intact one instead", Destination: &o.fallback, EnvVars: []string{"CRYO_FALLBACK"}},
+			&ucli.BoolFlag{Name: "no-stream", Usage: "write the images into --work-dir and let CRIU read them from there, instead of streaming them from the store into CRIU (lazy restores and jobs of several trees always do)", Destination: &o.noStream, EnvVars: []string{"CRYO_NO_STREAM"}},
 		),
 		Action: func(c *ucli.Context) error {
 			if c.NArg() != 0 {
@@ -59,6 +61,7 @@ func restoreCommand(e *env) *ucli.Command {
 				Store: o.store, Generation: o.generation, CRIU: bin, WorkDir: o.workDir,
 				PIDWait: o.pidWait, CheckCache: checkCache, DeviceMap: dmap,
 				Replica: o.replica, Fallback: o.fallback, Progress: prog, Logger: o.logger(e), Lazy: o.lazy,
+				NoStream: o.noStream,
 			})
 			done()
 			if err != nil {

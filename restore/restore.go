@@ -61,6 +61,11 @@ type Options struct {
 	// Progress, when set, counts the image bytes materialized so far.
 	Progress *store.Progress
 	Logger   *slog.Logger
+	// NoStream materializes the images into WorkDir and lets CRIU read
+	// them from there, instead of streaming them from the store into the
+	// restoring CRIU (see streamed). Lazy restores, and jobs of several
+	// trees, always materialize.
+	NoStream bool
 	// Lazy starts the job before its memory is back: the pages of private
 	// anonymous mappings are served on demand by cryo's page server through
 	// CRIU's lazy-pages daemon, and the rest in the background. The caller
@@ -75,6 +80,12 @@ type Result struct {
 	Processes   int           `json:"processes"`
 	Materialize time.Duration `json:"materialize_ns"`
 	Restore     time.Duration `json:"restore_ns"`
+	// Streamed says the images went from the store straight into CRIU
+	// (Materialize is then 0 and Restore covers reading the store too).
+	Streamed bool `json:"streamed,omitempty"`
+	// ZeroLeftOut is the zero memory a streamed restore did not copy into
+	// the job: private anonymous pages that start out zero anyway.
+	ZeroLeftOut int64 `json:"zero_left_out,omitempty"`
 	// Offload is the number of offload contexts restored and unlocked, and
 	// DeviceMap where their devices went.
 	Offload   int               `json:"offload_contexts,omitempty"`
@@ -185,7 +196,12 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 		return nil, fmt.Errorf("restore generation %d: %w", gen, err)
 	}
 
-	work, err := workdir.Make(o.WorkDir, filepath.Join(st.Dir, "staging"), m.RawBytes()+16<<20)
+	stream := o.streamed(st, m, rep != nil, log)
+	need := m.RawBytes() + 16<<20
+	if stream {
+		need = 16 << 20 // CRIU's log and the streamer's socket
+	}
+	work, err := workdir.Make(o.WorkDir, filepath.Join(st.Dir, "staging"), need)
 	if err != nil {
 		return nil, err
 	}
@@ -204,14 +220,31 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 	if o.Lazy {
 		kinds = []string{"image"} // pages follow, rewritten for lazy service
 	}
-	fixed, err := st.MaterializeFrom(ctx, m, images, rep, kinds...)
-	for _, p := range fixed {
-		log.Info("healed a damaged chunk from the replica", "generation", gen, "problem", p.String())
+	var fixed []store.Problem
+	var src *store.Source
+	var zs *zeroSkip
+	if stream {
+		src = st.NewSource(m, rep)
+		if zs, err = planZeroSkip(st, m); err != nil {
+			if errors.Is(err, store.ErrCorrupt) && rep == nil {
+				return nil, err
+			}
+			log.Warn("restoring zero memory too", "why", err)
+			zs = &zeroSkip{}
+		}
+	} else {
+		fixed, err = st.MaterializeFrom(ctx, m, images, rep, kinds...)
+		for _, p := range fixed {
+			log.Info("healed a damaged chunk from the replica", "generation", gen, "problem", p.String())
+		}
+		if err != nil {
+			return nil, err
+		}
 	}
-	if err != nil {
-		return nil, err
+	res := &Result{Generation: gen, Processes: len(m.Job.Processes), Materialize: time.Since(t0), Healed: append(healed, fixed...), Streamed: stream}
+	if zs != nil {
+		res.ZeroLeftOut = zs.bytes
 	}
-	res := &Result{Generation: gen, Processes: len(m.Job.Processes), Materialize: time.Since(t0), Healed: append(healed, fixed...)}
 	var lazy *lazySession
 	if o.Lazy && len(m.Job.Trees) > 0 {
 		return nil, fmt.Errorf("generation %d holds %d trees: restore it without --lazy", gen, len(m.Job.Trees))
@@ -257,6 +290,15 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 		var pids []int
 		pids, err = restoreTrees(ctx, bin, copts, images, work, m.Job.Trees)
 		pid, res.PIDs = pids[0], pids
+	} else if stream {
+		pid, err = criu.RestoreStreamed(ctx, bin, copts, skippingSource{src, zs})
+		for _, p := range src.Healed() {
+			log.Info("healed a damaged chunk from the replica", "generation", gen, "problem", p.String())
+			res.Healed = append(res.Healed, p)
+		}
+		if herr := src.Finish(); herr != nil {
+			log.Warn("healed chunks could not all be written back into the store", "err", herr)
+		}
 	} else {
 		pid, err = criu.Restore(ctx, bin, copts, nil)
 	}
@@ -317,6 +359,23 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 		}
 	}
 	return res, nil
+}
+
+// streamed decides whether the images go from the store straight into
+// CRIU: always, but for lazy restores and jobs of several trees (which need
+// CRIU's RPC), or when asked not to. A generation with chunks missing or
+// cut short is materialized instead, so that every problem is named (or
+// healed from the replica) before any process starts; damage that only
+// reading finds ends a streamed restore before the job runs.
+func (o Options) streamed(st *store.Store, m *store.Manifest, replica bool, log *slog.Logger) bool {
+	if o.NoStream || o.Lazy || len(m.Job.Trees) > 0 {
+		return false
+	}
+	if ps := st.Quick(m); len(ps) > 0 {
+		log.Debug("not streaming a damaged generation", "generation", m.Generation, "problems", len(ps), "replica", replica)
+		return false
+	}
+	return true
 }
 
 // killJob kills the processes of a restored job and waits for them to go.

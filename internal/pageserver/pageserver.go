@@ -270,3 +270,57 @@ func PagemapImage(img *Image) ([]byte, error) {
 func IsShmemPagemap(name string) bool {
 	return len(name) > len("pagemap-shmem-") && name[:len("pagemap-shmem-")] == "pagemap-shmem-"
 }
+
+// ParsePagemap decodes a pagemap image (PagemapImage's format, or CRIU's):
+// the pages image id and the entries, with CRIU's old in_parent encoding
+// turned into flags.
+func ParsePagemap(b []byte) (pagesID uint32, entries []Entry, err error) {
+	msgs, err := ImageEntries(b, pagemapMagic)
+	if err != nil {
+		return 0, nil, err
+	}
+	if len(msgs) == 0 {
+		return 0, nil, errors.New("pagemap image without a head")
+	}
+	var head pagemap.PagemapHead
+	if err := proto.Unmarshal(msgs[0], &head); err != nil {
+		return 0, nil, fmt.Errorf("pagemap head: %w", err)
+	}
+	for _, m := range msgs[1:] {
+		var pe pagemap.PagemapEntry
+		if err := proto.Unmarshal(m, &pe); err != nil {
+			return 0, nil, fmt.Errorf("pagemap entry: %w", err)
+		}
+		flags := pe.GetFlags()
+		if pe.Flags == nil {
+			flags = PEPresent
+			if pe.GetInParent() {
+				flags = PEParent
+			}
+		}
+		entries = append(entries, Entry{Vaddr: pe.GetVaddr(), NrPages: pe.GetNrPages(), Flags: flags})
+	}
+	return head.GetPagesId(), entries, nil
+}
+
+// ImageEntries splits a CRIU image with the common magic and the given
+// type magic into its length-prefixed protobuf messages.
+func ImageEntries(b []byte, magic uint32) ([][]byte, error) {
+	if len(b) < 8 || binary.LittleEndian.Uint32(b) != imgCommonMagic || binary.LittleEndian.Uint32(b[4:]) != magic {
+		return nil, fmt.Errorf("not an image of magic %#x", magic)
+	}
+	b = b[8:]
+	var out [][]byte
+	for len(b) > 0 {
+		if len(b) < 4 {
+			return nil, errors.New("image cut short")
+		}
+		n := binary.LittleEndian.Uint32(b)
+		if uint64(n) > uint64(len(b)-4) {
+			return nil, errors.New("image cut short")
+		}
+		out = append(out, b[4:4+n])
+		b = b[4+n:]
+	}
+	return out, nil
+}

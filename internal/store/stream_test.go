@@ -1,0 +1,118 @@
+package store
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"strings"
+	"testing"
+)
+
+// TestSourceSendsFiles: every file streams out byte for byte as it went in,
+// zero chunks included, in order though its chunks are decoded in parallel;
+// logs and unknown names are not served.
+func TestSourceSendsFiles(t *testing.T) {
+	s := newStore(t)
+	files := map[string][]byte{
+		"empty.img": {},
+		"core-1.img": randBytes(1, 10_000),
+		// Random, zero and random again, with odd cuts: chunks of every
+		// kind, more than the workers' look-ahead.
+		"pages-1.img": bytes.Join([][]byte{randBytes(2, 9*MaxChunk+4096), make([]byte, 3*MaxChunk), randBytes(3, 20*MaxChunk+777)}, nil),
+	}
+	specs := writeSpecs(t, t.TempDir(), files)
+	for i := range specs {
+		if specs[i].Name == "pages-1.img" {
+			specs[i].Kind, specs[i].Cuts = "pages", []int64{4096, 5000, 7 * MaxChunk}
+		}
+	}
+	specs = append(specs, FileSpec{Path: specs[0].Path, Name: "dump.log", Kind: "log"})
+	_, m := commit(t, s, specs, nil)
+	src := s.NewSource(m, nil)
+	for name, want := range files {
+		if !src.Has(name) {
+			t.Fatalf("Has(%q) = false", name)
+		}
+		var got bytes.Buffer
+		if err := src.Send(context.Background(), name, &got); err != nil {
+			t.Fatalf("Send(%s): %v", name, err)
+		}
+		if !bytes.Equal(got.Bytes(), want) {
+			t.Errorf("Send(%s): %d bytes differ from the %d stored", name, got.Len(), len(want))
+		}
+	}
+	for _, name := range []string{"dump.log", "nothing.img"} {
+		if src.Has(name) {
+			t.Errorf("Has(%q) = true", name)
+		}
+		if err := src.Send(context.Background(), name, io.Discard); err == nil {
+			t.Errorf("Send(%q) worked", name)
+		}
+	}
+}
+
+// TestSourceDamage: a damaged chunk ends the stream before the file is
+// whole, with a CorruptError naming it; with a replica it is healed and
+// the stream is whole.
+func TestSourceDamage(t *testing.T) {
+	s, rep, m, files := replicaPair(t)
+	var f File
+	for _, f = range m.Files {
+		if f.Name == "pages-1.img" {
+			break
+		}
+	}
+	bad := f.Chunks[1]
+	flipByte(t, s.ChunkPath(bad.Hash))
+
+	var got bytes.Buffer
+	err := s.NewSource(m, nil).Send(context.Background(), "pages-1.img", &got)
+	var ce *CorruptError
+	if !errors.As(err, &ce) || !errors.Is(err, ErrCorrupt) || ce.Problems[0].Chunk != 1 || !strings.Contains(err.Error(), bad.Hash) {
+		t.Fatalf("Send of a damaged file: %v, want a CorruptError naming chunk 1 (%s)", err, bad.Hash)
+	}
+	if int64(got.Len()) >= f.Size {
+		t.Errorf("Send sent all %d bytes of a damaged file", got.Len())
+	}
+
+	src := s.NewSource(m, rep)
+	got.Reset()
+	if err := src.Send(context.Background(), "pages-1.img", &got); err != nil {
+		t.Fatalf("Send with a replica: %v", err)
+	}
+	if !bytes.Equal(got.Bytes(), files["pages-1.img"]) {
+		t.Error("Send with a replica: content differs")
+	}
+	if err := src.Finish(); err != nil {
+		t.Fatal(err)
+	}
+	if h := src.Healed(); len(h) != 1 || h[0].Hash != bad.Hash {
+		t.Errorf("Healed() = %v, want the one damaged chunk", h)
+	}
+	if ps := s.Verify(context.Background(), m); len(ps) != 0 {
+		t.Errorf("the healed chunk was not written back: %v", ps)
+	}
+}
+
+// TestSourceStopsOnWriteError: a reader that goes away (CRIU giving up)
+// ends Send with its error, and no worker is left behind.
+func TestSourceStopsOnWriteError(t *testing.T) {
+	s := newStore(t)
+	files := map[string][]byte{"pages-1.img": randBytes(4, 40*MaxChunk)}
+	_, m := commit(t, s, writeSpecs(t, t.TempDir(), files), nil)
+	w := &failAfter{n: 3 * MaxChunk}
+	err := s.NewSource(m, nil).Send(context.Background(), "pages-1.img", w)
+	if err == nil || !strings.Contains(err.Error(), "reader gone") {
+		t.Fatalf("Send to a failing writer: %v", err)
+	}
+}
+
+type failAfter struct{ n int }
+
+func (f *failAfter) Write(p []byte) (int, error) {
+	if f.n -= len(p); f.n < 0 {
+		return 0, errors.New("reader gone")
+	}
+	return len(p), nil
+}

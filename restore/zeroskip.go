@@ -1,0 +1,200 @@
+package restore
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"sort"
+	"strconv"
+
+	"github.com/checkpoint-restore/go-criu/v7/crit/images/mm"
+	"github.com/cryo-hpc/cryo/internal/pageserver"
+	"github.com/cryo-hpc/cryo/internal/store"
+	"google.golang.org/protobuf/proto"
+)
+
+// A streamed restore leaves out memory that is zero. The store knows it
+// without reading it (zero chunks are not stored), and a private anonymous
+// mapping that CRIU restores starts out zero, so those pages need neither
+// reading, copying nor touching: the job gets them from the kernel when it
+// first uses them, as a fresh process would. Each process's pagemap is
+// rewritten without the zero chunks that lie wholly in such mappings, and
+// its pages image is sent without them. (Where a child shares a mapping
+// with its parent, CRIU zaps the pages the child's pagemap does not list,
+// so they read as zero there too.)
+
+const mmMagic = 0x57492820 // criu/include/magic.h
+
+// zeroSkip is the plan for one generation: rewritten pagemaps by name, and
+// by pages image the chunks not to send.
+type zeroSkip struct {
+	pagemaps map[string][]byte
+	skip     map[string]map[int]bool
+	bytes    int64 // memory left out
+}
+
+func planZeroSkip(st *store.Store, m *store.Manifest) (*zeroSkip, error) {
+	z := &zeroSkip{pagemaps: map[string][]byte{}, skip: map[string]map[int]bool{}}
+	files := map[string]*store.File{}
+	for i := range m.Files {
+		files[m.Files[i].Name] = &m.Files[i]
+	}
+	for _, f := range m.Files {
+		mt := pidPagemapRE.FindStringSubmatch(f.Name)
+		if mt == nil {
+			continue
+		}
+		pid, _ := strconv.Atoi(mt[1])
+		if err := z.plan(st, m, files, f.Name, pid); err != nil {
+			return nil, fmt.Errorf("%s: %w", f.Name, err)
+		}
+	}
+	return z, nil
+}
+
+func readWhole(st *store.Store, m *store.Manifest, f *store.File) ([]byte, error) {
+	return st.ReadAt(m, f.Name, 0, f.Size)
+}
+
+func (z *zeroSkip) plan(st *store.Store, m *store.Manifest, files map[string]*store.File, name string, pid int) error {
+	b, err := readWhole(st, m, files[name])
+	if err != nil {
+		return err
+	}
+	pagesID, entries, err := pageserver.ParsePagemap(b)
+	if err != nil {
+		return err
+	}
+	pf := files[fmt.Sprintf("pages-%d.img", pagesID)]
+	mmf := files[fmt.Sprintf("mm-%d.img", pid)]
+	if pf == nil || mmf == nil {
+		return nil // nothing to plan with; sent as stored
+	}
+	mb, err := readWhole(st, m, mmf)
+	if err != nil {
+		return err
+	}
+	msgs, err := pageserver.ImageEntries(mb, mmMagic)
+	if err != nil || len(msgs) == 0 {
+		return fmt.Errorf("mm-%d.img: %v", pid, err)
+	}
+	var me mm.MmEntry
+	if err := proto.Unmarshal(msgs[0], &me); err != nil {
+		return fmt.Errorf("mm-%d.img: %w", pid, err)
+	}
+	var vmas []vmaRange
+	for _, v := range me.GetVmas() {
+		vmas = append(vmas, vmaRange{start: v.GetStart(), end: v.GetEnd(), lazy: canBeLazy(v.GetFlags(), v.GetStatus())})
+	}
+	sort.Slice(vmas, func(i, j int) bool { return vmas[i].start < vmas[j].start })
+
+	// Where each present entry's pages sit in the pages image.
+	type placed struct {
+		e   pageserver.Entry
+		off int64
+	}
+	var present []placed
+	var off int64
+	for _, e := range entries {
+		if e.Flags&pageserver.PEPresent != 0 {
+			present = append(present, placed{e, off})
+			off += int64(e.NrPages) * pageserver.PageSize
+		}
+	}
+	if off != pf.Size {
+		return fmt.Errorf("pagemap lists %d bytes of pages, %s holds %d", off, pf.Name, pf.Size)
+	}
+	// A zero chunk is left out when all of it lies in private anonymous
+	// mappings; what is left out is noted by address.
+	type span struct{ start, end uint64 }
+	var dropped []span
+	skip := map[int]bool{}
+	var cs int64
+	for ci, c := range pf.Chunks {
+		ce := cs + c.Len
+		if c.Zero && c.Len > 0 && cs%pageserver.PageSize == 0 && c.Len%pageserver.PageSize == 0 {
+			i := sort.Search(len(present), func(i int) bool {
+				return present[i].off+int64(present[i].e.NrPages)*pageserver.PageSize > cs
+			})
+			var pieces []span
+			ok := true
+			for p := cs; p < ce && ok; i++ {
+				if i >= len(present) {
+					ok = false
+					break
+				}
+				pe := present[i]
+				pend := pe.off + int64(pe.e.NrPages)*pageserver.PageSize
+				lo, hi := p, min(ce, pend)
+				a := pe.e.Vaddr + uint64(lo-pe.off)
+				bEnd := pe.e.Vaddr + uint64(hi-pe.off)
+				lazy, next := lazyAt(vmas, a, bEnd)
+				if !lazy || next < bEnd {
+					ok = false
+				}
+				pieces = append(pieces, span{a, bEnd})
+				p = hi
+			}
+			if ok {
+				skip[ci] = true
+				dropped = append(dropped, pieces...)
+				z.bytes += c.Len
+			}
+		}
+		cs = ce
+	}
+	if len(skip) == 0 {
+		return nil
+	}
+	// The new pagemap: every entry as it was, less the dropped spans
+	// (which are in address order, as the pages image is).
+	img := &pageserver.Image{PagesID: pagesID}
+	d := 0
+	for _, e := range entries {
+		if e.Flags&pageserver.PEPresent == 0 {
+			img.Entries = append(img.Entries, e)
+			continue
+		}
+		a, end := e.Vaddr, e.Vaddr+uint64(e.NrPages)*pageserver.PageSize
+		for d < len(dropped) && dropped[d].end <= a {
+			d++
+		}
+		for a < end {
+			if d < len(dropped) && dropped[d].start < end {
+				if dropped[d].start > a {
+					img.Entries = append(img.Entries, pageserver.Entry{Vaddr: a, NrPages: uint32((dropped[d].start - a) / pageserver.PageSize), Flags: e.Flags})
+				}
+				a = min(dropped[d].end, end)
+				if dropped[d].end <= end {
+					d++
+				}
+				continue
+			}
+			img.Entries = append(img.Entries, pageserver.Entry{Vaddr: a, NrPages: uint32((end - a) / pageserver.PageSize), Flags: e.Flags})
+			a = end
+		}
+	}
+	nb, err := pageserver.PagemapImage(img)
+	if err != nil {
+		return err
+	}
+	z.pagemaps[name] = nb
+	z.skip[pf.Name] = skip
+	return nil
+}
+
+// skippingSource is the generation's store.Source with the plan applied.
+type skippingSource struct {
+	src *store.Source
+	z   *zeroSkip
+}
+
+func (s skippingSource) Has(name string) bool { return s.src.Has(name) }
+
+func (s skippingSource) Send(ctx context.Context, name string, w io.Writer) error {
+	if b, ok := s.z.pagemaps[name]; ok {
+		_, err := w.Write(b)
+		return err
+	}
+	return s.src.SendSkipping(ctx, name, w, s.z.skip[name])
+}
