@@ -15,7 +15,7 @@ import (
 func TestSourceSendsFiles(t *testing.T) {
 	s := newStore(t)
 	files := map[string][]byte{
-		"empty.img": {},
+		"empty.img":  {},
 		"core-1.img": randBytes(1, 10_000),
 		// Random, zero and random again, with odd cuts: chunks of every
 		// kind, more than the workers' look-ahead.
