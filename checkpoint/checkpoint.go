@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"time"
@@ -24,7 +25,7 @@ import (
 var Version = "0.1.0"
 
 // ChunkWindow is the address window that page chunks follow (see criu.Cuts).
-const ChunkWindow = 512 << 10
+const ChunkWindow = 1 << 20
 
 // ErrNoProcess means the PID to checkpoint does not exist.
 var ErrNoProcess = proc.ErrNoProcess
@@ -200,7 +201,7 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 	// hashed, compressed and stored while CRIU is still dumping.
 	// With leave-running, the workers wait until CRIU lets the job go, so
 	// that hashing and compressing take no CPU from the frozen job's dump.
-	w, err := st.NewWriterOpts(store.WriterOptions{Queue: queueFor(o.NoStream), Hold: !o.Kill && !o.NoStream, Replica: rep.store(), ReplicaRequired: o.ReplicaRequired})
+	w, err := st.NewWriterOpts(writerOptions(o, rep))
 	if err != nil {
 		return nil, err
 	}
@@ -294,16 +295,36 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 	return res, nil
 }
 
-// queueFor sizes the writer's queue: with streaming, pages wait in memory
-// for a worker rather than hold up the frozen job, up to a quarter of the
-// memory available (at most 4 GiB).
-func queueFor(noStream bool) int {
-	if noStream {
-		return 0
+// writerOptions decides how the store writer takes the page stream.
+//
+// With leave-running the job is frozen while its pages stream in, so they
+// must arrive as fast as CRIU sends them: hashing and compression wait
+// until the job runs again (Hold), and the pages wait in buffers faulted in
+// before the freeze (Prefill), as much of the job's memory as half the
+// free memory allows; the rest streams into fresh buffers or, past a
+// quarter of free memory, waits for the workers.
+//
+// With Kill the job never runs again, so nothing is gained by letting CRIU
+// race ahead of the workers into fresh memory: a short queue keeps a few
+// warm buffers cycling between the page stream and the workers.
+func writerOptions(o Options, rep *replica) store.WriterOptions {
+	wo := store.WriterOptions{Replica: rep.store(), ReplicaRequired: o.ReplicaRequired}
+	if o.NoStream {
+		return wo
 	}
-	avail := memAvailable() / 4
-	avail = min(max(avail, 64<<20), 4<<30)
-	return int(avail / ChunkWindow)
+	if o.Kill {
+		wo.Queue = 4 * runtime.GOMAXPROCS(0)
+		return wo
+	}
+	avail := memAvailable()
+	wo.Hold = true
+	wo.Queue = int(min(max(avail/4, 64<<20), 4<<30) / ChunkWindow)
+	var rss int64
+	for _, p := range append([]int{o.PID}, o.MorePIDs...) {
+		rss += treeRSS(p)
+	}
+	wo.Prefill = min(rss+rss/32, avail/2)
+	return wo
 }
 
 // fileSpecs lists the images to store, with page images cut at address
@@ -400,17 +421,20 @@ func resume(o Options, tasks []criu.Task) error {
 	return errors.Join(errs...)
 }
 
-// kill ends every task of a checkpointed tree and waits until their PIDs are
-// free, so that a restore can take them again.
+// kill ends every task of a checkpointed tree. Like criu dump, it does not
+// wait for a large job's memory to be torn down (a restore waits for the
+// PIDs it needs), unless reap asks it to reap its own children, and then it
+// waits until every PID is free.
 func kill(ctx context.Context, tasks []criu.Task, reap bool) error {
 	for _, t := range tasks {
 		_ = syscall.Kill(t.PID, syscall.SIGKILL)
 	}
-	if reap {
-		for _, t := range tasks {
-			var ws syscall.WaitStatus
-			_, _ = syscall.Wait4(t.PID, &ws, 0, nil) // ECHILD for others' children
-		}
+	if !reap {
+		return nil
+	}
+	for _, t := range tasks {
+		var ws syscall.WaitStatus
+		_, _ = syscall.Wait4(t.PID, &ws, 0, nil) // ECHILD for others' children
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()

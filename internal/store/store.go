@@ -44,6 +44,8 @@ type Store struct {
 	// Progress, when set, counts the bytes that writers, Verify and
 	// Materialize process, for a caller that shows progress.
 	Progress *Progress
+
+	direct directState // whether chunk files may be written with O_DIRECT
 }
 
 // Create opens the store at dir, creating it (and its parents) if needed.

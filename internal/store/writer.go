@@ -55,6 +55,8 @@ type Writer struct {
 	closed   bool
 
 	rep *replicaWriter // nil without a replica (replica.go)
+
+	arena []byte // WriterOptions.Prefill's buffers, unmapped by stop
 }
 
 type chunkJob struct {
@@ -95,6 +97,12 @@ type WriterOptions struct {
 	// ReplicaRequired is set.
 	Replica         *Store
 	ReplicaRequired bool
+	// Prefill allocates about this many bytes of chunk buffers, faulted in,
+	// before NewWriterOpts returns: a producer that must be fast (a frozen
+	// job's page stream) then copies into memory that is ready, instead of
+	// paying for fresh pages while the job waits. The queue is deepened to
+	// hold them all. Unused where the memory cannot be had.
+	Prefill int64
 }
 
 // NewWriter starts a generation.
@@ -109,15 +117,30 @@ func (s *Store) NewWriterOpts(o WriterOptions) (*Writer, error) {
 	if o.Queue <= 0 {
 		o.Queue = 64
 	}
+	var arena []byte
+	if n := int(o.Prefill / MaxChunk); n > 0 {
+		// One mapping, populated at once, is much cheaper than faulting in
+		// n buffers page by page.
+		if a, err := unix.Mmap(-1, 0, n*MaxChunk, unix.PROT_READ|unix.PROT_WRITE,
+			unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_POPULATE); err == nil {
+			arena = a
+			o.Queue = max(o.Queue, n)
+		}
+	}
 	w := &Writer{s: s, staging: staging, jobs: make(chan chunkJob, o.Queue),
-		bufs: make(chan []byte, min(o.Queue+8, 4096)), hold: make(chan struct{})}
+		bufs: make(chan []byte, max(min(o.Queue+8, 4096), len(arena)/MaxChunk+8)), hold: make(chan struct{}), arena: arena}
+	for i := 0; i+MaxChunk <= len(arena); i += MaxChunk {
+		w.bufs <- arena[i : i : i+MaxChunk]
+	}
 	if !o.Hold {
 		w.Release()
 	}
 	if o.Replica != nil {
 		w.rep = newReplicaWriter(s, o.Replica, o.ReplicaRequired)
 	}
-	for range runtime.GOMAXPROCS(0) {
+	// Two more workers than CPUs: a worker waiting for its chunk's write
+	// (O_DIRECT waits for the disk) leaves its CPU to another.
+	for range runtime.GOMAXPROCS(0) + 2 {
 		w.workers.Add(1)
 		go w.work()
 	}
@@ -205,18 +228,22 @@ func (fw *FileWriter) Put(data []byte) error {
 func (w *Writer) work() {
 	defer w.workers.Done()
 	// One encoder per worker: a shared encoder serialises EncodeAll.
+	// No frame checksum: every chunk is named by its SHA-256, which every
+	// reader checks.
 	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest),
-		zstd.WithEncoderConcurrency(1), zstd.WithLowerEncoderMem(true))
+		zstd.WithEncoderConcurrency(1), zstd.WithLowerEncoderMem(true), zstd.WithEncoderCRC(false))
 	if err != nil {
 		w.fail(err)
 	}
-	var zbuf []byte
+	// Aligned and big enough for any compressed chunk, so that it can be
+	// written with O_DIRECT (direct.go).
+	cd := &coder{enc: enc, zbuf: alignedBuf(MaxChunk + 64<<10), probe: make([]byte, probeLen+64)}
 	<-w.hold
 	for j := range w.jobs {
 		if enc != nil && w.Err() == nil {
 			var r pieceResult
 			var err error
-			r.c, r.fresh, zbuf, err = w.putChunk(enc, j.data, zbuf)
+			r.c, r.fresh, err = w.putChunk(cd, j.data)
 			r.done = true
 			if err != nil {
 				w.fail(err)
@@ -309,13 +336,19 @@ func splitPoints(size int64, cuts []int64) []int64 {
 	return pts
 }
 
+// coder is one worker's encoder and buffers.
+type coder struct {
+	enc         *zstd.Encoder
+	zbuf, probe []byte
+}
+
 // putChunk stores b under its hash unless it is there already.
-func (w *Writer) putChunk(enc *zstd.Encoder, b, zbuf []byte) (Chunk, bool, []byte, error) {
+func (w *Writer) putChunk(cd *coder, b []byte) (Chunk, bool, error) {
 	if isZero(b) {
 		// Zero memory is common (touched, never written, or cleared) and
 		// needs neither hashing, compressing nor storing: the manifest
 		// says so and restore leaves a hole.
-		return Chunk{Hash: zeroHash(len(b)), Len: int64(len(b)), Zero: true}, false, zbuf, nil
+		return Chunk{Hash: zeroHash(len(b)), Len: int64(len(b)), Zero: true}, false, nil
 	}
 	sum := sha256.Sum256(b)
 	hash := hex.EncodeToString(sum[:])
@@ -327,12 +360,12 @@ func (w *Writer) putChunk(enc *zstd.Encoder, b, zbuf []byte) (Chunk, bool, []byt
 		p := prev.(*inflight)
 		<-p.done
 		c.Stored = p.stored
-		return c, false, zbuf, p.err
+		return c, false, p.err
 	}
 	defer close(st.done)
-	c, fresh, zbuf, err := w.storeChunk(enc, c, b, zbuf)
+	c, fresh, err := w.storeChunk(cd, c, b)
 	st.stored, st.err = c.Stored, err
-	return c, fresh, zbuf, err
+	return c, fresh, err
 }
 
 type inflight struct {
@@ -341,38 +374,31 @@ type inflight struct {
 	err    error
 }
 
-func (w *Writer) storeChunk(enc *zstd.Encoder, c Chunk, b, zbuf []byte) (Chunk, bool, []byte, error) {
+func (w *Writer) storeChunk(cd *coder, c Chunk, b []byte) (Chunk, bool, error) {
 	path := w.s.ChunkPath(c.Hash)
 	if st, err := os.Stat(path); err == nil {
 		c.Stored = st.Size()
 		if w.rep != nil {
-			c.Stored = w.rep.have(enc, c, b)
+			c.Stored = w.rep.have(cd.enc, c, b)
 		}
-		return c, false, zbuf, nil
+		return c, false, nil
 	}
-	zbuf = enc.EncodeAll(b, zbuf[:0])
-	c.Stored = int64(len(zbuf))
+	cd.zbuf, cd.probe = compressChunk(cd.enc, b, cd.zbuf, cd.probe)
+	c.Stored = int64(len(cd.zbuf))
 	if err := os.MkdirAll(filepath.Dir(path), dirMode); err != nil {
-		return c, false, zbuf, err
+		return c, false, err
 	}
-	f, err := os.CreateTemp(filepath.Dir(path), c.Hash[:16]+".tmp*")
-	if err != nil {
-		return c, false, zbuf, fmt.Errorf("write chunk: %w", err)
-	}
-	tmp := f.Name()
-	_, err = f.Write(zbuf)
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
+	tmp, err := w.s.direct.writeChunkFile(filepath.Dir(path), c.Hash[:16]+".tmp*", cd.zbuf)
 	if err == nil {
-		err = os.Rename(tmp, path)
+		if err = os.Rename(tmp, path); err != nil {
+			os.Remove(tmp)
+		}
 	}
 	if err != nil {
-		os.Remove(tmp)
-		return c, false, zbuf, fmt.Errorf("write chunk %s: %w", path, err)
+		return c, false, fmt.Errorf("write chunk %s: %w", path, err)
 	}
-	w.rep.put(c, zbuf)
-	return c, true, zbuf, nil
+	w.rep.put(c, cd.zbuf)
+	return c, true, nil
 }
 
 // Stats are the store-side statistics of everything submitted so far (call
@@ -403,6 +429,16 @@ func (w *Writer) stop() {
 	if !closed {
 		close(w.jobs)
 		w.workers.Wait()
+		if w.arena != nil {
+			// Every producer is done (a page stream is waited for before
+			// its writer commits or aborts) and every worker has exited:
+			// no buffer of the arena is in use.
+			for len(w.bufs) > 0 {
+				<-w.bufs
+			}
+			_ = unix.Munmap(w.arena)
+			w.arena = nil
+		}
 	}
 }
 
