@@ -2,7 +2,7 @@
 #
 #   make demo    run cryo's main job on a built-in example workload
 #   make test    install what is needed (Go modules, CRIU, tools) and run every test
-#   make bench   checkpoint/restore benchmark against raw CRIU (BENCH_MIB=1024)
+#   make bench   checkpoint/restore benchmark against raw CRIU (BENCH_MIB=2048)
 #
 # Everything that needs installing is installed by `make deps` (root, Debian 12).
 

@@ -2,7 +2,7 @@
 # The benchmark (make bench): cryo against raw CRIU on the same workload in
 # the same run. See e2e/bench/main.go for what is measured and how.
 #
-#   BENCH_MIB=1024   memory of the workload (MiB)
+#   BENCH_MIB=2048   memory of the workload (MiB)
 #   BENCH_REPS=3     repetitions per tool
 #   BENCH_DIR=/var/tmp         disk for CRIU's images and cryo's store (same disk for both)
 #   BENCH_WARM_MIB=max(2048, 2*BENCH_MIB+512)  fresh memory touched and freed before every timed step
@@ -50,7 +50,7 @@ echo "load before: $(uptime)"
 # The bench runs in the background so that a signal to this script reaches
 # it at once (it then stops, kills its workloads and cleans up).
 "$work/bin/bench" -cryo "$repo/bin/cryo" -criu "$CRYO_CRIU" -workload "$work/bin/mixed" \
-  -dir "$work/run" -shm "$shm" -mib "${BENCH_MIB:-1024}" -reps "${BENCH_REPS:-3}" \
+  -dir "$work/run" -shm "$shm" -mib "${BENCH_MIB:-2048}" -reps "${BENCH_REPS:-3}" \
   -warm-mib "${BENCH_WARM_MIB:--1}" -json "$out" &
 bench=$!
 trap 'kill -TERM "$bench" 2>/dev/null || true' INT TERM

@@ -2,7 +2,10 @@ package store
 
 import (
 	"errors"
+	"fmt"
+	"io"
 	"os"
+	"sync"
 	"sync/atomic"
 	"unsafe"
 
@@ -113,4 +116,67 @@ func pwriteAll(fd int, b []byte, off int64) error {
 		b, off = b[n:], off+int64(n)
 	}
 	return nil
+}
+
+// zbufs holds aligned buffers for reading chunk files with O_DIRECT.
+var zbufs = sync.Pool{New: func() any {
+	b := alignedBuf(MaxChunk + 64<<10)
+	return &b
+}}
+
+// maxStored bounds a chunk file: a 1 MiB chunk stored raw is a few bytes
+// longer than 1 MiB; anything much bigger is not a chunk.
+const maxStored = 2 * MaxChunk
+
+// readChunkFile calls fn with the content of a chunk file, read with
+// O_DIRECT where the file system takes it, so that reading a generation
+// does not fill the page cache (fresh memory) with compressed bytes that
+// are needed once. fn must not keep the slice.
+func (d *directState) readChunkFile(path string, fn func([]byte) error) error {
+	if !d.refused.Load() {
+		f, err := os.OpenFile(path, os.O_RDONLY|unix.O_DIRECT, 0)
+		if err == nil {
+			defer f.Close()
+			st, err := f.Stat()
+			if err != nil {
+				return err
+			}
+			if st.Size() > maxStored {
+				return fmt.Errorf("is %d bytes, more than any chunk", st.Size())
+			}
+			bp := zbufs.Get().(*[]byte)
+			defer zbufs.Put(bp)
+			need := int(st.Size()+directAlign-1) / directAlign * directAlign
+			if cap(*bp) < need {
+				*bp = alignedBuf(need)
+			}
+			b := (*bp)[:need]
+			n := 0
+			for n < need {
+				k, err := f.Read(b[n:])
+				n += k
+				if err == io.EOF || (err == nil && k == 0) {
+					break
+				}
+				if err != nil {
+					if errors.Is(err, unix.EINVAL) {
+						d.refused.Store(true)
+						goto buffered
+					}
+					return err
+				}
+			}
+			return fn(b[:n])
+		}
+		if !errors.Is(err, unix.EINVAL) {
+			return err
+		}
+		d.refused.Store(true)
+	}
+buffered:
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	return fn(b)
 }

@@ -134,14 +134,19 @@ func (s *Store) walkHealing(ctx context.Context, m *Manifest, sel func(File) boo
 
 // readChunk reads, decompresses and checks one chunk.
 func (s *Store) readChunk(c Chunk, buf []byte) ([]byte, error) {
-	z, err := os.ReadFile(s.ChunkPath(c.Hash))
+	out := buf
+	var derr error
+	err := s.direct.readChunkFile(s.ChunkPath(c.Hash), func(z []byte) error {
+		out, derr = decodeChunk(z, c, buf)
+		return nil
+	})
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return buf, errors.New("missing")
 		}
 		return buf, err
 	}
-	return decodeChunk(z, c, buf)
+	return out, derr
 }
 
 // Verify re-hashes every chunk of the generation and returns what is wrong
