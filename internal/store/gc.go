@@ -65,6 +65,7 @@ func (s *Store) GC() (GCResult, error) {
 				continue
 			}
 			res.Chunks++
+			crashPoint("gc")
 		}
 	}
 	return res, errors.Join(errs...)

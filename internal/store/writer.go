@@ -460,6 +460,7 @@ func (w *Writer) Commit(m *Manifest) (int, error) {
 		gen = gens[len(gens)-1] + 1
 	}
 	gen = w.rep.nextGen(gen)
+	crashPoint("chunks-written")
 	if err := syncFS(w.s.Dir); err != nil {
 		return 0, err
 	}
@@ -506,9 +507,11 @@ func (w *Writer) Commit(m *Manifest) (int, error) {
 	if err := writeFileAtomic(filepath.Join(w.staging, "manifest.json"), b); err != nil {
 		return 0, fmt.Errorf("write manifest: %w", err)
 	}
+	crashPoint("manifest-written")
 	if err := os.Rename(w.staging, w.s.GenDir(gen)); err != nil {
 		return 0, fmt.Errorf("commit generation %d: %w", gen, err)
 	}
+	crashPoint("renamed")
 	if err := syncDir(filepath.Join(w.s.Dir, "checkpoints")); err != nil {
 		return gen, err
 	}
