@@ -3,6 +3,7 @@
 #   make demo    run cryo's main job on a built-in example workload
 #   make test    install what is needed (Go modules, CRIU, tools) and run every test
 #   make bench   checkpoint/restore benchmark against raw CRIU (BENCH_MIB=2048)
+#   make fuzz    fuzz the manifest, pagemap and page-stream readers (FUZZTIME=30s each)
 #
 # Everything that needs installing is installed by `make deps` (root, Debian 12).
 
@@ -15,7 +16,7 @@ STATICCHECK := $(CURDIR)/.deps/bin/staticcheck
 export CRYO_CRIU ?= $(CRIU)
 export GOFLAGS   ?= -buildvcs=false
 
-.PHONY: all build deps criu tools lint test test-unit demo bench clean
+.PHONY: all build deps criu tools lint test test-unit demo bench fuzz clean
 
 all: build
 
@@ -55,6 +56,16 @@ demo: criu build
 
 bench: criu build
 	scripts/bench.sh
+
+# Seeds and the inputs found so far are kept in each package's
+# testdata/fuzz/, which every `make test` runs; a crash found here lands
+# there too.
+FUZZTIME ?= 30s
+fuzz:
+	$(GO) test ./internal/store -run '^$$' -fuzz '^FuzzParseManifest$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./internal/store -run '^$$' -fuzz '^FuzzManifestFields$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./internal/pageserver -run '^$$' -fuzz '^FuzzParsePagemap$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./internal/pageserver -run '^$$' -fuzz '^FuzzReceiver$$' -fuzztime $(FUZZTIME)
 
 clean:
 	rm -rf bin

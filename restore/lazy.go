@@ -133,7 +133,9 @@ func (s *lazySource) pages(pid int, vaddr uint64, nr uint32) ([]byte, error) {
 	if fi == nil {
 		return nil, fmt.Errorf("no pages for pid %d in generation %d", pid, s.m.Generation)
 	}
-	out := make([]byte, 0, int(nr)*pageserver.PageSize)
+	// The daemon asks for what the job has; a larger request gets what
+	// there is, without reserving memory for the rest.
+	out := make([]byte, 0, min(int(nr), 1<<12)*pageserver.PageSize)
 	for want := uint64(nr); want > 0; {
 		i := sort.Search(len(runs), func(i int) bool { return runs[i].vaddr+runs[i].pages*pageserver.PageSize > vaddr })
 		if i == len(runs) || runs[i].vaddr > vaddr {

@@ -191,13 +191,37 @@ func parseManifest(b []byte) (*Manifest, error) {
 		if fileDigest(f.Chunks) != f.Digest {
 			return nil, fmt.Errorf("manifest.json: %s: chunk list does not match its digest", f.Name)
 		}
+		// The checksums say the manifest is as written, not that whoever
+		// wrote it was cryo: every number and name that reaches a path or
+		// a loop is checked.
+		var size int64
 		for i, c := range f.Chunks {
+			if !validHash(c.Hash) || c.Len < 0 || c.Len > MaxChunk || c.Stored < 0 || c.Stored > maxStored {
+				return nil, fmt.Errorf("manifest.json: %s: chunk %d is not a valid chunk (hash %.80q, %d bytes, %d stored)", f.Name, i, c.Hash, c.Len, c.Stored)
+			}
 			if c.Zero && c.Hash != zeroHash(int(c.Len)) {
 				return nil, fmt.Errorf("manifest.json: %s: chunk %d is marked zero but its hash says otherwise", f.Name, i)
 			}
+			size += c.Len
+		}
+		if size != f.Size {
+			return nil, fmt.Errorf("manifest.json: %s: chunks add up to %d bytes, file is %d", f.Name, size, f.Size)
 		}
 	}
 	return &m, nil
+}
+
+// validHash is a SHA-256 in lowercase hex, the only form a chunk name has.
+func validHash(h string) bool {
+	if len(h) != 64 {
+		return false
+	}
+	for i := 0; i < len(h); i++ {
+		if c := h[i]; (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return false
+		}
+	}
+	return true
 }
 
 func withoutChecksum(m Manifest) Manifest { m.Checksum = ""; return m }
