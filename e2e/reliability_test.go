@@ -6,6 +6,7 @@ import (
 	"errors"
 	"os"
 	"os/exec"
+	"math/rand/v2"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -146,3 +147,114 @@ func equalInts(a, b []int) bool {
 	}
 	return true
 }
+
+// TestRandomDamageFallback: random damage (bit flip, truncation, deletion)
+// to a chunk or a manifest of a store of three generations. Each time a
+// plain restore of the newest generation refuses (exit 1, nothing runs),
+// and restore --fallback brings back exactly the newest generation that
+// does not use the damaged piece, which then finishes with the result of
+// an uninterrupted run. (internal/store's TestRandomCorruption does 200
+// rounds of this without CRIU.)
+func TestRandomDamageFallback(t *testing.T) {
+	criu := requireCRIU(t)
+	want := reference(t, "memstate", storageArgs...)
+	dir := t.TempDir()
+	st, out := filepath.Join(dir, "store"), filepath.Join(dir, "job.out")
+	j := startJob(t, "memstate", out, true, append(storageArgs, "-delay", "50ms")...)
+	pid := strconv.Itoa(j.pid)
+	for _, step := range []int{5, 12, 20} {
+		waitStep(t, out, step, 30*time.Second)
+		if r := cryo(t, criu, "checkpoint", "--store", st, pid); r.code != 0 {
+			t.Fatalf("checkpoint: %s", r)
+		}
+	}
+	j.killTree(t)
+	ms := []*store.Manifest{manifest(t, st, 1), manifest(t, st, 2), manifest(t, st, 3)}
+	// A restore needs every chunk of a generation but those of CRIU's log.
+	uses := func(m *store.Manifest, hash string) bool {
+		for _, f := range m.Files {
+			if f.Kind == "log" {
+				continue
+			}
+			for _, c := range f.Chunks {
+				if c.Hash == hash && !c.Zero {
+					return true
+				}
+			}
+		}
+		return false
+	}
+	rng := newRand(20261122)
+	for round := range 8 {
+		// A piece of generation 2 or 3 (possibly shared with others).
+		m := ms[1+rng.IntN(2)]
+		var path, hash string
+		if rng.IntN(4) == 0 {
+			path = filepath.Join(st, "checkpoints", strconv.Itoa(m.Generation), "manifest.json")
+		} else {
+			for hash == "" {
+				f := m.Files[rng.IntN(len(m.Files))]
+				if c := f.Chunks[rng.IntN(len(f.Chunks))]; !c.Zero {
+					hash = c.Hash
+				}
+			}
+			path = filepath.Join(st, "chunks", hash[:2], hash)
+		}
+		orig := readFile(t, path)
+		kind := []string{"flip", "truncate", "delete"}[rng.IntN(3)]
+		switch kind {
+		case "flip":
+			b := append([]byte(nil), orig...)
+			b[rng.IntN(len(b))] ^= 1 << rng.IntN(8)
+			writeFile(t, path, b)
+		case "truncate":
+			if err := os.Truncate(path, int64(rng.IntN(len(orig)))); err != nil {
+				t.Fatal(err)
+			}
+		case "delete":
+			if err := os.Remove(path); err != nil {
+				t.Fatal(err)
+			}
+		}
+		wantGen := 0
+		for _, g := range ms {
+			if (hash == "" && g.Generation != m.Generation) || (hash != "" && !uses(g, hash)) {
+				wantGen = g.Generation
+			}
+		}
+		what := kind + " of " + filepath.Base(path)
+		if os.Truncate(out, 0) != nil {
+			t.Fatal("truncate output")
+		}
+		newest := ms[2]
+		if wantGen != 3 {
+			r := cryo(t, criu, "restore", "--store", st)
+			if r.code != 1 || r.stdout != "" {
+				t.Fatalf("round %d, %s: restore of damaged generation 3: want exit 1\n%s", round, what, r)
+			}
+			waitEnded(t, 10*time.Second, pidsOf(newest)...)
+			if p := readProgress(t, out); len(p.steps) > 0 || p.result != "" {
+				t.Fatalf("round %d, %s: the refused restore ran the job: %s", round, what, compact(p.steps))
+			}
+		}
+		r := cryo(t, criu, "restore", "--store", st, "--fallback", "--json")
+		var res struct {
+			Generation int `json:"generation"`
+		}
+		if wantGen == 0 {
+			if r.code != 1 {
+				t.Fatalf("round %d, %s: no generation is intact, yet restore --fallback: %s", round, what, r)
+			}
+		} else {
+			if r.code != 0 || json.Unmarshal([]byte(r.stdout), &res) != nil || res.Generation != wantGen {
+				t.Fatalf("round %d, %s: restore --fallback: want generation %d\n%s", round, what, wantGen, r)
+			}
+			killAtEnd(t, j.pid)
+			restoredRuns(t, ms[wantGen-1], out, want)
+		}
+		t.Logf("round %d: %s: fallback to generation %d", round, what, wantGen)
+		writeFile(t, path, orig)
+	}
+}
+
+func newRand(seed uint64) *rand.Rand { return rand.New(rand.NewPCG(seed, seed>>1|1)) }
