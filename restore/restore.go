@@ -292,6 +292,15 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 		pid, res.PIDs = pids[0], pids
 	} else if stream {
 		pid, err = criu.RestoreStreamed(ctx, bin, copts, skippingSource{src, zs})
+		if err != nil && o.Sibling {
+			// CRIU had created the job's root as our child before the
+			// stream failed, and killed it: reap it (and any of its
+			// processes a subreaper inherited), or their PIDs stay taken
+			// for the next attempt.
+			for _, p := range m.Job.Processes {
+				reapChild(p.PID, 5*time.Second)
+			}
+		}
 		for _, p := range src.Healed() {
 			log.Info("healed a damaged chunk from the replica", "generation", gen, "problem", p.String())
 			res.Healed = append(res.Healed, p)
@@ -376,6 +385,20 @@ func (o Options) streamed(st *store.Store, m *store.Manifest, replica bool, log 
 		return false
 	}
 	return true
+}
+
+// reapChild waits up to limit for pid, if it is a child of ours, to end,
+// and reaps it.
+func reapChild(pid int, limit time.Duration) {
+	deadline := time.Now().Add(limit)
+	for {
+		var ws syscall.WaitStatus
+		got, err := syscall.Wait4(pid, &ws, syscall.WNOHANG, nil)
+		if got == pid || errors.Is(err, syscall.ECHILD) || time.Now().After(deadline) {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 // killJob kills the processes of a restored job and waits for them to go.
