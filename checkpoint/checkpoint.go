@@ -180,7 +180,7 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 	// host memory for CRIU. Until Resume (or the job's end) every failure
 	// path must bring them back, after the tree runs again.
 	grp, err := offload.Quiesce(ctx, offload.QuiesceOptions{Registry: reg, Job: jobRef(o.PID, o.MorePIDs...),
-		LockTimeout: o.OffloadLockTimeout, JournalDir: st.JournalDir(), Logger: log})
+		LockTimeout: o.OffloadLockTimeout, JournalDir: st.JournalDir(), Stops: o.Kill, Logger: log})
 	if err != nil {
 		return nil, err
 	}

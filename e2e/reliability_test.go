@@ -258,3 +258,38 @@ func TestRandomDamageFallback(t *testing.T) {
 }
 
 func newRand(seed uint64) *rand.Rand { return rand.New(rand.NewPCG(seed, seed>>1|1)) }
+
+// TestKilledDuringKillCheckpoint: with --kill, CRIU leaves the job stopped
+// until the checkpoint is committed. If cryo is killed before that, the
+// job must not stay stopped for good: `cryo recover` (or any next cryo
+// command on the store) continues it, and it finishes as if nothing
+// happened.
+func TestKilledDuringKillCheckpoint(t *testing.T) {
+	criu := requireCRIU(t)
+	want := reference(t, "memstate", storageArgs...)
+	dir := t.TempDir()
+	st, out := filepath.Join(dir, "store"), filepath.Join(dir, "job.out")
+	j := startJob(t, "memstate", out, false, append(storageArgs, "-delay", jobDelay)...)
+	waitStep(t, out, 5, 30*time.Second)
+	cryoKilledAt(t, criu, "chunks-written", "checkpoint", "--store", st, "--kill", strconv.Itoa(j.pid))
+	if s := procState(j.pid); s != 'T' && s != 't' {
+		t.Fatalf("after cryo was killed mid-checkpoint the job is in state %q, want stopped", s)
+	}
+	at := readProgress(t, out).last()
+	time.Sleep(200 * time.Millisecond)
+	if p := readProgress(t, out); p.last() != at {
+		t.Fatalf("the stopped job went on from step %d to %d", at, p.last())
+	}
+	if r := cryo(t, criu, "recover", "--store", st); r.code != 0 {
+		t.Fatalf("recover: %s", r)
+	}
+	j.waitExit(t, time.Minute)
+	p := readProgress(t, out)
+	checkRun(t, "continued job", p.steps, 1, 60)
+	if p.result != want {
+		t.Errorf("continued job finished with %q, an uninterrupted run with %q", p.result, want)
+	}
+	if got := committed(t, st); len(got) != 0 {
+		t.Errorf("the killed checkpoint left generations %v", got)
+	}
+}

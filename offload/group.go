@@ -48,7 +48,12 @@ type QuiesceOptions struct {
 	LockTimeout time.Duration
 	// JournalDir is where the intent journal is written ("" for none).
 	JournalDir string
-	Logger     *slog.Logger
+	// Stops says the caller will leave the job's processes stopped for a
+	// while (a checkpoint with --kill): the journal is then kept even for
+	// a job without offload contexts, so that if cryo is killed meanwhile,
+	// Recover continues the job instead of leaving it stopped for good.
+	Stops  bool
+	Logger *slog.Logger
 }
 
 // Quiesce finds the offload contexts of a job, locks them all in parallel,
@@ -73,6 +78,11 @@ func Quiesce(ctx context.Context, o QuiesceOptions) (*Group, error) {
 		return nil, err
 	}
 	if len(cs) == 0 {
+		if o.Stops && o.JournalDir != "" {
+			if g.j, err = OpenJournal(o.JournalDir, "checkpoint", o.Job, nil); err != nil {
+				return nil, err
+			}
+		}
 		return g, nil
 	}
 	for _, c := range cs {
