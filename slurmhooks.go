@@ -347,9 +347,9 @@ func readDirAt(fd int) ([]os.DirEntry, error) {
 	return f.ReadDir(-1)
 }
 
-// cleanStaging removes everything in <store>/staging: work a killed cryo
-// left behind. Like Store.CleanStaging, but it will not follow staging/
-// if the job's user replaced it with a symbolic link.
+// cleanStaging removes what is in <store>/staging but the intent journals:
+// work a killed cryo left behind. Like Store.CleanStaging, but it will not
+// follow staging/ if the job's user replaced it with a symbolic link.
 func cleanStaging(storeFD int) (int, error) {
 	fd, err := unix.Openat(storeFD, "staging", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 	if errors.Is(err, unix.ENOENT) {
@@ -365,10 +365,15 @@ func cleanStaging(storeFD int) (int, error) {
 		return 0, err
 	}
 	var errs []error
+	n := 0
 	for _, e := range ents {
+		if e.Name() == "journal" {
+			continue // intent journals: recovery's business, as in Store.CleanStaging
+		}
 		errs = append(errs, os.RemoveAll(filepath.Join(fdPath(fd), e.Name())))
+		n++
 	}
-	return len(ents), errors.Join(errs...)
+	return n, errors.Join(errs...)
 }
 
 // readRunState reads the state `cryo run` recorded in <store>/run/state.json

@@ -103,10 +103,13 @@ func RestoreStreamed(ctx context.Context, b Binary, o Options, src ImageSource) 
 		serr = <-served
 		werr = fmt.Errorf("%w (%v)", ctx.Err(), werr)
 	}
-	if serr != nil {
+	if serr != nil && werr != nil {
 		// The image's own error says what is wrong; CRIU's is its echo.
 		return 0, serr
 	}
+	// A CRIU that restored the job read every byte it needed, and each
+	// was verified before it was sent: an error sending what it did not
+	// read does not undo that.
 	if werr != nil {
 		if s := strings.TrimSpace(stderr.String()); s != "" {
 			werr = fmt.Errorf("%w; criu: %s", werr, lastLines(s, 3))
@@ -274,7 +277,8 @@ func serveImages(ctx context.Context, ln *net.UnixListener, src ImageSource) err
 		go func() {
 			defer wg.Done()
 			defer pipe.Close()
-			if err := src.Send(ctx, name, pipe); err != nil {
+			// EPIPE: CRIU closed the pipe, having read what it needed.
+			if err := src.Send(ctx, name, pipe); err != nil && !errors.Is(err, syscall.EPIPE) {
 				fail(err)
 			}
 		}()
