@@ -187,6 +187,15 @@ func parseManifest(b []byte) (*Manifest, error) {
 	if hex.EncodeToString(sum[:]) != want {
 		return nil, fmt.Errorf("manifest.json does not match its checksum")
 	}
+	// The checksum covers what the fields say; JSON reads keys without
+	// regard to case, so a flipped bit can change a key and still say the
+	// same. cryo writes each manifest exactly as its fields encode, so any
+	// other byte (but whitespace) is damage.
+	var raw bytes.Buffer
+	canon, err := json.Marshal(&m)
+	if err != nil || json.Compact(&raw, b) != nil || !bytes.Equal(canon, raw.Bytes()) {
+		return nil, fmt.Errorf("manifest.json is damaged: its bytes are not those its fields encode to")
+	}
 	for _, f := range m.Files {
 		if fileDigest(f.Chunks) != f.Digest {
 			return nil, fmt.Errorf("manifest.json: %s: chunk list does not match its digest", f.Name)
