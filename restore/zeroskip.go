@@ -25,6 +25,20 @@ import (
 
 const mmMagic = 0x57492820 // criu/include/magic.h
 
+// Status bits of mappings CRIU restores by other means than fresh
+// anonymous memory plus pages (criu/include/image.h): their zero pages are
+// sent as they are.
+const (
+	vmaAnonPrivate = 1 << 9
+	vmaSpecial     = 1<<10 | 1<<11 | 1<<13 | 1<<14 | 1<<27 | 1<<31 // SysV IPC, socket, AIO ring, memfd, plugin, unsupported
+)
+
+// startsZero reports whether CRIU restores a mapping as fresh private
+// anonymous memory, which reads as zero wherever no page is written.
+func startsZero(flags, status uint32) bool {
+	return canBeLazy(flags, status) && status&vmaAnonPrivate != 0 && status&vmaSpecial == 0
+}
+
 // zeroSkip is the plan for one generation: rewritten pagemaps by name, and
 // by pages image the chunks not to send.
 type zeroSkip struct {
@@ -84,7 +98,7 @@ func (z *zeroSkip) plan(st *store.Store, m *store.Manifest, files map[string]*st
 	}
 	var vmas []vmaRange
 	for _, v := range me.GetVmas() {
-		vmas = append(vmas, vmaRange{start: v.GetStart(), end: v.GetEnd(), lazy: canBeLazy(v.GetFlags(), v.GetStatus())})
+		vmas = append(vmas, vmaRange{start: v.GetStart(), end: v.GetEnd(), lazy: startsZero(v.GetFlags(), v.GetStatus())})
 	}
 	sort.Slice(vmas, func(i, j int) bool { return vmas[i].start < vmas[j].start })
 
