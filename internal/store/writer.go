@@ -229,9 +229,13 @@ func (w *Writer) work() {
 	defer w.workers.Done()
 	// One encoder per worker: a shared encoder serialises EncodeAll.
 	// No frame checksum: every chunk is named by its SHA-256, which every
-	// reader checks.
+	// reader checks. No entropy coding of literals: measured on the bench's
+	// 2 GiB job, it costs 5% more bytes (0.245x of raw instead of 0.23x)
+	// and saves 10-15% of a checkpoint's CPU, which on a 2-core node is
+	// its time; it decodes faster too.
 	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest),
-		zstd.WithEncoderConcurrency(1), zstd.WithLowerEncoderMem(true), zstd.WithEncoderCRC(false))
+		zstd.WithEncoderConcurrency(1), zstd.WithLowerEncoderMem(true), zstd.WithEncoderCRC(false),
+		zstd.WithNoEntropyCompression(true))
 	if err != nil {
 		w.fail(err)
 	}
