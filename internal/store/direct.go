@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"unsafe"
@@ -41,9 +42,30 @@ func aligned(b []byte) bool {
 // then writes through the page cache.
 type directState struct{ refused atomic.Bool }
 
-// writeChunkFile creates path's temporary sibling with data in it and
-// returns the temporary file's name; the caller renames it.
-func (d *directState) writeChunkFile(dir, prefix string, data []byte) (string, error) {
+// writeChunk writes z as the chunk file path, whole or not at all: into a
+// temporary sibling (directly where it can), then renamed into place.
+// Durability comes from the syncfs before a commit, or fsync for heals.
+// Every chunk a store, its replica or a heal writes goes through here.
+func (s *Store) writeChunk(path string, z []byte) error {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, dirMode); err != nil {
+		return err
+	}
+	tmp, err := s.direct.writeTemp(dir, filepath.Base(path)[:16]+".tmp*", z)
+	if err == nil {
+		if err = os.Rename(tmp, path); err != nil {
+			os.Remove(tmp)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("write chunk %s: %w", path, err)
+	}
+	return nil
+}
+
+// writeTemp creates a temporary file in dir with data in it and returns
+// its name.
+func (d *directState) writeTemp(dir, prefix string, data []byte) (string, error) {
 	if !d.refused.Load() && aligned(data) && len(data) >= directAlign {
 		name, err := writeDirect(dir, prefix, data)
 		if err == nil {

@@ -26,7 +26,7 @@ func TestWriteChunkFile(t *testing.T) {
 		for _, n := range []int{0, 1, directAlign - 1, directAlign, directAlign + 1, 300_001, MaxChunk} {
 			want := randBytes(int64(n), n)
 			for _, buf := range [][]byte{append(alignedBuf(n)[:0], want...), append(make([]byte, 1, n+1), want...)[1:]} {
-				name, err := ds.writeChunkFile(dir, "chunk.tmp*", buf)
+				name, err := ds.writeTemp(dir, "chunk.tmp*", buf)
 				if err != nil {
 					t.Fatalf("%s: %d bytes (aligned %v): %v", dir, n, aligned(buf), err)
 				}

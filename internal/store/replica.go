@@ -89,7 +89,7 @@ func (r *replicaWriter) put(c Chunk, z []byte) {
 	if st, err := os.Stat(path); err == nil && st.Size() == int64(len(z)) {
 		return
 	}
-	if err := writeChunkFile(path, z); err != nil {
+	if err := r.dst.writeChunk(path, z); err != nil {
 		r.fail(err)
 		return
 	}
@@ -116,12 +116,12 @@ func (r *replicaWriter) have(enc *zstd.Encoder, c Chunk, b []byte) int64 {
 	}
 	if err != nil {
 		z = enc.EncodeAll(b, nil)
-		if werr := writeChunkFile(r.src.ChunkPath(c.Hash), z); werr != nil {
+		if werr := r.src.writeChunk(r.src.ChunkPath(c.Hash), z); werr != nil {
 			r.fail(fmt.Errorf("chunk %s is damaged in the store and cannot be rewritten: %w", c.Hash, werr))
 			return c.Stored
 		}
 	}
-	if err := writeChunkFile(path, z); err != nil {
+	if err := r.dst.writeChunk(path, z); err != nil {
 		r.fail(err)
 		return int64(len(z))
 	}
@@ -232,32 +232,6 @@ func (w *Writer) ReplicaStats() (chunks int, bytes int64) {
 	return w.rep.newChunks, w.rep.newBytes
 }
 
-// writeChunkFile writes a chunk file atomically (temporary file, rename);
-// durability comes from the syncfs before a commit, or from fsync for
-// heals.
-func writeChunkFile(path string, z []byte) error {
-	if err := os.MkdirAll(filepath.Dir(path), dirMode); err != nil {
-		return err
-	}
-	f, err := os.CreateTemp(filepath.Dir(path), filepath.Base(path)[:16]+".tmp*")
-	if err != nil {
-		return fmt.Errorf("write chunk: %w", err)
-	}
-	tmp := f.Name()
-	_, err = f.Write(z)
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("write chunk %s: %w", path, err)
-	}
-	return nil
-}
-
 // decodeChunk decompresses a chunk file's bytes into buf and checks that
 // they are the content c names.
 func decodeChunk(z []byte, c Chunk, buf []byte) ([]byte, error) {
@@ -334,7 +308,7 @@ func (h *healer) fetch(c Chunk, buf []byte) ([]byte, error) {
 	if err != nil {
 		return data, err
 	}
-	if err := writeChunkFile(h.s.ChunkPath(c.Hash), z); err != nil {
+	if err := h.s.writeChunk(h.s.ChunkPath(c.Hash), z); err != nil {
 		return data, err
 	}
 	return data, nil

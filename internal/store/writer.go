@@ -389,17 +389,8 @@ func (w *Writer) storeChunk(cd *coder, c Chunk, b []byte) (Chunk, bool, error) {
 	}
 	cd.zbuf, cd.probe = compressChunk(cd.enc, b, cd.zbuf, cd.probe)
 	c.Stored = int64(len(cd.zbuf))
-	if err := os.MkdirAll(filepath.Dir(path), dirMode); err != nil {
+	if err := w.s.writeChunk(path, cd.zbuf); err != nil {
 		return c, false, err
-	}
-	tmp, err := w.s.direct.writeChunkFile(filepath.Dir(path), c.Hash[:16]+".tmp*", cd.zbuf)
-	if err == nil {
-		if err = os.Rename(tmp, path); err != nil {
-			os.Remove(tmp)
-		}
-	}
-	if err != nil {
-		return c, false, fmt.Errorf("write chunk %s: %w", path, err)
 	}
 	w.rep.put(c, cd.zbuf)
 	return c, true, nil
