@@ -150,6 +150,16 @@ func cryo(t *testing.T, criu string, args ...string) cryoResult {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
+	cmd := cryoCommand(ctx, criu, args...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	return runCryo(t, cmd, &out, &errb, args)
+}
+
+// cryoCommand is cryo with args, in this environment but for any CRYO_
+// setting (so that a developer's own settings do not leak into a test),
+// with CRYO_CRIU set to criu unless it is empty.
+func cryoCommand(ctx context.Context, criu string, args ...string) *exec.Cmd {
 	cmd := exec.CommandContext(ctx, bin("cryo"), args...)
 	for _, kv := range os.Environ() {
 		if !strings.HasPrefix(kv, "CRYO_") {
@@ -159,9 +169,7 @@ func cryo(t *testing.T, criu string, args ...string) cryoResult {
 	if criu != "" {
 		cmd.Env = append(cmd.Env, "CRYO_CRIU="+criu)
 	}
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	return runCryo(t, cmd, &out, &errb, args)
+	return cmd
 }
 
 // runCryo runs a prepared cryo command to its end and collects what it did;

@@ -2,12 +2,14 @@ package e2e
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -21,13 +23,8 @@ import (
 // requires that cryo died there, by SIGKILL.
 func cryoKilledAt(t *testing.T, criu, step string, args ...string) {
 	t.Helper()
-	cmd := exec.Command(bin("cryo"), args...)
-	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "CRYO_") {
-			cmd.Env = append(cmd.Env, kv)
-		}
-	}
-	cmd.Env = append(cmd.Env, "CRYO_CRIU="+criu, store.CrashEnv+"="+step)
+	cmd := cryoCommand(context.Background(), criu, args...)
+	cmd.Env = append(cmd.Env, store.CrashEnv+"="+step)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err := cmd.Run()
@@ -95,7 +92,7 @@ func TestKilledAtEachPersistStep(t *testing.T) {
 			wantGens = append(wantGens, len(wantGens)+1) // the rename is the commit
 		}
 		verifies(t, st, "a kill at "+step)
-		if got := committed(t, st); !equalInts(got, wantGens) {
+		if got := committed(t, st); !slices.Equal(got, wantGens) {
 			t.Fatalf("after a kill at %s, list shows generations %v, want %v", step, got, wantGens)
 		}
 	}
@@ -116,7 +113,7 @@ func TestKilledAtEachPersistStep(t *testing.T) {
 		t.Fatalf("gc after a killed gc: %s", r)
 	}
 	verifies(t, st, "gc")
-	if got := committed(t, st); !equalInts(got, wantGens) {
+	if got := committed(t, st); !slices.Equal(got, wantGens) {
 		t.Fatalf("after gc, list shows generations %v, want %v", got, wantGens)
 	}
 
@@ -134,18 +131,6 @@ func TestKilledAtEachPersistStep(t *testing.T) {
 		killAtEnd(t, j.pid)
 		restoredRuns(t, manifest(t, st, g), out, want)
 	}
-}
-
-func equalInts(a, b []int) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 // TestRandomDamageFallback: random damage (bit flip, truncation, deletion)

@@ -34,32 +34,8 @@ func TestCorruptStore(t *testing.T) {
 
 	// Damage a chunk that only one file references, so that exactly one
 	// file and chunk are to blame.
-	pick := func(kind string) (store.File, int) {
-		uses := map[string]int{}
-		for _, f := range m.Files {
-			for _, c := range f.Chunks {
-				uses[c.Hash]++
-			}
-		}
-		for _, f := range m.Files {
-			if f.Kind != kind {
-				continue
-			}
-			for i, c := range f.Chunks {
-				if uses[c.Hash] == 1 {
-					return f, i
-				}
-			}
-		}
-		t.Fatalf("no chunk of a %s file is used only once in %+v", kind, m.Files)
-		return store.File{}, 0
-	}
-	pagesFile, pagesChunk := pick("pages")
-	imageFile, imageChunk := pick("image")
-	chunkRel := func(f store.File, i int) string {
-		h := f.Chunks[i].Hash
-		return filepath.Join("chunks", h[:2], h)
-	}
+	pagesFile, pagesChunk := chunkOnlyIn(t, m, "pages")
+	imageFile, imageChunk := chunkOnlyIn(t, m, "image")
 
 	tests := []struct {
 		name   string
@@ -69,21 +45,21 @@ func TestCorruptStore(t *testing.T) {
 		listSees bool
 	}{
 		{"flipped byte in a page chunk", func(t *testing.T, st string) string {
-			p := filepath.Join(st, chunkRel(pagesFile, pagesChunk))
+			p := chunkFile(st, pagesFile, pagesChunk)
 			b := readFile(t, p)
 			b[len(b)/2] ^= 0x20
 			writeFile(t, p, b)
 			return pagesFile.Name + ": chunk " + strconv.Itoa(pagesChunk)
 		}, false},
 		{"truncated page chunk", func(t *testing.T, st string) string {
-			p := filepath.Join(st, chunkRel(pagesFile, pagesChunk))
+			p := chunkFile(st, pagesFile, pagesChunk)
 			if err := os.Truncate(p, int64(len(readFile(t, p))/2)); err != nil {
 				t.Fatal(err)
 			}
 			return pagesFile.Name + ": chunk " + strconv.Itoa(pagesChunk)
 		}, true},
 		{"deleted image chunk", func(t *testing.T, st string) string {
-			if err := os.Remove(filepath.Join(st, chunkRel(imageFile, imageChunk))); err != nil {
+			if err := os.Remove(chunkFile(st, imageFile, imageChunk)); err != nil {
 				t.Fatal(err)
 			}
 			return imageFile.Name + ": chunk " + strconv.Itoa(imageChunk)
