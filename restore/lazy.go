@@ -15,13 +15,12 @@ import (
 	"sync"
 	"time"
 
-	"github.com/checkpoint-restore/go-criu/v7/crit"
 	"github.com/checkpoint-restore/go-criu/v7/crit/images/mm"
-	"github.com/checkpoint-restore/go-criu/v7/crit/images/pagemap"
 	"github.com/cryo-hpc/cryo/internal/criu"
 	"github.com/cryo-hpc/cryo/internal/pageserver"
 	"github.com/cryo-hpc/cryo/internal/store"
 	"golang.org/x/sys/unix"
+	"google.golang.org/protobuf/proto"
 )
 
 // A lazy restore starts the job before its memory is back. The pages of
@@ -238,20 +237,15 @@ func prepareLazy(ctx context.Context, st *store.Store, m *store.Manifest, images
 // stay PE_PRESENT with their pages in a new pages image.
 func (sess *lazySession) rewrite(src *lazySource, files map[string]*store.File, images, name string) error {
 	path := filepath.Join(images, name)
-	f, err := os.Open(path)
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return err
 	}
-	img, err := crit.New(f, nil, "", false, false).Decode(&pagemap.PagemapEntry{})
-	f.Close()
+	pagesID, entries, err := pageserver.ParsePagemap(b)
 	if err != nil {
 		return err
 	}
-	if len(img.Entries) == 0 {
-		return errors.New("no pagemap head")
-	}
-	head := img.Entries[0].Message.(*pagemap.PagemapHead)
-	pagesName := fmt.Sprintf("pages-%d.img", head.GetPagesId())
+	pagesName := fmt.Sprintf("pages-%d.img", pagesID)
 	pf := files[pagesName]
 	if pf == nil {
 		return fmt.Errorf("the generation has no %s", pagesName)
@@ -270,20 +264,15 @@ func (sess *lazySession) rewrite(src *lazySource, files map[string]*store.File, 
 		return err
 	}
 	defer out.Close()
-	newImg := &pageserver.Image{PagesID: head.GetPagesId()}
+	newImg := &pageserver.Image{PagesID: pagesID}
 	var off int64
 	var runs []pageRun
-	for _, x := range img.Entries[1:] {
-		pe := x.Message.(*pagemap.PagemapEntry)
-		flags := pe.GetFlags()
-		if pe.Flags == nil && !pe.GetInParent() {
-			flags = pageserver.PEPresent
-		}
-		if flags&pageserver.PEPresent == 0 {
-			newImg.Entries = append(newImg.Entries, pageserver.Entry{Vaddr: pe.GetVaddr(), NrPages: pe.GetNrPages(), Flags: flags})
+	for _, pe := range entries {
+		if pe.Flags&pageserver.PEPresent == 0 {
+			newImg.Entries = append(newImg.Entries, pe)
 			continue
 		}
-		run := pageRun{vaddr: pe.GetVaddr(), off: off, pages: uint64(pe.GetNrPages())}
+		run := pageRun{vaddr: pe.Vaddr, off: off, pages: uint64(pe.NrPages)}
 		off += int64(run.pages * pageserver.PageSize)
 		runs = append(runs, run)
 		// Split the run where mappings begin and end.
@@ -314,8 +303,7 @@ func (sess *lazySession) rewrite(src *lazySource, files map[string]*store.File, 
 		src.runs[pid] = runs
 		src.file[pid] = fi
 	}
-	b, err := pageserver.PagemapImage(newImg)
-	if err != nil {
+	if b, err = pageserver.PagemapImage(newImg); err != nil {
 		return err
 	}
 	return os.WriteFile(path, b, 0o600)
@@ -336,21 +324,37 @@ func lazyAt(vmas []vmaRange, a, limit uint64) (bool, uint64) {
 }
 
 func readVMAs(path string) ([]vmaRange, error) {
-	f, err := os.Open(path)
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
-	img, err := crit.New(f, nil, "", false, false).Decode(&mm.MmEntry{})
+	vmas, err := parseVMAs(b, canBeLazy)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", filepath.Base(path), err)
 	}
-	if len(img.Entries) == 0 {
-		return nil, fmt.Errorf("%s is empty", filepath.Base(path))
+	return vmas, nil
+}
+
+const mmMagic = 0x57492820 // criu/include/magic.h
+
+// parseVMAs reads the mappings of an mm-<pid>.img image, sorted by
+// address, each marked by mark (whether its pages may be left to the
+// kernel: lazily served, or zero).
+func parseVMAs(b []byte, mark func(flags, status uint32) bool) ([]vmaRange, error) {
+	msgs, err := pageserver.ImageEntries(b, mmMagic)
+	if err != nil {
+		return nil, err
+	}
+	if len(msgs) == 0 {
+		return nil, errors.New("no mm entry")
+	}
+	var me mm.MmEntry
+	if err := proto.Unmarshal(msgs[0], &me); err != nil {
+		return nil, err
 	}
 	var out []vmaRange
-	for _, v := range img.Entries[0].Message.(*mm.MmEntry).GetVmas() {
-		out = append(out, vmaRange{start: v.GetStart(), end: v.GetEnd(), lazy: canBeLazy(v.GetFlags(), v.GetStatus())})
+	for _, v := range me.GetVmas() {
+		out = append(out, vmaRange{start: v.GetStart(), end: v.GetEnd(), lazy: mark(v.GetFlags(), v.GetStatus())})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].start < out[j].start })
 	return out, nil

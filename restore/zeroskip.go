@@ -7,10 +7,8 @@ import (
 	"sort"
 	"strconv"
 
-	"github.com/checkpoint-restore/go-criu/v7/crit/images/mm"
 	"github.com/cryo-hpc/cryo/internal/pageserver"
 	"github.com/cryo-hpc/cryo/internal/store"
-	"google.golang.org/protobuf/proto"
 )
 
 // A streamed restore leaves out memory that is zero. The store knows it
@@ -22,8 +20,6 @@ import (
 // its pages image is sent without them. (Where a child shares a mapping
 // with its parent, CRIU zaps the pages the child's pagemap does not list,
 // so they read as zero there too.)
-
-const mmMagic = 0x57492820 // criu/include/magic.h
 
 // Status bits of mappings CRIU restores by other means than fresh
 // anonymous memory plus pages (criu/include/image.h): their zero pages are
@@ -66,12 +62,8 @@ func planZeroSkip(st *store.Store, m *store.Manifest) (*zeroSkip, error) {
 	return z, nil
 }
 
-func readWhole(st *store.Store, m *store.Manifest, f *store.File) ([]byte, error) {
-	return st.ReadAt(m, f.Name, 0, f.Size)
-}
-
 func (z *zeroSkip) plan(st *store.Store, m *store.Manifest, files map[string]*store.File, name string, pid int) error {
-	b, err := readWhole(st, m, files[name])
+	b, err := st.ReadAt(m, name, 0, files[name].Size)
 	if err != nil {
 		return err
 	}
@@ -84,23 +76,14 @@ func (z *zeroSkip) plan(st *store.Store, m *store.Manifest, files map[string]*st
 	if pf == nil || mmf == nil {
 		return nil // nothing to plan with; sent as stored
 	}
-	mb, err := readWhole(st, m, mmf)
+	mb, err := st.ReadAt(m, mmf.Name, 0, mmf.Size)
 	if err != nil {
 		return err
 	}
-	msgs, err := pageserver.ImageEntries(mb, mmMagic)
-	if err != nil || len(msgs) == 0 {
-		return fmt.Errorf("mm-%d.img: %v", pid, err)
+	vmas, err := parseVMAs(mb, startsZero)
+	if err != nil {
+		return fmt.Errorf("%s: %w", mmf.Name, err)
 	}
-	var me mm.MmEntry
-	if err := proto.Unmarshal(msgs[0], &me); err != nil {
-		return fmt.Errorf("mm-%d.img: %w", pid, err)
-	}
-	var vmas []vmaRange
-	for _, v := range me.GetVmas() {
-		vmas = append(vmas, vmaRange{start: v.GetStart(), end: v.GetEnd(), lazy: startsZero(v.GetFlags(), v.GetStatus())})
-	}
-	sort.Slice(vmas, func(i, j int) bool { return vmas[i].start < vmas[j].start })
 
 	// Where each present entry's pages sit in the pages image.
 	type placed struct {

@@ -81,15 +81,7 @@ func (src *Source) SendSkipping(ctx context.Context, name string, w io.Writer, s
 	if !ok {
 		return fmt.Errorf("generation %d has no file %s", src.m.Generation, name)
 	}
-	f := &src.m.Files[fi]
-	var size int64
-	for _, c := range f.Chunks {
-		size += c.Len
-	}
-	if size != f.Size {
-		return &CorruptError{Generation: src.m.Generation, Problems: []Problem{{File: f.Name, Chunk: -1,
-			Reason: fmt.Sprintf("chunks add up to %d bytes, file is %d", size, f.Size)}}}
-	}
+	f := &src.m.Files[fi] // its chunks add up to its size: ReadManifest checks
 	for i := range skip {
 		if i < 0 || i >= len(f.Chunks) || !f.Chunks[i].Zero {
 			return fmt.Errorf("%s: chunk %d is not a zero chunk and cannot be left out", name, i)
