@@ -156,49 +156,51 @@ const maxStored = 2 * MaxChunk
 // are needed once. fn must not keep the slice.
 func (d *directState) readChunkFile(path string, fn func([]byte) error) error {
 	if !d.refused.Load() {
-		f, err := os.OpenFile(path, os.O_RDONLY|unix.O_DIRECT, 0)
-		if err == nil {
-			defer f.Close()
-			st, err := f.Stat()
-			if err != nil {
-				return err
-			}
-			if st.Size() > maxStored {
-				return fmt.Errorf("is %d bytes, more than any chunk", st.Size())
-			}
-			bp := zbufs.Get().(*[]byte)
-			defer zbufs.Put(bp)
-			need := int(st.Size()+directAlign-1) / directAlign * directAlign
-			if cap(*bp) < need {
-				*bp = alignedBuf(need)
-			}
-			b := (*bp)[:need]
-			n := 0
-			for n < need {
-				k, err := f.Read(b[n:])
-				n += k
-				if err == io.EOF || (err == nil && k == 0) {
-					break
-				}
-				if err != nil {
-					if errors.Is(err, unix.EINVAL) {
-						d.refused.Store(true)
-						goto buffered
-					}
-					return err
-				}
-			}
-			return fn(b[:n])
-		}
+		err := readDirect(path, fn)
 		if !errors.Is(err, unix.EINVAL) {
 			return err
 		}
 		d.refused.Store(true)
 	}
-buffered:
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return err
 	}
 	return fn(b)
+}
+
+// readDirect is readChunkFile's O_DIRECT read; EINVAL means the file
+// system does not take it.
+func readDirect(path string, fn func([]byte) error) error {
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_DIRECT, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	if st.Size() > maxStored {
+		return fmt.Errorf("is %d bytes, more than any chunk", st.Size())
+	}
+	bp := zbufs.Get().(*[]byte)
+	defer zbufs.Put(bp)
+	need := int(st.Size()+directAlign-1) / directAlign * directAlign
+	if cap(*bp) < need {
+		*bp = alignedBuf(need)
+	}
+	b := (*bp)[:need]
+	n := 0
+	for n < need {
+		k, err := f.Read(b[n:])
+		n += k
+		if err == io.EOF || (err == nil && k == 0) {
+			break
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return fn(b[:n])
 }
