@@ -69,10 +69,32 @@ func (s *Supervisor) treePIDs() map[string][]int {
 }
 
 type hangMark struct {
+	pids     []int
 	ticks    uint64
 	since    time.Time // first sample that saw these ticks
 	progress time.Time // the sample before: the tree ran after it
 	sampled  time.Time // latest sample
+}
+
+func cpuTicks(pids []int) uint64 {
+	var ticks uint64
+	for _, p := range pids {
+		if st, err := proc.ReadStat(p); err == nil {
+			ticks += st.CPUTicks
+		}
+	}
+	return ticks
+}
+
+// rebaseHang takes the CPU time a checkpoint spent inside the job (CRIU's
+// parasite code runs in every task it dumps) out of the hang marks: it is
+// not the job's progress, and counting it would date a hang after a
+// checkpoint of the hung tree, which a recovery would then restore.
+func (s *Supervisor) rebaseHang() {
+	for name, m := range s.hang {
+		m.ticks = cpuTicks(m.pids)
+		s.hang[name] = m
+	}
 }
 
 // checkHang reports an offload tree that used no CPU for HangTimeout, and
@@ -82,12 +104,7 @@ func (s *Supervisor) checkHang(trees map[string][]int) (string, time.Time) {
 		if s.isHost(name) {
 			continue
 		}
-		var ticks uint64
-		for _, p := range pids {
-			if st, err := proc.ReadStat(p); err == nil {
-				ticks += st.CPUTicks
-			}
-		}
+		ticks := cpuTicks(pids)
 		now := time.Now()
 		m, ok := s.hang[name]
 		if !ok || m.ticks != ticks {
@@ -97,10 +114,10 @@ func (s *Supervisor) checkHang(trees map[string][]int) (string, time.Time) {
 			if !ok {
 				prev = now
 			}
-			s.hang[name] = hangMark{ticks: ticks, since: now, progress: prev, sampled: now}
+			s.hang[name] = hangMark{pids: pids, ticks: ticks, since: now, progress: prev, sampled: now}
 			continue
 		}
-		m.sampled = now
+		m.pids, m.sampled = pids, now
 		s.hang[name] = m
 		if idle := s.quietFor(m.since); idle > s.cfg.HangTimeout {
 			return fmt.Sprintf("offload tree %s made no CPU progress for %s (timeout %s)", name, time.Since(m.since).Round(time.Second), s.cfg.HangTimeout), m.progress

@@ -587,6 +587,7 @@ type stillness struct{ from, to time.Time }
 // stood records that the job stood still from..to (a checkpoint).
 func (s *Supervisor) stood(from, to time.Time) {
 	s.stills = append(s.stills, stillness{from, to})
+	s.rebaseHang()
 	// Keep what the longest timeout can still look back on.
 	for len(s.stills) > 0 && time.Since(s.stills[0].to) > 10*time.Minute {
 		s.stills = s.stills[1:]
