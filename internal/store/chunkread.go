@@ -6,5 +6,5 @@ func (s *Store) ReadChunk(c Chunk) ([]byte, error) {
 	if c.Zero {
 		return make([]byte, c.Len), nil
 	}
-	return s.readChunk(c, nil)
+	return s.readChunk(c, nil, false)
 }

@@ -39,8 +39,8 @@ func TestRandomCorruption(t *testing.T) {
 	base := map[string][]byte{
 		"core-1.img":  randBytes(1, 6000),
 		"mm-1.img":    randBytes(2, 900),
-		"pages-1.img": append(append(randBytes(3, 2*MaxChunk), make([]byte, MaxChunk)...), randBytes(4, MaxChunk/3)...),
-		"pages-2.img": randBytes(5, MaxChunk+5000),
+		"pages-1.img": append(append(memLike(3, 3*MaxChunk), make([]byte, MaxChunk)...), randBytes(4, MaxChunk/3)...),
+		"pages-2.img": memLike(5, 2*MaxChunk+5000),
 	}
 	var ms []*Manifest
 	for g := 1; g <= 3; g++ {
@@ -49,7 +49,7 @@ func TestRandomCorruption(t *testing.T) {
 			files[k] = v
 		}
 		if g >= 2 {
-			files["pages-2.img"] = randBytes(50+int64(g), MaxChunk+5000)
+			files["pages-2.img"] = memLike(50+int64(g), 2*MaxChunk+5000)
 		}
 		if g == 3 {
 			files["core-1.img"] = randBytes(60, 6000)

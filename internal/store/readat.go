@@ -34,7 +34,7 @@ func (s *Store) ReadAt(m *Manifest, name string, off, n int64) ([]byte, error) {
 				data = make([]byte, c.Len)
 			} else {
 				var err error
-				if data, err = s.readChunk(c, nil); err != nil {
+				if data, err = s.readChunk(c, nil, false); err != nil {
 					return nil, &CorruptError{Generation: m.Generation, Problems: []Problem{{File: name, Chunk: i,
 						Offset: pos, Hash: c.Hash, Path: s.ChunkPath(c.Hash), Reason: err.Error()}}}
 				}

@@ -46,7 +46,10 @@ func (e *CorruptError) Error() string {
 
 func (e *CorruptError) Is(target error) bool { return target == ErrCorrupt }
 
-var decoder, _ = zstd.NewReader(nil, zstd.WithDecoderConcurrency(0), zstd.WithDecoderLowmem(false))
+// decoder decodes chunks, none of which holds more than MaxChunk bytes: a
+// damaged frame header that claims more is refused, not allocated for.
+var decoder, _ = zstd.NewReader(nil, zstd.WithDecoderConcurrency(0), zstd.WithDecoderLowmem(false),
+	zstd.WithDecoderMaxMemory(MaxChunk))
 
 type job struct {
 	file, idx int
@@ -57,8 +60,8 @@ type job struct {
 // walk runs fn on every chunk of the selected files in parallel, with the
 // chunk's verified content. It collects every problem rather than stopping
 // at the first, so that a user learns the whole damage at once.
-func (s *Store) walk(ctx context.Context, m *Manifest, sel func(File) bool, fn func(j job, data []byte) error) []Problem {
-	return s.walkHealing(ctx, m, sel, nil, fn)
+func (s *Store) walk(ctx context.Context, m *Manifest, sel func(File) bool, deep bool, fn func(j job, data []byte) error) []Problem {
+	return s.walkHealing(ctx, m, sel, deep, nil, fn)
 }
 
 // healFunc is given a chunk that failed to read (err says why) and returns
@@ -66,7 +69,8 @@ func (s *Store) walk(ctx context.Context, m *Manifest, sel func(File) bool, fn f
 type healFunc func(j job, name string, buf []byte, err error) ([]byte, error)
 
 // walkHealing is walk with a heal function for bad chunks (nil: none).
-func (s *Store) walkHealing(ctx context.Context, m *Manifest, sel func(File) bool, heal healFunc, fn func(j job, data []byte) error) []Problem {
+// deep is decodeChunk's: whether every chunk's content is hashed.
+func (s *Store) walkHealing(ctx context.Context, m *Manifest, sel func(File) bool, deep bool, heal healFunc, fn func(j job, data []byte) error) []Problem {
 	var jobs []job
 	for i, f := range m.Files {
 		if sel != nil && !sel(f) {
@@ -99,7 +103,7 @@ func (s *Store) walkHealing(ctx context.Context, m *Manifest, sel func(File) boo
 				if j.c.Zero {
 					continue // nothing stored; the file already reads as zeros there
 				}
-				data, err := s.readChunk(j.c, out)
+				data, err := s.readChunk(j.c, out, deep)
 				if err != nil && heal != nil {
 					data, err = heal(j, m.Files[j.file].Name, data, err)
 				}
@@ -132,12 +136,13 @@ func (s *Store) walkHealing(ctx context.Context, m *Manifest, sel func(File) boo
 	return problems
 }
 
-// readChunk reads, decompresses and checks one chunk.
-func (s *Store) readChunk(c Chunk, buf []byte) ([]byte, error) {
+// readChunk reads, decompresses and checks one chunk (deep: see
+// decodeChunk).
+func (s *Store) readChunk(c Chunk, buf []byte, deep bool) ([]byte, error) {
 	out := buf
 	var derr error
 	err := s.direct.readChunkFile(s.ChunkPath(c.Hash), func(z []byte) error {
-		out, derr = decodeChunk(z, c, buf)
+		out, derr = decodeChunk(z, c, buf, deep)
 		return nil
 	})
 	if err != nil {
@@ -149,10 +154,10 @@ func (s *Store) readChunk(c Chunk, buf []byte) ([]byte, error) {
 	return out, derr
 }
 
-// Verify re-hashes every chunk of the generation and returns what is wrong
-// (nil when it is intact).
+// Verify re-hashes the content of every chunk of the generation and returns
+// what is wrong (nil when it is intact).
 func (s *Store) Verify(ctx context.Context, m *Manifest) []Problem {
-	return s.walk(ctx, m, nil, func(job, []byte) error { return nil })
+	return s.walk(ctx, m, nil, true, func(job, []byte) error { return nil })
 }
 
 // Quick checks without reading chunk contents that every chunk exists with
@@ -226,7 +231,7 @@ func (s *Store) materialize(ctx context.Context, m *Manifest, dir string, heal h
 			return err
 		}
 	}
-	problems := s.walkHealing(ctx, m, sel, heal, func(j job, data []byte) error {
+	problems := s.walkHealing(ctx, m, sel, false, heal, func(j job, data []byte) error {
 		_, err := out[j.file].WriteAt(data, j.off)
 		return err
 	})

@@ -36,7 +36,7 @@ func replicaPair(t *testing.T) (s, rep *Store, m *Manifest, files map[string][]b
 	s = newStore(t)
 	rep = newStore(t)
 	files = map[string][]byte{
-		"pages-1.img": append(randBytes(1, 3*MaxChunk/2), make([]byte, MaxChunk)...),
+		"pages-1.img": append(memLike(1, 3*MaxChunk), make([]byte, MaxChunk)...),
 		"core-1.img":  randBytes(2, 5000),
 		"shared.img":  randBytes(3, 70000),
 	}

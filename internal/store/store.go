@@ -32,6 +32,10 @@ const (
 	metaName = "cryo-store.json"
 )
 
+// storeFormat is the layout of a store's directories (store.json); the
+// manifests inside have their own FormatVersion.
+const storeFormat = 1
+
 type storeMeta struct {
 	Format    int       `json:"format"`
 	CreatedBy string    `json:"created_by"`
@@ -71,7 +75,7 @@ func Create(dir, createdBy string) (*Store, error) {
 			return nil, fmt.Errorf("create store: %w", err)
 		}
 	}
-	b, _ := json.MarshalIndent(storeMeta{Format: FormatVersion, CreatedBy: createdBy, Created: time.Now().UTC()}, "", " ")
+	b, _ := json.MarshalIndent(storeMeta{Format: storeFormat, CreatedBy: createdBy, Created: time.Now().UTC()}, "", " ")
 	if err := writeFileAtomic(filepath.Join(dir, metaName), b); err != nil {
 		return nil, fmt.Errorf("create store: %w", err)
 	}
@@ -102,8 +106,8 @@ func Open(dir string) (*Store, error) {
 	if err := json.Unmarshal(b, &m); err != nil {
 		return nil, fmt.Errorf("%w: %s: %s is damaged: %v", ErrNoStore, dir, metaName, err)
 	}
-	if m.Format != FormatVersion {
-		return nil, fmt.Errorf("store %s has format %d; this cryo handles format %d", dir, m.Format, FormatVersion)
+	if m.Format != storeFormat {
+		return nil, fmt.Errorf("store %s has format %d; this cryo handles format %d", dir, m.Format, storeFormat)
 	}
 	for _, d := range []string{"chunks", "checkpoints", "staging", "logs"} {
 		if err := os.MkdirAll(filepath.Join(dir, d), dirMode); err != nil {

@@ -1,8 +1,12 @@
 package store
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
+	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -352,53 +356,66 @@ func TestCorruptChunk(t *testing.T) {
 			}
 		}, "missing", true},
 	}
+	// Chunk 1 of the pages is stored raw (random), shuffled (a field) or
+	// compressed (text): each is checked its own way (decodeChunk).
+	contents := map[string][]byte{
+		"raw":        randBytes(21, 2*MaxChunk+1),
+		"shuffled":   memLike(21, 2*MaxChunk+1),
+		"compressed": memLike(21, 3*MaxChunk+1)[MaxChunk:],
+	}
 	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			s := newStore(t)
-			src := t.TempDir()
-			files := map[string][]byte{"core-1.img": randBytes(20, 5000), "pages-1.img": randBytes(21, 2*MaxChunk+1)}
-			_, m := commit(t, s, writeSpecs(t, src, files), nil)
-			var f File
-			for _, f = range m.Files {
-				if f.Name == "pages-1.img" {
-					break
+		for kind, pages := range contents {
+			t.Run(tc.name+"/"+kind, func(t *testing.T) {
+				s := newStore(t)
+				src := t.TempDir()
+				files := map[string][]byte{"core-1.img": randBytes(20, 5000), "pages-1.img": pages}
+				_, m := commit(t, s, writeSpecs(t, src, files), nil)
+				var f File
+				for _, f = range m.Files {
+					if f.Name == "pages-1.img" {
+						break
+					}
 				}
-			}
-			bad := f.Chunks[1]
-			tc.damage(t, s.ChunkPath(bad.Hash))
-
-			ps := s.Verify(context.Background(), m)
-			if len(ps) != 1 {
-				t.Fatalf("Verify found %d problems, want 1: %v", len(ps), ps)
-			}
-			p := ps[0]
-			if p.File != "pages-1.img" || p.Chunk != 1 || p.Offset != MaxChunk || p.Hash != bad.Hash ||
-				p.Path != s.ChunkPath(bad.Hash) || !strings.Contains(p.Reason, tc.reason) {
-				t.Errorf("Verify problem %+v: want pages-1.img, chunk 1 at %d, %s, reason with %q", p, MaxChunk, s.ChunkPath(bad.Hash), tc.reason)
-			}
-			msg := p.String()
-			if !strings.Contains(msg, "pages-1.img") || !strings.Contains(msg, "chunk 1") || !strings.Contains(msg, bad.Hash) {
-				t.Errorf("problem text %q should name the file, the chunk and its path", msg)
-			}
-			if got := len(s.Quick(m)) > 0; got != tc.quickSees {
-				t.Errorf("Quick saw the damage: %v, want %v", got, tc.quickSees)
-			}
-
-			out := t.TempDir()
-			err := s.Materialize(context.Background(), m, out)
-			if !errors.Is(err, ErrCorrupt) {
-				t.Fatalf("Materialize of a damaged generation: err = %v, want ErrCorrupt", err)
-			}
-			var ce *CorruptError
-			if !errors.As(err, &ce) || len(ce.Problems) != 1 || ce.Generation != m.Generation {
-				t.Fatalf("Materialize error %#v is not a CorruptError with one problem", err)
-			}
-			for _, want := range []string{"generation 1", "pages-1.img", "chunk 1", bad.Hash} {
-				if !strings.Contains(err.Error(), want) {
-					t.Errorf("Materialize error %q does not name %q", err, want)
+				bad := f.Chunks[1]
+				z := readFile(t, s.ChunkPath(bad.Hash))
+				if shuffled := bytes.HasPrefix(z, filterHeader[:]); shuffled != (kind == "shuffled") || (bad.Sum == "") != (kind == "raw") {
+					t.Fatalf("%s chunk: shuffled %v, Sum %q", kind, shuffled, bad.Sum)
 				}
-			}
-		})
+				tc.damage(t, s.ChunkPath(bad.Hash))
+
+				ps := s.Verify(context.Background(), m)
+				if len(ps) != 1 {
+					t.Fatalf("Verify found %d problems, want 1: %v", len(ps), ps)
+				}
+				p := ps[0]
+				if p.File != "pages-1.img" || p.Chunk != 1 || p.Offset != MaxChunk || p.Hash != bad.Hash ||
+					p.Path != s.ChunkPath(bad.Hash) || !strings.Contains(p.Reason, tc.reason) {
+					t.Errorf("Verify problem %+v: want pages-1.img, chunk 1 at %d, %s, reason with %q", p, MaxChunk, s.ChunkPath(bad.Hash), tc.reason)
+				}
+				msg := p.String()
+				if !strings.Contains(msg, "pages-1.img") || !strings.Contains(msg, "chunk 1") || !strings.Contains(msg, bad.Hash) {
+					t.Errorf("problem text %q should name the file, the chunk and its path", msg)
+				}
+				if got := len(s.Quick(m)) > 0; got != tc.quickSees {
+					t.Errorf("Quick saw the damage: %v, want %v", got, tc.quickSees)
+				}
+
+				out := t.TempDir()
+				err := s.Materialize(context.Background(), m, out)
+				if !errors.Is(err, ErrCorrupt) {
+					t.Fatalf("Materialize of a damaged generation: err = %v, want ErrCorrupt", err)
+				}
+				var ce *CorruptError
+				if !errors.As(err, &ce) || len(ce.Problems) != 1 || ce.Generation != m.Generation {
+					t.Fatalf("Materialize error %#v is not a CorruptError with one problem", err)
+				}
+				for _, want := range []string{"generation 1", "pages-1.img", "chunk 1", bad.Hash} {
+					if !strings.Contains(err.Error(), want) {
+						t.Errorf("Materialize error %q does not name %q", err, want)
+					}
+				}
+			})
+		}
 	}
 }
 
@@ -804,6 +821,33 @@ func randBytes(seed int64, n int) []byte {
 		b[i] = byte(x >> 32)
 	}
 	return b
+}
+
+// memLike is n bytes that take turns, chunk by chunk, at the kinds of
+// memory a job holds, so that every way of storing a chunk is used:
+// random bytes (stored raw), a float64 field (shuffled, compressed) and
+// log text (compressed). seed varies all three.
+func memLike(seed int64, n int) []byte {
+	b := make([]byte, 0, n+MaxChunk)
+	for k := 0; len(b) < n; k++ {
+		end := len(b) + MaxChunk
+		switch k % 3 {
+		case 0:
+			b = append(b, randBytes(seed+int64(k), MaxChunk)...)
+		case 1:
+			for i := 0; len(b) < end; i++ {
+				x := float64(int(seed)*1000+k*MaxChunk/8+i) / (1 << 18)
+				v := math.Round((293.15+4*math.Sin(2*math.Pi*x))*1024) / 1024
+				b = binary.LittleEndian.AppendUint64(b, math.Float64bits(v))
+			}
+		case 2:
+			for line := int(seed)*100000 + k*20000; len(b) < end; line++ {
+				b = fmt.Appendf(b, "step=%d cell=%d T=%.3f status=OK\n", line/4096, line, 293.15+float64(line%977)/1000)
+			}
+		}
+		b = b[:end]
+	}
+	return b[:n]
 }
 
 func assertMode(t *testing.T, path string, want os.FileMode) {

@@ -140,7 +140,7 @@ func (src *Source) SendSkipping(ctx context.Context, name string, w io.Writer, s
 				case buf = <-src.bufs:
 				default:
 				}
-				data, err := src.s.readChunk(c, buf)
+				data, err := src.s.readChunk(c, buf, false)
 				if err != nil && src.heal != nil {
 					data, err = src.heal.heal(job{file: fi, idx: i, off: offs[i], c: c}, f.Name, data, err)
 				}

@@ -19,7 +19,7 @@ func TestSourceSendsFiles(t *testing.T) {
 		"core-1.img": randBytes(1, 10_000),
 		// Random, zero and random again, with odd cuts: chunks of every
 		// kind, more than the workers' look-ahead.
-		"pages-1.img": bytes.Join([][]byte{randBytes(2, 9*MaxChunk+4096), make([]byte, 3*MaxChunk), randBytes(3, 20*MaxChunk+777)}, nil),
+		"pages-1.img": bytes.Join([][]byte{memLike(2, 9*MaxChunk+4096), make([]byte, 3*MaxChunk), memLike(3, 20*MaxChunk+777)}, nil),
 	}
 	specs := writeSpecs(t, t.TempDir(), files)
 	for i := range specs {

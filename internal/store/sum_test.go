@@ -1,0 +1,192 @@
+package store
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"math/rand/v2"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// sumPages commits one file of memLike pages (raw, shuffled, text chunks)
+// and returns the store, the manifest and the pages.
+func sumPages(t *testing.T, seed int64) (*Store, *Manifest, []byte) {
+	t.Helper()
+	s := newStore(t)
+	pages := memLike(seed, 3*MaxChunk)
+	_, m := commit(t, s, writeSpecs(t, t.TempDir(), map[string][]byte{"pages-1.img": pages}), nil)
+	return s, m, pages
+}
+
+func fileSum(z []byte) string {
+	sum := sha256.Sum256(z)
+	return hex.EncodeToString(sum[:])
+}
+
+// TestSumRecorded: compressed chunks record the SHA-256 of their file's
+// bytes, raw ones none, and a second generation of the same content
+// reuses the record without rewriting anything.
+func TestSumRecorded(t *testing.T) {
+	s, m, pages := sumPages(t, 1)
+	for i, c := range m.Files[0].Chunks {
+		z := readFile(t, s.ChunkPath(c.Hash))
+		switch {
+		case i == 0 && c.Sum != "":
+			t.Errorf("raw chunk 0 has Sum %s", c.Sum)
+		case i > 0 && c.Sum != fileSum(z):
+			t.Errorf("chunk %d: Sum %q, its file hashes to %s", i, c.Sum, fileSum(z))
+		}
+	}
+	_, m2 := commit(t, s, writeSpecs(t, t.TempDir(), map[string][]byte{"pages-1.img": pages}), nil)
+	if m2.Stats.NewChunks != 0 {
+		t.Errorf("unchanged content added %d chunks", m2.Stats.NewChunks)
+	}
+	for i, c := range m2.Files[0].Chunks {
+		if c != m.Files[0].Chunks[i] {
+			t.Errorf("chunk %d: second generation recorded %+v, first %+v", i, c, m.Files[0].Chunks[i])
+		}
+	}
+}
+
+// TestReencodedChunkReads: a chunk file holding another valid encoding of
+// the right content (as another cryo version would write it) does not
+// match its Sum but still reads, by its content's hash, and verifies.
+func TestReencodedChunkReads(t *testing.T) {
+	s, m, pages := sumPages(t, 2)
+	c := m.Files[0].Chunks[1]
+	cd, err := newCoder()
+	if err != nil {
+		t.Fatal(err)
+	}
+	plain := cd.enc.EncodeAll(pages[MaxChunk:2*MaxChunk], nil) // unshuffled: other bytes
+	if fileSum(plain) == c.Sum {
+		t.Fatal("the re-encoding is the same file")
+	}
+	writeFile(t, s.ChunkPath(c.Hash), plain)
+	out := t.TempDir()
+	if err := s.Materialize(context.Background(), m, out); err != nil {
+		t.Fatalf("re-encoded chunk: %v", err)
+	}
+	if !bytes.Equal(readFile(t, filepath.Join(out, "pages-1.img")), pages) {
+		t.Error("materialized pages differ")
+	}
+	if ps := s.Verify(context.Background(), m); len(ps) != 0 {
+		t.Errorf("Verify: %v", ps)
+	}
+}
+
+// TestVerifyHashesContent: Verify does not stop at a chunk file that
+// matches its Sum; it hashes the content against the chunk's name. Here
+// the file and the Sum were both replaced (a manifest re-sealed by someone
+// else), so that only the content check can tell.
+func TestVerifyHashesContent(t *testing.T) {
+	s, m, _ := sumPages(t, 3)
+	c := &m.Files[0].Chunks[2]
+	cd, err := newCoder()
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := append([]byte(nil), cd.compress(memLike(99, 3*MaxChunk)[2*MaxChunk:])...)
+	writeFile(t, s.ChunkPath(c.Hash), other)
+	c.Sum, c.Stored = fileSum(other), int64(len(other))
+	b, err := m.seal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(s.GenDir(m.Generation), "manifest.json"), b)
+	m, err = s.ReadManifest(m.Generation)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ps := s.Verify(context.Background(), m)
+	if len(ps) != 1 || ps[0].Chunk != 2 || !strings.Contains(ps[0].Reason, "does not match its SHA-256") {
+		t.Errorf("Verify: %v, want chunk 2 whose content does not match", ps)
+	}
+}
+
+// TestLeftoverChunkFile: a chunk file that no committed generation
+// recorded (left by a checkpoint killed before its commit) is reused, with
+// a Sum, only when it decompresses to the content; garbage under the same
+// name is replaced, and the generation reads.
+func TestLeftoverChunkFile(t *testing.T) {
+	pages := memLike(4, 3*MaxChunk)
+	text := pages[2*MaxChunk:]
+	sum := sha256.Sum256(text)
+	hash := hex.EncodeToString(sum[:])
+	cd, err := newCoder()
+	if err != nil {
+		t.Fatal(err)
+	}
+	good := append([]byte(nil), cd.compress(text)...)
+	for name, leftover := range map[string][]byte{"good": good, "garbage": bytes.Repeat([]byte{7}, len(good))} {
+		t.Run(name, func(t *testing.T) {
+			s := newStore(t)
+			mkdir(t, filepath.Dir(s.ChunkPath(hash)))
+			writeFile(t, s.ChunkPath(hash), leftover)
+			_, m := commit(t, s, writeSpecs(t, t.TempDir(), map[string][]byte{"pages-1.img": pages}), nil)
+			c := m.Files[0].Chunks[2]
+			if c.Hash != hash || c.Sum != fileSum(good) || !bytes.Equal(readFile(t, s.ChunkPath(hash)), good) {
+				t.Errorf("chunk %+v, file %d bytes; want the good file with its Sum", c, len(readFile(t, s.ChunkPath(hash))))
+			}
+			if wantNew := map[string]int{"good": 2, "garbage": 3}[name]; m.Stats.NewChunks != wantNew {
+				t.Errorf("%d new chunks, want %d", m.Stats.NewChunks, wantNew)
+			}
+			out := t.TempDir()
+			if err := s.Materialize(context.Background(), m, out); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(readFile(t, filepath.Join(out, "pages-1.img")), pages) {
+				t.Error("materialized pages differ")
+			}
+		})
+	}
+}
+
+// TestDamagedFrames: 3000 random bit flips and truncations of chunk files
+// of every kind (raw, shuffled, compressed): decoding never yields more
+// than a chunk, and a read, which trusts Sum, never returns wrong content
+// without an error.
+func TestDamagedFrames(t *testing.T) {
+	cd, err := newCoder()
+	if err != nil {
+		t.Fatal(err)
+	}
+	type frame struct {
+		c Chunk
+		z []byte
+	}
+	var frames []frame
+	for k, b := range [][]byte{randBytes(1, MaxChunk/4), memLike(1, 2*MaxChunk)[MaxChunk:], memLike(1, 3*MaxChunk)[2*MaxChunk:]} {
+		z := append([]byte(nil), cd.compress(b)...)
+		sum := sha256.Sum256(b)
+		c := Chunk{Hash: hex.EncodeToString(sum[:]), Len: int64(len(b)), Stored: int64(len(z))}
+		if k > 0 {
+			c.Sum = fileSum(z)
+		}
+		frames = append(frames, frame{c, z})
+	}
+	r := rand.New(rand.NewPCG(5, 6))
+	for i := range 3000 {
+		f := frames[i%len(frames)]
+		z := append([]byte(nil), f.z...)
+		if i%4 == 3 {
+			z = z[:r.IntN(len(z))]
+		} else {
+			for range 1 + r.IntN(3) {
+				z[r.IntN(len(z))] ^= 1 << r.IntN(8)
+			}
+		}
+		if data, err := decodeFrame(z, nil); err == nil && len(data) > MaxChunk {
+			t.Fatalf("damage %d: decoded %d bytes", i, len(data))
+		}
+		data, err := decodeChunk(z, f.c, nil, false)
+		if err == nil {
+			if sum := sha256.Sum256(data); hex.EncodeToString(sum[:]) != f.c.Hash {
+				t.Fatalf("damage %d to a chunk of kind %d: read returned wrong content without an error", i, i%len(frames))
+			}
+		}
+	}
+}
