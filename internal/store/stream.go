@@ -148,13 +148,34 @@ func (src *Source) SendSkipping(ctx context.Context, name string, w io.Writer, s
 			}
 		}()
 	}
+	recycle := func(b []byte) {
+		select {
+		case src.bufs <- b[:0]:
+		default:
+		}
+	}
+	// write sends data; an owned buffer is recycled once it is no longer
+	// needed, at once after a copy, later after a vmsplice (splice.go).
+	write := func(data []byte, owned bool) error {
+		_, err := w.Write(data)
+		if owned {
+			recycle(data)
+		}
+		return err
+	}
+	if f.Kind == "pages" {
+		if sp := newSplicer(w, recycle); sp != nil {
+			defer sp.finish(ctx)
+			write = sp.write
+		}
+	}
 	for i, c := range f.Chunks {
 		if c.Zero && skip[i] {
 			src.s.Progress.Add(c.Len)
 			continue
 		}
 		if c.Zero {
-			if _, err := w.Write(zeros[:c.Len]); err != nil {
+			if err := write(zeros[:c.Len], false); err != nil {
 				return fmt.Errorf("send %s: %w", name, err)
 			}
 			src.s.Progress.Add(c.Len)
@@ -171,12 +192,7 @@ func (src *Source) SendSkipping(ctx context.Context, name string, w io.Writer, s
 			return &CorruptError{Generation: src.m.Generation, Problems: []Problem{{File: f.Name, Chunk: i,
 				Offset: offs[i], Hash: c.Hash, Path: src.s.ChunkPath(c.Hash), Reason: r.err.Error()}}}
 		}
-		_, err := w.Write(r.data)
-		select {
-		case src.bufs <- r.data[:0]:
-		default:
-		}
-		if err != nil {
+		if err := write(r.data, true); err != nil {
 			return fmt.Errorf("send %s: %w", name, err)
 		}
 		src.s.Progress.Add(c.Len)

@@ -5,8 +5,11 @@ import (
 	"context"
 	"errors"
 	"io"
+	"os"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestSourceSendsFiles: every file streams out byte for byte as it went in,
@@ -115,4 +118,59 @@ func (f *failAfter) Write(p []byte) (int, error) {
 		return 0, errors.New("reader gone")
 	}
 	return len(p), nil
+}
+
+// TestSourceSplicesPages: a page image sent into a pipe goes by vmsplice,
+// and a reader much slower than the decoders still reads every byte as it
+// was checkpointed: no buffer is reused while its pages are in the pipe.
+// Other images are copied as before.
+func TestSourceSplicesPages(t *testing.T) {
+	s := newStore(t)
+	pages := bytes.Join([][]byte{memLike(7, 30*MaxChunk), make([]byte, 2*MaxChunk), memLike(8, 10*MaxChunk+4096)}, nil)
+	specs := writeSpecs(t, t.TempDir(), map[string][]byte{"pages-1.img": pages, "core-1.img": memLike(9, 3*MaxChunk)})
+	for i := range specs {
+		if specs[i].Name == "pages-1.img" {
+			specs[i].Kind = "pages"
+		}
+	}
+	_, m := commit(t, s, specs, nil)
+	src := s.NewSource(m, nil)
+	for _, name := range []string{"pages-1.img", "core-1.img"} {
+		r, w, err := os.Pipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if newSplicer(w, nil) == nil {
+			t.Fatal("newSplicer does not take a pipe")
+		}
+		got := make(chan []byte)
+		go func() {
+			var out []byte
+			buf := make([]byte, 256<<10)
+			for {
+				n, err := r.Read(buf)
+				out = append(out, buf[:n]...)
+				if err != nil {
+					got <- out
+					return
+				}
+				time.Sleep(time.Millisecond) // slower than the decoders
+			}
+		}()
+		err = src.Send(context.Background(), name, w)
+		w.Close()
+		data := <-got
+		r.Close()
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		want := readFile(t, specs[slices.IndexFunc(specs, func(sp FileSpec) bool { return sp.Name == name })].Path)
+		if !bytes.Equal(data, want) {
+			at := 0
+			for at < min(len(data), len(want)) && data[at] == want[at] {
+				at++
+			}
+			t.Errorf("%s: read %d bytes, want %d; first difference at %d (chunk %d)", name, len(data), len(want), at, at/MaxChunk)
+		}
+	}
 }

@@ -1,0 +1,114 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"os"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// A restore's page images go into CRIU's pipe with vmsplice(2): the pipe
+// takes references to the pages of cryo's verified buffers instead of a
+// copy of them, and the writer no longer holds the pipe's lock while it
+// copies a megabyte, which the reading CRIU spent spinning on. A buffer's
+// pages then belong to the pipe until the reader has read past them, so
+// it is reused only after that: FIONREAD (TIOCINQ) tells how much is
+// still unread.
+//
+// Only page images go this way. CRIU read(2)s them into the job's memory;
+// other images it may splice onward (into a ghost file, say), where pages
+// of ours would live on while we reused them.
+
+// splicer writes buffers into the pipe fd, keeping each until it is read.
+type splicer struct {
+	fd      int
+	total   int64     // bytes spliced so far
+	held    []heldBuf // buffers whose pages may still be in the pipe, oldest first
+	release func([]byte)
+}
+
+type heldBuf struct {
+	b   []byte
+	end int64 // total when its last byte went in
+}
+
+// newSplicer returns a splicer for w, or nil when w is not a pipe.
+func newSplicer(w any, release func([]byte)) *splicer {
+	f, ok := w.(*os.File)
+	if !ok {
+		return nil
+	}
+	st, err := f.Stat()
+	if err != nil || st.Mode()&os.ModeNamedPipe == 0 {
+		return nil
+	}
+	return &splicer{fd: int(f.Fd()), release: release}
+}
+
+// write splices b into the pipe. owned buffers are released once read;
+// others (the shared zero page) must simply never change.
+func (s *splicer) write(b []byte, owned bool) error {
+	for off := 0; off < len(b); {
+		n, err := unix.Vmsplice(s.fd, []unix.Iovec{iovec(b[off:])}, 0)
+		if errors.Is(err, unix.EINTR) || errors.Is(err, unix.EAGAIN) {
+			continue
+		}
+		if err != nil {
+			return err // b, part of which may be in the pipe, is not reused
+		}
+		off += n
+	}
+	s.total += int64(len(b))
+	if owned {
+		s.held = append(s.held, heldBuf{b, s.total})
+	}
+	s.reap()
+	return nil
+}
+
+func iovec(b []byte) unix.Iovec {
+	v := unix.Iovec{Base: &b[0]}
+	v.SetLen(len(b))
+	return v
+}
+
+// reap releases the buffers the reader has read past.
+func (s *splicer) reap() {
+	unread, err := unix.IoctlGetInt(s.fd, unix.TIOCINQ) // FIONREAD
+	if err != nil {
+		return
+	}
+	read := s.total - int64(unread)
+	for len(s.held) > 0 && s.held[0].end <= read {
+		s.release(s.held[0].b)
+		s.held = s.held[1:]
+	}
+}
+
+// finish waits until the reader has read everything or has closed its end
+// (then nothing reads the pages any more), and releases the buffers. If ctx
+// ends first, they are left to the garbage collector, never reused.
+func (s *splicer) finish(ctx context.Context) {
+	for {
+		s.reap()
+		if len(s.held) == 0 {
+			return
+		}
+		fds := []unix.PollFd{{Fd: int32(s.fd), Events: unix.POLLOUT}}
+		if _, err := unix.Poll(fds, 0); err == nil && fds[0].Revents&unix.POLLERR != 0 {
+			for _, h := range s.held {
+				s.release(h.b)
+			}
+			s.held = nil
+			return
+		}
+		select {
+		case <-ctx.Done():
+			s.held = nil
+			return
+		case <-time.After(100 * time.Microsecond):
+		}
+	}
+}
