@@ -190,12 +190,30 @@ func TestVet(t *testing.T) {
 		b, calls := fake(t, "4.1.1", "echo Looks good.")
 		cache := t.TempDir()
 		for range 3 {
-			if _, err := Vet(t.Context(), b, cache); err != nil {
+			got, err := Vet(t.Context(), b, cache)
+			if err != nil {
 				t.Fatal(err)
+			}
+			if got.VersionString() != "4.1.1" {
+				t.Errorf("Vet found version %s, want 4.1.1 (from the cache too)", got.VersionString())
 			}
 		}
 		if n := strings.Count(string(readOrEmpty(calls)), "\n"); n != 1 {
 			t.Errorf("criu check ran %d times for 3 Vets with a cache, want 1", n)
+		}
+		// An older cache entry without the version is checked again.
+		ents, _ := os.ReadDir(cache)
+		if len(ents) != 1 {
+			t.Fatalf("cache holds %d entries, want 1", len(ents))
+		}
+		if err := os.WriteFile(filepath.Join(cache, ents[0].Name()), []byte("4.1.1\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := Vet(t.Context(), b, cache); err != nil {
+			t.Fatal(err)
+		}
+		if n := strings.Count(string(readOrEmpty(calls)), "\n"); n != 2 {
+			t.Errorf("criu check ran %d times after the cache entry lost its version, want 2", n)
 		}
 		// A changed binary is checked again.
 		if err := os.WriteFile(b.Path+".new", []byte("#!/bin/sh\ncase \"$1\" in --version) echo 'Version: 4.1.1';; check) echo >>"+calls+"; echo Looks good.;; esac\n#changed\n"), 0o755); err != nil {
@@ -207,8 +225,8 @@ func TestVet(t *testing.T) {
 		if _, err := Vet(t.Context(), b, cache); err != nil {
 			t.Fatal(err)
 		}
-		if n := strings.Count(string(readOrEmpty(calls)), "\n"); n != 2 {
-			t.Errorf("criu check ran %d times after the binary changed, want 2", n)
+		if n := strings.Count(string(readOrEmpty(calls)), "\n"); n != 3 {
+			t.Errorf("criu check ran %d times after the binary changed, want 3", n)
 		}
 	})
 	t.Run("failing check is not cached", func(t *testing.T) {

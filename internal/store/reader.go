@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"sync"
+	"sync/atomic"
 
 	"github.com/klauspost/compress/zstd"
 )
@@ -162,25 +163,43 @@ func (s *Store) Verify(ctx context.Context, m *Manifest) []Problem {
 
 // Quick checks without reading chunk contents that every chunk exists with
 // the size the manifest recorded. It is what `cryo list` calls intact.
+// The stats run in parallel: after a restart, or on a parallel file
+// system, each one waits for the disk or the server.
 func (s *Store) Quick(m *Manifest) []Problem {
-	var ps []Problem
+	var jobs []Problem // every stored chunk, as the problem it would be
+	var sizes []int64
 	for _, f := range m.Files {
 		var off int64
 		for k, c := range f.Chunks {
-			if c.Zero {
-				off += c.Len
-				continue
-			}
-			p := s.ChunkPath(c.Hash)
-			st, err := os.Stat(p)
-			switch {
-			case err != nil:
-				ps = append(ps, Problem{File: f.Name, Chunk: k, Offset: off, Hash: c.Hash, Path: p, Reason: "missing"})
-			case st.Size() != c.Stored:
-				ps = append(ps, Problem{File: f.Name, Chunk: k, Offset: off, Hash: c.Hash, Path: p,
-					Reason: fmt.Sprintf("is %d bytes, manifest says %d (truncated?)", st.Size(), c.Stored)})
+			if !c.Zero {
+				jobs = append(jobs, Problem{File: f.Name, Chunk: k, Offset: off, Hash: c.Hash, Path: s.ChunkPath(c.Hash)})
+				sizes = append(sizes, c.Stored)
 			}
 			off += c.Len
+		}
+	}
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range min(16, len(jobs)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := int(next.Add(1) - 1); i < len(jobs); i = int(next.Add(1) - 1) {
+				st, err := os.Stat(jobs[i].Path)
+				switch {
+				case err != nil:
+					jobs[i].Reason = "missing"
+				case st.Size() != sizes[i]:
+					jobs[i].Reason = fmt.Sprintf("is %d bytes, manifest says %d (truncated?)", st.Size(), sizes[i])
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	var ps []Problem
+	for _, p := range jobs {
+		if p.Reason != "" {
+			ps = append(ps, p)
 		}
 	}
 	return ps
