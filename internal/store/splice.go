@@ -14,8 +14,11 @@ import (
 // copy of them, and the writer no longer holds the pipe's lock while it
 // copies a megabyte, which the reading CRIU spent spinning on. A buffer's
 // pages then belong to the pipe until the reader has read past them, so
-// it is reused only after that: FIONREAD (TIOCINQ) tells how much is
-// still unread.
+// it is reused only after that: once a pipe's capacity has gone in after
+// it (the pipe cannot hold more, so the reader must have taken it), or at
+// the end, once FIONREAD (TIOCINQ) says nothing is left unread. FIONREAD
+// takes the pipe's lock, which CRIU holds while it copies into the job's
+// memory: asking after every chunk would contend for it.
 //
 // Only page images go this way. CRIU read(2)s them into the job's memory;
 // other images it may splice onward (into a ghost file, say), where pages
@@ -24,6 +27,7 @@ import (
 // splicer writes buffers into the pipe fd, keeping each until it is read.
 type splicer struct {
 	fd      int
+	size    int64     // the pipe's capacity
 	total   int64     // bytes spliced so far
 	held    []heldBuf // buffers whose pages may still be in the pipe, oldest first
 	release func([]byte)
@@ -44,7 +48,12 @@ func newSplicer(w any, release func([]byte)) *splicer {
 	if err != nil || st.Mode()&os.ModeNamedPipe == 0 {
 		return nil
 	}
-	return &splicer{fd: int(f.Fd()), release: release}
+	fd := int(f.Fd())
+	size, err := unix.FcntlInt(uintptr(fd), unix.F_GETPIPE_SZ, 0)
+	if err != nil || size <= 0 {
+		return nil
+	}
+	return &splicer{fd: fd, size: int64(size), release: release}
 }
 
 // write splices b into the pipe. owned buffers are released once read;
@@ -64,8 +73,18 @@ func (s *splicer) write(b []byte, owned bool) error {
 	if owned {
 		s.held = append(s.held, heldBuf{b, s.total})
 	}
-	s.reap()
+	// Each page of the pipe holds at most a page of data: with size bytes
+	// in after a buffer, its pages have all been read.
+	s.releaseTo(s.total - s.size)
 	return nil
+}
+
+// releaseTo releases the buffers whose last byte is at most at read.
+func (s *splicer) releaseTo(read int64) {
+	for len(s.held) > 0 && s.held[0].end <= read {
+		s.release(s.held[0].b)
+		s.held = s.held[1:]
+	}
 }
 
 func iovec(b []byte) unix.Iovec {
@@ -74,16 +93,10 @@ func iovec(b []byte) unix.Iovec {
 	return v
 }
 
-// reap releases the buffers the reader has read past.
+// reap releases the buffers the reader has read past, by FIONREAD.
 func (s *splicer) reap() {
-	unread, err := unix.IoctlGetInt(s.fd, unix.TIOCINQ) // FIONREAD
-	if err != nil {
-		return
-	}
-	read := s.total - int64(unread)
-	for len(s.held) > 0 && s.held[0].end <= read {
-		s.release(s.held[0].b)
-		s.held = s.held[1:]
+	if unread, err := unix.IoctlGetInt(s.fd, unix.TIOCINQ); err == nil { // FIONREAD
+		s.releaseTo(s.total - int64(unread))
 	}
 }
 

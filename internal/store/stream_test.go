@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
+	"golang.org/x/sys/unix"
 	"io"
 	"os"
 	"slices"
@@ -123,14 +125,25 @@ func (f *failAfter) Write(p []byte) (int, error) {
 // TestSourceSplicesPages: a page image sent into a pipe goes by vmsplice,
 // and a reader much slower than the decoders still reads every byte as it
 // was checkpointed: no buffer is reused while its pages are in the pipe.
-// Other images are copied as before.
+// Other images are copied as before. In a default pipe (64 KiB) every
+// vmsplice is partial; a 1 MiB one (as CRIU's) holds several chunks of
+// 128 KiB.
 func TestSourceSplicesPages(t *testing.T) {
+	for _, size := range []int{0, 1 << 20} {
+		t.Run(fmt.Sprintf("pipe %d", size), func(t *testing.T) { testSourceSplicesPages(t, size) })
+	}
+}
+
+func testSourceSplicesPages(t *testing.T, pipeSize int) {
 	s := newStore(t)
 	pages := bytes.Join([][]byte{memLike(7, 30*MaxChunk), make([]byte, 2*MaxChunk), memLike(8, 10*MaxChunk+4096)}, nil)
 	specs := writeSpecs(t, t.TempDir(), map[string][]byte{"pages-1.img": pages, "core-1.img": memLike(9, 3*MaxChunk)})
 	for i := range specs {
 		if specs[i].Name == "pages-1.img" {
 			specs[i].Kind = "pages"
+			for at := int64(128 << 10); at < int64(len(pages)); at += 128 << 10 {
+				specs[i].Cuts = append(specs[i].Cuts, at)
+			}
 		}
 	}
 	_, m := commit(t, s, specs, nil)
@@ -139,6 +152,11 @@ func TestSourceSplicesPages(t *testing.T) {
 		r, w, err := os.Pipe()
 		if err != nil {
 			t.Fatal(err)
+		}
+		if pipeSize > 0 {
+			if _, err := unix.FcntlInt(w.Fd(), unix.F_SETPIPE_SZ, pipeSize); err != nil {
+				t.Fatalf("cannot make a pipe of %d bytes: %v", pipeSize, err)
+			}
 		}
 		if newSplicer(w, nil) == nil {
 			t.Fatal("newSplicer does not take a pipe")
