@@ -11,7 +11,7 @@ import (
 )
 
 // FormatVersion is the store and manifest format this cryo writes. Format
-// 2 added shuffled chunks (compress.go) and Chunk.Sum; this cryo reads 1
+// 2 added shuffled chunks (compress.go) and Chunk.Check; this cryo reads 1
 // as well, which has neither.
 const FormatVersion = 2
 
@@ -96,12 +96,14 @@ type Chunk struct {
 	Hash   string `json:"h"`
 	Len    int64  `json:"n"` // uncompressed length
 	Stored int64  `json:"z"` // compressed length in the store
-	// Sum is the SHA-256 of the chunk file's bytes, recorded where they
-	// are at most half the content (compressed chunks): a read that
-	// matches it knows the file is as written, and decompresses it
-	// without hashing the content again (see decodeChunk). Empty for
-	// chunks stored raw, whose check costs the same either way.
-	Sum string `json:"s,omitempty"`
+	// Check is the CRC-32C and the CRC-32 (IEEE) of the chunk file's
+	// bytes, 16 hex digits: a read whose file matches it knows the file is
+	// as written and decompresses it without hashing the content again
+	// (see decodeChunk), which on restore cost more CPU than anything but
+	// CRIU. Against damage, 64 bits of CRC are what a disk's checksums
+	// give; the SHA-256 name still decides identity (dedup), and cryo
+	// verify still hashes every chunk's content. Empty in format 1.
+	Check string `json:"c,omitempty"`
 	// Zero marks a chunk of zero bytes: it has no file in the store, and
 	// restore leaves a hole where it goes.
 	Zero bool `json:"0,omitempty"`
@@ -213,7 +215,7 @@ func parseManifest(b []byte) (*Manifest, error) {
 		// a loop is checked.
 		var size int64
 		for i, c := range f.Chunks {
-			if !validHash(c.Hash) || c.Sum != "" && !validHash(c.Sum) || c.Len < 0 || c.Len > MaxChunk || c.Stored < 0 || c.Stored > maxStored {
+			if !validHash(c.Hash) || c.Check != "" && !validCheck(c.Check) || c.Len < 0 || c.Len > MaxChunk || c.Stored < 0 || c.Stored > maxStored {
 				return nil, fmt.Errorf("manifest.json: %s: chunk %d is not a valid chunk (hash %.80q, %d bytes, %d stored)", f.Name, i, c.Hash, c.Len, c.Stored)
 			}
 			if c.Zero && c.Hash != zeroHash(int(c.Len)) {
@@ -229,10 +231,12 @@ func parseManifest(b []byte) (*Manifest, error) {
 }
 
 // validHash is a SHA-256 in lowercase hex, the only form a chunk name has.
-func validHash(h string) bool {
-	if len(h) != 64 {
-		return false
-	}
+func validHash(h string) bool { return len(h) == 64 && lowerHex(h) }
+
+// validCheck is a Chunk.Check: 8 bytes in lowercase hex.
+func validCheck(h string) bool { return len(h) == 16 && lowerHex(h) }
+
+func lowerHex(h string) bool {
 	for i := 0; i < len(h); i++ {
 		if c := h[i]; (c < '0' || c > '9') && (c < 'a' || c > 'f') {
 			return false

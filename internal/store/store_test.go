@@ -378,8 +378,8 @@ func TestCorruptChunk(t *testing.T) {
 				}
 				bad := f.Chunks[1]
 				z := readFile(t, s.ChunkPath(bad.Hash))
-				if shuffled := bytes.HasPrefix(z, filterHeader[:]); shuffled != (kind == "shuffled") || (bad.Sum == "") != (kind == "raw") {
-					t.Fatalf("%s chunk: shuffled %v, Sum %q", kind, shuffled, bad.Sum)
+				if shuffled := bytes.HasPrefix(z, filterHeader[:]); shuffled != (kind == "shuffled") || bad.Check != fileCheck(z) {
+					t.Fatalf("%s chunk: shuffled %v, Check %q", kind, shuffled, bad.Check)
 				}
 				tc.damage(t, s.ChunkPath(bad.Hash))
 

@@ -13,7 +13,7 @@ import (
 
 // sumPages commits one file of memLike pages (raw, shuffled, text chunks)
 // and returns the store, the manifest and the pages.
-func sumPages(t *testing.T, seed int64) (*Store, *Manifest, []byte) {
+func checkPages(t *testing.T, seed int64) (*Store, *Manifest, []byte) {
 	t.Helper()
 	s := newStore(t)
 	pages := memLike(seed, 3*MaxChunk)
@@ -21,23 +21,15 @@ func sumPages(t *testing.T, seed int64) (*Store, *Manifest, []byte) {
 	return s, m, pages
 }
 
-func fileSum(z []byte) string {
-	sum := sha256.Sum256(z)
-	return hex.EncodeToString(sum[:])
-}
-
-// TestSumRecorded: compressed chunks record the SHA-256 of their file's
-// bytes, raw ones none, and a second generation of the same content
-// reuses the record without rewriting anything.
-func TestSumRecorded(t *testing.T) {
-	s, m, pages := sumPages(t, 1)
+// TestCheckRecorded: every stored chunk records the Check of its file's
+// bytes (raw, shuffled and compressed alike), and a second generation of
+// the same content reuses the record without rewriting anything.
+func TestCheckRecorded(t *testing.T) {
+	s, m, pages := checkPages(t, 1)
 	for i, c := range m.Files[0].Chunks {
 		z := readFile(t, s.ChunkPath(c.Hash))
-		switch {
-		case i == 0 && c.Sum != "":
-			t.Errorf("raw chunk 0 has Sum %s", c.Sum)
-		case i > 0 && c.Sum != fileSum(z):
-			t.Errorf("chunk %d: Sum %q, its file hashes to %s", i, c.Sum, fileSum(z))
+		if !validCheck(c.Check) || c.Check != fileCheck(z) {
+			t.Errorf("chunk %d: Check %q, its file checks to %s", i, c.Check, fileCheck(z))
 		}
 	}
 	_, m2 := commit(t, s, writeSpecs(t, t.TempDir(), map[string][]byte{"pages-1.img": pages}), nil)
@@ -53,16 +45,16 @@ func TestSumRecorded(t *testing.T) {
 
 // TestReencodedChunkReads: a chunk file holding another valid encoding of
 // the right content (as another cryo version would write it) does not
-// match its Sum but still reads, by its content's hash, and verifies.
+// match its Check but still reads, by its content's hash, and verifies.
 func TestReencodedChunkReads(t *testing.T) {
-	s, m, pages := sumPages(t, 2)
+	s, m, pages := checkPages(t, 2)
 	c := m.Files[0].Chunks[1]
 	cd, err := newCoder()
 	if err != nil {
 		t.Fatal(err)
 	}
 	plain := cd.enc.EncodeAll(pages[MaxChunk:2*MaxChunk], nil) // unshuffled: other bytes
-	if fileSum(plain) == c.Sum {
+	if fileCheck(plain) == c.Check {
 		t.Fatal("the re-encoding is the same file")
 	}
 	writeFile(t, s.ChunkPath(c.Hash), plain)
@@ -79,11 +71,11 @@ func TestReencodedChunkReads(t *testing.T) {
 }
 
 // TestVerifyHashesContent: Verify does not stop at a chunk file that
-// matches its Sum; it hashes the content against the chunk's name. Here
-// the file and the Sum were both replaced (a manifest re-sealed by someone
+// matches its Check; it hashes the content against the chunk's name. Here
+// the file and the Check were both replaced (a manifest re-sealed by someone
 // else), so that only the content check can tell.
 func TestVerifyHashesContent(t *testing.T) {
-	s, m, _ := sumPages(t, 3)
+	s, m, _ := checkPages(t, 3)
 	c := &m.Files[0].Chunks[2]
 	cd, err := newCoder()
 	if err != nil {
@@ -91,7 +83,7 @@ func TestVerifyHashesContent(t *testing.T) {
 	}
 	other := append([]byte(nil), cd.compress(memLike(99, 3*MaxChunk)[2*MaxChunk:])...)
 	writeFile(t, s.ChunkPath(c.Hash), other)
-	c.Sum, c.Stored = fileSum(other), int64(len(other))
+	c.Check, c.Stored = fileCheck(other), int64(len(other))
 	b, err := m.seal()
 	if err != nil {
 		t.Fatal(err)
@@ -109,7 +101,7 @@ func TestVerifyHashesContent(t *testing.T) {
 
 // TestLeftoverChunkFile: a chunk file that no committed generation
 // recorded (left by a checkpoint killed before its commit) is reused, with
-// a Sum, only when it decompresses to the content; garbage under the same
+// a Check, only when it decompresses to the content; garbage under the same
 // name is replaced, and the generation reads.
 func TestLeftoverChunkFile(t *testing.T) {
 	pages := memLike(4, 3*MaxChunk)
@@ -128,8 +120,8 @@ func TestLeftoverChunkFile(t *testing.T) {
 			writeFile(t, s.ChunkPath(hash), leftover)
 			_, m := commit(t, s, writeSpecs(t, t.TempDir(), map[string][]byte{"pages-1.img": pages}), nil)
 			c := m.Files[0].Chunks[2]
-			if c.Hash != hash || c.Sum != fileSum(good) || !bytes.Equal(readFile(t, s.ChunkPath(hash)), good) {
-				t.Errorf("chunk %+v, file %d bytes; want the good file with its Sum", c, len(readFile(t, s.ChunkPath(hash))))
+			if c.Hash != hash || c.Check != fileCheck(good) || !bytes.Equal(readFile(t, s.ChunkPath(hash)), good) {
+				t.Errorf("chunk %+v, file %d bytes; want the good file with its Check", c, len(readFile(t, s.ChunkPath(hash))))
 			}
 			if wantNew := map[string]int{"good": 2, "garbage": 3}[name]; m.Stats.NewChunks != wantNew {
 				t.Errorf("%d new chunks, want %d", m.Stats.NewChunks, wantNew)
@@ -147,7 +139,7 @@ func TestLeftoverChunkFile(t *testing.T) {
 
 // TestDamagedFrames: 3000 random bit flips and truncations of chunk files
 // of every kind (raw, shuffled, compressed): decoding never yields more
-// than a chunk, and a read, which trusts Sum, never returns wrong content
+// than a chunk, and a read, which trusts Check, never returns wrong content
 // without an error.
 func TestDamagedFrames(t *testing.T) {
 	cd, err := newCoder()
@@ -159,13 +151,10 @@ func TestDamagedFrames(t *testing.T) {
 		z []byte
 	}
 	var frames []frame
-	for k, b := range [][]byte{randBytes(1, MaxChunk/4), memLike(1, 2*MaxChunk)[MaxChunk:], memLike(1, 3*MaxChunk)[2*MaxChunk:]} {
+	for _, b := range [][]byte{randBytes(1, MaxChunk/4), memLike(1, 2*MaxChunk)[MaxChunk:], memLike(1, 3*MaxChunk)[2*MaxChunk:]} {
 		z := append([]byte(nil), cd.compress(b)...)
 		sum := sha256.Sum256(b)
-		c := Chunk{Hash: hex.EncodeToString(sum[:]), Len: int64(len(b)), Stored: int64(len(z))}
-		if k > 0 {
-			c.Sum = fileSum(z)
-		}
+		c := Chunk{Hash: hex.EncodeToString(sum[:]), Len: int64(len(b)), Stored: int64(len(z)), Check: fileCheck(z)}
 		frames = append(frames, frame{c, z})
 	}
 	r := rand.New(rand.NewPCG(5, 6))
