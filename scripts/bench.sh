@@ -6,6 +6,7 @@
 #   BENCH_REPS=3     repetitions per tool
 #   BENCH_DIR=/var/tmp         disk for CRIU's images and cryo's store (same disk for both)
 #   BENCH_WARM_MIB=max(2048, 2*BENCH_MIB+512)  fresh memory touched and freed before every timed step
+#   BENCH_SETTLE=0s  idle before every timed step; BENCH_WARM_MIB=0 BENCH_SETTLE=5s is a cold bench
 #   BENCH_JSON=bin/bench-<time>.json   where the results go
 #
 # Needs root, bin/cryo (make build) and CRIU ($CRYO_CRIU, else .deps/criu).
@@ -51,7 +52,7 @@ echo "load before: $(uptime)"
 # it at once (it then stops, kills its workloads and cleans up).
 "$work/bin/bench" -cryo "$repo/bin/cryo" -criu "$CRYO_CRIU" -workload "$work/bin/mixed" \
   -dir "$work/run" -shm "$shm" -mib "${BENCH_MIB:-2048}" -reps "${BENCH_REPS:-3}" \
-  -warm-mib "${BENCH_WARM_MIB:--1}" -json "$out" &
+  -warm-mib "${BENCH_WARM_MIB:--1}" -settle "${BENCH_SETTLE:-0s}" -json "$out" &
 bench=$!
 trap 'kill -TERM "$bench" 2>/dev/null || true' INT TERM
 rc=0

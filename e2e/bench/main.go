@@ -65,7 +65,12 @@ type config struct {
 	MiB      int    `json:"mib"`
 	Reps     int    `json:"reps"`
 	WarmMiB  int    `json:"warm_mib"`
-	JSONOut  string `json:"-"`
+	// Settle is how long the machine idles before each timed step (after
+	// the caches are dropped, before any warm-up). With no warm-up it
+	// gives a "cold" bench: freed memory has gone back to the host, and
+	// every tool pays for fresh memory, as after a quiet spell on a VM.
+	Settle  time.Duration `json:"settle_ns"`
+	JSONOut string        `json:"-"`
 }
 
 func main() {
@@ -78,6 +83,7 @@ func main() {
 	flag.IntVar(&c.MiB, "mib", envInt("BENCH_MIB", 2048), "MiB of workload memory")
 	flag.IntVar(&c.Reps, "reps", envInt("BENCH_REPS", 3), "repetitions per tool")
 	flag.IntVar(&c.WarmMiB, "warm-mib", envInt("BENCH_WARM_MIB", -1), "MiB of fresh memory touched and freed before each timed step (-1: 2*mib+512, at least 2048)")
+	flag.DurationVar(&c.Settle, "settle", envDuration("BENCH_SETTLE", 0), "idle this long before each timed step (with -warm-mib 0: a cold bench)")
 	flag.StringVar(&c.JSONOut, "json", "", "write the results as JSON here (required)")
 	flag.Parse()
 	if c.WarmMiB < 0 {
@@ -231,7 +237,7 @@ func (b *bench) run() error {
 	if out, err := exec.CommandContext(b.ctx, c.Cryo, "check", "--criu", c.CRIU).CombinedOutput(); err != nil {
 		return fmt.Errorf("cryo check: %v: %s", err, out)
 	}
-	b.logf("cryo bench: %d MiB mixed workload, %d repetitions per tool, warm-up %d MiB before each timed step", c.MiB, c.Reps, c.WarmMiB)
+	b.logf("cryo bench: %d MiB mixed workload, %d repetitions per tool, %s", c.MiB, c.Reps, c.condition())
 	b.logf("  images and stores in %s, cryo work dirs in %s; load average %s", c.Dir, c.ShmDir, b.res.LoadBefore)
 
 	for rep := 1; rep <= c.Reps; rep++ {
@@ -711,11 +717,23 @@ func (b *bench) timed(logDir, name, bin string, args ...string) (time.Duration, 
 	return d, stdout.Bytes(), nil
 }
 
+// condition says how every timed step starts.
+func (c config) condition() string {
+	s := "caches dropped"
+	if c.Settle > 0 {
+		s += fmt.Sprintf(", %v idle", c.Settle)
+	}
+	if c.WarmMiB > 0 {
+		return s + fmt.Sprintf(", %d MiB of fresh memory touched and freed (warm) before each timed step", c.WarmMiB)
+	}
+	return s + " before each timed step, no warm-up (cold)"
+}
+
 // prepare puts the machine in the same condition before every timed step:
-// dirty pages written back, page caches dropped, and WarmMiB of fresh memory
-// touched and freed (the VM gives freed memory back to the host within about
-// a second; touching it again first is slow, and would otherwise be charged
-// to whichever tool happens to need it).
+// dirty pages written back, page caches dropped, Settle idle, and WarmMiB
+// of fresh memory touched and freed (the VM gives freed memory back to the
+// host within about a second; touching it again first is slow, and would
+// otherwise be charged to whichever tool happens to need it).
 func (b *bench) prepare() error {
 	if err := b.ctx.Err(); err != nil {
 		return err
@@ -723,6 +741,13 @@ func (b *bench) prepare() error {
 	unix.Sync()
 	if err := os.WriteFile("/proc/sys/vm/drop_caches", []byte("3\n"), 0o200); err != nil {
 		return fmt.Errorf("drop caches: %w", err)
+	}
+	if b.cfg.Settle > 0 {
+		select {
+		case <-time.After(b.cfg.Settle):
+		case <-b.ctx.Done():
+			return b.ctx.Err()
+		}
 	}
 	if b.cfg.WarmMiB == 0 {
 		return nil
@@ -860,6 +885,7 @@ func (b *bench) report(w io.Writer) {
 		b.res.CRIUVersion, c.MiB, c.Reps)
 	fmt.Fprintf(w, "host %s, kernel %s, %d CPUs; load average before %s, after %s\n",
 		b.res.Host, b.res.Kernel, b.res.CPUs, b.res.LoadBefore, b.res.LoadAfter)
+	fmt.Fprintf(w, "%s\n", c.condition())
 	fmt.Fprintf(w, "every restore verified: the workload's memory digest equals the one taken before the checkpoint\n\n")
 	fmt.Fprintf(w, "%-42s %12s %12s   %s\n", "", "min", "median", "all")
 	for _, r := range b.res.Summary {
@@ -979,6 +1005,13 @@ func envOr(name, def string) string {
 func envInt(name string, def int) int {
 	if v, err := strconv.Atoi(os.Getenv(name)); err == nil {
 		return v
+	}
+	return def
+}
+
+func envDuration(name string, def time.Duration) time.Duration {
+	if d, err := time.ParseDuration(os.Getenv(name)); err == nil {
+		return d
 	}
 	return def
 }
