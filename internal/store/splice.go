@@ -104,6 +104,9 @@ func (s *splicer) reap() {
 // (then nothing reads the pages any more), and releases the buffers. If ctx
 // ends first, they are left to the garbage collector, never reused.
 func (s *splicer) finish(ctx context.Context) {
+	// The reader usually takes the last megabyte within milliseconds; one
+	// that is slow costs polls that back off to 10 ms.
+	wait := 100 * time.Microsecond
 	for {
 		s.reap()
 		if len(s.held) == 0 {
@@ -121,7 +124,8 @@ func (s *splicer) finish(ctx context.Context) {
 		case <-ctx.Done():
 			s.held = nil
 			return
-		case <-time.After(100 * time.Microsecond):
+		case <-time.After(wait):
+			wait = min(2*wait, 10*time.Millisecond)
 		}
 	}
 }
