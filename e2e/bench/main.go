@@ -854,7 +854,9 @@ func (b *bench) summarise() {
 		row("gen 2: frozen (reported)", "ns", incFrozen),
 		lazyStart,
 		row("gen 2: cryo restore --lazy, memory whole", "ns", incLazyWall),
-		row("warm-up touch-and-free", "ns", b.res.WarmTouch),
+	}
+	if len(b.res.WarmTouch) > 0 { // none in a cold bench
+		b.res.Summary = append(b.res.Summary, row("warm-up touch-and-free", "ns", b.res.WarmTouch))
 	}
 	mk := func(name string, num, den summaryRow, target float64) ratio {
 		r := ratio{Name: name, Median: num.Median / den.Median, Min: num.Min / den.Min, Target: target}
