@@ -3,9 +3,11 @@ package store
 import (
 	"bytes"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"hash/crc32"
 	"sync"
 	"time"
 )
@@ -232,6 +234,17 @@ func parseManifest(b []byte) (*Manifest, error) {
 
 // validHash is a SHA-256 in lowercase hex, the only form a chunk name has.
 func validHash(h string) bool { return len(h) == 64 && lowerHex(h) }
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// fileCheck is a chunk file's Check: its CRC-32C and CRC-32 (IEEE), both
+// computed by the CPU's own instructions (tens of GB/s).
+func fileCheck(z []byte) string {
+	var b [8]byte
+	binary.BigEndian.PutUint32(b[:4], crc32.Checksum(z, castagnoli))
+	binary.BigEndian.PutUint32(b[4:], crc32.ChecksumIEEE(z))
+	return hex.EncodeToString(b[:])
+}
 
 // validCheck is a Chunk.Check: 8 bytes in lowercase hex.
 func validCheck(h string) bool { return len(h) == 16 && lowerHex(h) }

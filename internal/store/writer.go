@@ -4,11 +4,9 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
-	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"hash/crc32"
 	"io"
 	"os"
 	"path/filepath"
@@ -59,10 +57,11 @@ type Writer struct {
 
 	rep *replicaWriter // nil without a replica (replica.go)
 
-	// known are the chunks of the newest committed generation, by hash:
+	// known gives the chunks of the newest committed generation, by hash:
 	// what it recorded of a chunk file (size, Check) is reused for a chunk
-	// that is stored already.
-	known map[string]Chunk
+	// that is stored already. It reads the manifest when a chunk first
+	// needs it, not before the dump starts (a new store never does).
+	known func() map[string]Chunk
 
 	arena []byte // WriterOptions.Prefill's buffers, unmapped by stop
 }
@@ -135,7 +134,7 @@ func (s *Store) NewWriterOpts(o WriterOptions) (*Writer, error) {
 			o.Queue = max(o.Queue, n)
 		}
 	}
-	w := &Writer{s: s, staging: staging, jobs: make(chan chunkJob, o.Queue), known: s.newestChunks(),
+	w := &Writer{s: s, staging: staging, jobs: make(chan chunkJob, o.Queue), known: sync.OnceValue(s.newestChunks),
 		bufs: make(chan []byte, max(min(o.Queue+8, 4096), len(arena)/MaxChunk+8)), hold: make(chan struct{}), arena: arena}
 	for i := 0; i+MaxChunk <= len(arena); i += MaxChunk {
 		w.bufs <- arena[i : i : i+MaxChunk]
@@ -394,29 +393,17 @@ func (w *Writer) putChunk(cd *coder, b []byte) (Chunk, bool, error) {
 	return c, fresh, err
 }
 
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
-
-// fileCheck is a chunk file's Check: its CRC-32C and CRC-32 (IEEE), both
-// computed by the CPU's own instructions (tens of GB/s).
-func fileCheck(z []byte) string {
-	var b [8]byte
-	binary.BigEndian.PutUint32(b[:4], crc32.Checksum(z, castagnoli))
-	binary.BigEndian.PutUint32(b[4:], crc32.ChecksumIEEE(z))
-	return hex.EncodeToString(b[:])
-}
-
 // fileHolds reports whether the chunk file at path decompresses to b, and
 // then its Check.
-func fileHolds(path string, b []byte) (string, bool) {
-	z, err := os.ReadFile(path)
-	if err != nil {
-		return "", false
-	}
-	data, err := decodeFrame(z, nil)
-	if err != nil || !bytes.Equal(data, b) {
-		return "", false
-	}
-	return fileCheck(z), true
+func (s *Store) fileHolds(path string, b []byte) (check string, ok bool) {
+	_ = s.direct.readChunkFile(path, func(z []byte) error {
+		data, err := decodeFrame(z, nil)
+		if ok = err == nil && bytes.Equal(data, b); ok {
+			check = fileCheck(z)
+		}
+		return nil
+	})
+	return check, ok
 }
 
 // newestChunks indexes the chunks of the newest generation whose manifest
@@ -458,12 +445,12 @@ func (w *Writer) storeChunk(cd *coder, c Chunk, b []byte) (Chunk, bool, error) {
 		// a checkpoint that did not commit) could hold anything, and a
 		// Check would vouch for it: it gets one only after it decompresses
 		// to this very content, and is written anew if it does not.
-		k, known := w.known[c.Hash]
+		k, known := w.known()[c.Hash]
 		reuse := true
 		if known && k.Stored == st.Size() && k.Check != "" {
 			c.Check = k.Check
 		} else {
-			c.Check, reuse = fileHolds(path, b)
+			c.Check, reuse = w.s.fileHolds(path, b)
 		}
 		if reuse {
 			c.Stored = st.Size()
