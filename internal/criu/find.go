@@ -102,7 +102,9 @@ func Vet(ctx context.Context, b Binary, cacheDir string) (Binary, error) {
 	stamp := ""
 	if cacheDir != "" {
 		stamp = checkStamp(b.Path, cacheDir)
-		if rec, err := os.ReadFile(stamp); stamp != "" && err == nil {
+	}
+	if stamp != "" {
+		if rec, err := os.ReadFile(stamp); err == nil {
 			if v, err := ParseVersion(string(rec)); err == nil && v >= MinVersion {
 				b.Version = v
 				return b, nil

@@ -38,14 +38,11 @@ type heldBuf struct {
 	end int64 // total when its last byte went in
 }
 
-// newSplicer returns a splicer for w, or nil when w is not a pipe.
+// newSplicer returns a splicer for w, or nil when w is not a pipe (which
+// has no pipe size).
 func newSplicer(w any, release func([]byte)) *splicer {
 	f, ok := w.(*os.File)
 	if !ok {
-		return nil
-	}
-	st, err := f.Stat()
-	if err != nil || st.Mode()&os.ModeNamedPipe == 0 {
 		return nil
 	}
 	fd := int(f.Fd())
