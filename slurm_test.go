@@ -9,8 +9,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -269,31 +271,60 @@ func TestKillJobOrphans(t *testing.T) {
 		t.Skip("no sleep command")
 	}
 	job := SlurmJob{ID: strconv.Itoa(100000 + rand.IntN(800000)), Cluster: fmt.Sprintf("test%d", rand.IntN(1e6))}
-	start := func(env ...string) *exec.Cmd {
-		cmd := exec.Command("sleep", "60")
+	start := func(name string, env ...string) *exec.Cmd {
+		cmd := exec.Command(name, "60")
 		cmd.Env = append(os.Environ(), env...)
 		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
+			t.Error(err) // called from several goroutines
+			return nil
 		}
 		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
 		return cmd
 	}
-	orphan := start("SLURM_JOB_ID="+job.ID, "SLURM_CLUSTER_NAME="+job.Cluster)
-	otherCluster := start("SLURM_JOB_ID="+job.ID, "SLURM_CLUSTER_NAME=elsewhere")
-	otherJob := start("SLURM_JOB_ID=1"+job.ID, "SLURM_CLUSTER_NAME="+job.Cluster)
-	done := make(chan struct{})
-	go func() { orphan.Wait(); close(done) }()
+	otherCluster := start("sleep", "SLURM_JOB_ID="+job.ID, "SLURM_CLUSTER_NAME=elsewhere")
+	otherJob := start("sleep", "SLURM_JOB_ID=1"+job.ID, "SLURM_CLUSTER_NAME="+job.Cluster)
+	// Half the orphans exec themselves over and over, so the scan often
+	// finds one inside execve, when its environment reads as empty for a
+	// moment; the other half are started at once, right before the scan.
+	loop := filepath.Join(t.TempDir(), "orphan-loop")
+	if err := os.WriteFile(loop, []byte("#!/bin/sh\nexec \"$0\"\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	orphans := make([]*exec.Cmd, 16)
+	var wg sync.WaitGroup
+	for i := range orphans {
+		name := "sleep"
+		if i%2 == 0 {
+			name = loop
+		}
+		wg.Go(func() { orphans[i] = start(name, "SLURM_JOB_ID="+job.ID, "SLURM_CLUSTER_NAME="+job.Cluster) })
+	}
+	wg.Wait()
+	if t.Failed() {
+		t.FailNow()
+	}
+	time.Sleep(20 * time.Millisecond) // the loops get going
 	found, err := killJobOrphans(context.Background(), job, discard(nil))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(found) != 1 || found[0].PID != orphan.Process.Pid || found[0].Comm != "sleep" {
-		t.Errorf("found %+v, want only pid %d (sleep)", found, orphan.Process.Pid)
+	var want []Orphan
+	for _, o := range orphans {
+		want = append(want, Orphan{PID: o.Process.Pid, Comm: filepath.Base(o.Path)})
 	}
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		t.Errorf("the orphan still runs")
+	slices.SortFunc(want, func(a, b Orphan) int { return a.PID - b.PID })
+	if !slices.Equal(found, want) {
+		t.Errorf("found %+v, want %+v", found, want)
+	}
+	timeout := time.After(10 * time.Second)
+	for _, o := range orphans {
+		done := make(chan struct{})
+		go func() { o.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-timeout:
+			t.Fatalf("orphan %d (%s) still runs 10 s on", o.Process.Pid, filepath.Base(o.Path))
+		}
 	}
 	for _, c := range []*exec.Cmd{otherCluster, otherJob} {
 		if err := c.Process.Signal(syscall.Signal(0)); err != nil {

@@ -453,31 +453,18 @@ func killJobOrphans(ctx context.Context, job SlurmJob, log *slog.Logger) ([]Orph
 		}
 		p = st.PPID
 	}
-	ents, err := os.ReadDir("/proc")
-	if err != nil {
-		return nil, err
-	}
 	var found []Orphan
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || skip[pid] {
-			continue
+	// An orphan may fork while it is being looked for: scan again until a
+	// scan finds nothing new.
+	for range 5 {
+		n, err := killJobScan(want, skip, log)
+		if err != nil {
+			return found, err
 		}
-		env, err := os.ReadFile("/proc/" + e.Name() + "/environ")
-		if err != nil || len(env) == 0 {
-			continue // gone, a kernel thread, or a zombie
+		if len(n) == 0 {
+			break
 		}
-		if !hasAll(env, want) {
-			continue
-		}
-		st, err := proc.ReadStat(pid)
-		if err != nil || st.State == 'Z' {
-			continue
-		}
-		if err := syscall.Kill(pid, syscall.SIGKILL); err == nil {
-			found = append(found, Orphan{PID: pid, Comm: st.Comm})
-			log.Warn("ended a process the job left behind", "pid", pid, "comm", st.Comm)
-		}
+		found = append(found, n...)
 	}
 	sort.Slice(found, func(i, k int) bool { return found[i].PID < found[k].PID })
 	// Dead is enough: a zombie's parent (init, mostly) frees its PID, and a
@@ -495,6 +482,96 @@ func killJobOrphans(ctx context.Context, job SlurmJob, log *slog.Logger) ([]Orph
 		}
 	}
 	return found, errors.Join(errs...)
+}
+
+// killJobScan sends SIGKILL to every process in /proc whose environment
+// holds all of want, except those in skip (which it then adds to skip).
+//
+// A process in the middle of execve shows an empty environment until the
+// kernel has built its new stack (about 1 in 15 right after a fork+exec
+// returned, measured here), so a process with no environment that is not a
+// kernel thread is read again, for up to 127 ms. See readEnviron for the
+// other half of that race.
+func killJobScan(want [][]byte, skip map[int]bool, log *slog.Logger) ([]Orphan, error) {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil, err
+	}
+	var pending []int
+	for _, e := range ents {
+		if pid, err := strconv.Atoi(e.Name()); err == nil && !skip[pid] {
+			pending = append(pending, pid)
+		}
+	}
+	var found []Orphan
+	var buf []byte
+	for wait := time.Millisecond; len(pending) > 0; wait *= 2 {
+		var again []int
+		for _, pid := range pending {
+			var env []byte
+			env, buf, err = readEnviron(pid, buf)
+			if err != nil {
+				continue // gone
+			}
+			st, err := proc.ReadStat(pid)
+			if err != nil || st.State == 'Z' || st.State == 'X' || st.Kernel {
+				continue // gone, dead, or a kernel thread
+			}
+			if len(env) == 0 {
+				again = append(again, pid)
+				continue
+			}
+			skip[pid] = true
+			if !hasAll(env, want) {
+				continue
+			}
+			if err := syscall.Kill(pid, syscall.SIGKILL); err == nil {
+				found = append(found, Orphan{PID: pid, Comm: st.Comm})
+				log.Warn("ended a process the job left behind", "pid", pid, "comm", st.Comm)
+			}
+		}
+		if wait > 64*time.Millisecond {
+			break // an empty environment that stays empty: env -i, say
+		}
+		pending = again
+		if len(pending) > 0 {
+			time.Sleep(wait)
+		}
+	}
+	return found, nil
+}
+
+// readEnviron reads /proc/<pid>/environ in one read(2) into buf, grown as
+// needed (to 16 MiB, beyond any exec's limit on a normal stack), and
+// returns the environment and the buffer to use next time.
+//
+// One read is one look at one address space. A file opened before an exec
+// reads the old one, and each further read(2) gives up once it is gone:
+// reading in pieces, as os.ReadFile does, can return the head of the old
+// environment and then end, which looks like a complete environment
+// without the variables at its end.
+func readEnviron(pid int, buf []byte) (env, next []byte, err error) {
+	if len(buf) == 0 {
+		buf = make([]byte, 64<<10)
+	}
+	for {
+		fd, err := unix.Open("/proc/"+strconv.Itoa(pid)+"/environ", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return nil, buf, err
+		}
+		n, err := unix.Read(fd, buf)
+		for err == unix.EINTR {
+			n, err = unix.Read(fd, buf)
+		}
+		unix.Close(fd)
+		if err != nil {
+			return nil, buf, err
+		}
+		if n < len(buf) || len(buf) >= 16<<20 {
+			return buf[:n], buf, nil
+		}
+		buf = make([]byte, 4*len(buf))
+	}
 }
 
 // hasAll reports whether a NUL-separated environment holds every entry.

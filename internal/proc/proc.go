@@ -28,7 +28,13 @@ type Stat struct {
 	// uniquely across PID reuse.
 	StartTime uint64
 	Threads   int
+	// Kernel is set for kernel threads (PF_KTHREAD), which have no memory,
+	// environment or executable of their own.
+	Kernel bool
 }
+
+// pfKthread is the kernel's PF_KTHREAD task flag, shown in stat's flags field.
+const pfKthread = 0x00200000
 
 // ErrNoProcess means no process has that PID.
 var ErrNoProcess = errors.New("no such process")
@@ -60,6 +66,8 @@ func parseStat(pid int, s string) (Stat, error) {
 	st.PPID, _ = strconv.Atoi(f[1])
 	st.PGID, _ = strconv.Atoi(f[2])
 	st.SID, _ = strconv.Atoi(f[3])
+	flags, _ := strconv.ParseUint(f[6], 10, 64)
+	st.Kernel = flags&pfKthread != 0
 	ut, _ := strconv.ParseUint(f[11], 10, 64)
 	stt, _ := strconv.ParseUint(f[12], 10, 64)
 	st.CPUTicks = ut + stt

@@ -28,16 +28,19 @@ func TestParseStat(t *testing.T) {
 		line    string
 		comm    string
 		state   byte
+		kernel  bool
 		wantErr bool
 	}{
-		{"plain", statLine(42, "solver", "S"), "solver", 'S', false},
-		{"spaces", statLine(42, "my solver v2", "R"), "my solver v2", 'R', false},
-		{"parentheses", statLine(42, "a) (b", "Z"), "a) (b", 'Z', false},
-		{"looks like fields", statLine(42, "x) R 1 2 3 (y", "T"), "x) R 1 2 3 (y", 'T', false},
-		{"empty comm", statLine(42, "", "D"), "", 'D', false},
-		{"no parentheses", "42 solver S 1 100 100", "", 0, true},
-		{"cut after comm", "42 (solver)", "", 0, true},
-		{"short", "42 (solver) S 1 100 100 0\n", "", 0, true},
+		{"plain", statLine(42, "solver", "S"), "solver", 'S', false, false},
+		{"spaces", statLine(42, "my solver v2", "R"), "my solver v2", 'R', false, false},
+		{"parentheses", statLine(42, "a) (b", "Z"), "a) (b", 'Z', false, false},
+		{"looks like fields", statLine(42, "x) R 1 2 3 (y", "T"), "x) R 1 2 3 (y", 'T', false, false},
+		{"empty comm", statLine(42, "", "D"), "", 'D', false, false},
+		// flags 0x208040: PF_KTHREAD among others.
+		{"kernel thread", strings.Replace(statLine(42, "kworker/0:1", "I"), " 4194560 ", " 2129984 ", 1), "kworker/0:1", 'I', true, false},
+		{"no parentheses", "42 solver S 1 100 100", "", 0, false, true},
+		{"cut after comm", "42 (solver)", "", 0, false, true},
+		{"short", "42 (solver) S 1 100 100 0\n", "", 0, false, true},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -52,7 +55,7 @@ func TestParseStat(t *testing.T) {
 				t.Fatal(err)
 			}
 			want := Stat{PID: 42, Comm: tc.comm, State: tc.state, PPID: 1, PGID: 100, SID: 100,
-				CPUTicks: 300, Threads: 7, StartTime: 123456}
+				CPUTicks: 300, Threads: 7, StartTime: 123456, Kernel: tc.kernel}
 			if st != want {
 				t.Errorf("parseStat = %+v, want %+v", st, want)
 			}
@@ -70,6 +73,13 @@ func TestReadStatSelf(t *testing.T) {
 	}
 	if !Live(os.Getpid()) || !Exists(os.Getpid()) {
 		t.Error("this process is neither live nor existing")
+	}
+	if st.Kernel {
+		t.Error("this process is called a kernel thread")
+	}
+	// PID 2 is kthreadd wherever there is a kernel thread to see.
+	if kt, err := ReadStat(2); err == nil && kt.Comm == "kthreadd" && !kt.Kernel {
+		t.Errorf("kthreadd (pid 2) is not called a kernel thread: %+v", kt)
 	}
 }
 
