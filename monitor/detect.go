@@ -26,10 +26,7 @@ func (s *Supervisor) detect() failure {
 		}
 	}
 	if s.cfg.HeartbeatTimeout > 0 {
-		hb := filepath.Join(RunDir(s.cfg.Store), "heartbeat")
-		if st, err := os.Stat(hb); err == nil && st.ModTime().After(s.beat) {
-			s.beat = st.ModTime()
-		}
+		s.readBeat()
 		// The timeout runs from the last beat (or the job's start),
 		// stopped while a checkpoint held the job still; the failure
 		// began at the last beat all the same.
@@ -97,9 +94,17 @@ func (s *Supervisor) rebaseHang() {
 	}
 }
 
-// checkHang reports an offload tree that used no CPU for HangTimeout, and
-// when it last did.
-func (s *Supervisor) checkHang(trees map[string][]int) (string, time.Time) {
+// readBeat takes the time of the job's last heartbeat from the file's
+// modification time.
+func (s *Supervisor) readBeat() {
+	hb := filepath.Join(RunDir(s.cfg.Store), "heartbeat")
+	if st, err := os.Stat(hb); err == nil && st.ModTime().After(s.beat) {
+		s.beat = st.ModTime()
+	}
+}
+
+// sampleHang records the CPU time each offload tree has used so far.
+func (s *Supervisor) sampleHang(trees map[string][]int) {
 	for name, pids := range trees {
 		if s.isHost(name) {
 			continue
@@ -119,6 +124,18 @@ func (s *Supervisor) checkHang(trees map[string][]int) (string, time.Time) {
 		}
 		m.pids, m.sampled = pids, now
 		s.hang[name] = m
+	}
+}
+
+// checkHang reports an offload tree that used no CPU for HangTimeout, and
+// when it last did.
+func (s *Supervisor) checkHang(trees map[string][]int) (string, time.Time) {
+	s.sampleHang(trees)
+	for name := range trees {
+		m, ok := s.hang[name]
+		if !ok {
+			continue // the host tree
+		}
 		if idle := s.quietFor(m.since); idle > s.cfg.HangTimeout {
 			return fmt.Sprintf("offload tree %s made no CPU progress for %s (timeout %s)", name, time.Since(m.since).Round(time.Second), s.cfg.HangTimeout), m.progress
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"math"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -205,5 +206,63 @@ func TestQuietForSubtractsOnlyStillness(t *testing.T) {
 	s2.stood(beat.Add(-time.Second), beat.Add(500*time.Millisecond))
 	if got := s2.quietFor(beat); got < 9400*time.Millisecond || got > 9600*time.Millisecond {
 		t.Errorf("quietFor = %v, want about 9.5 s", got)
+	}
+}
+
+// Before a scheduled checkpoint the job's health is judged on fresh
+// readings. The detectors look once a second, so their last look alone
+// would make a job that beats, or computes, steadily look late, and the
+// checkpoint would be put off until after a failure it could have
+// preceded (CI saw exactly that).
+func TestUnwellJudgesFreshReadings(t *testing.T) {
+	store := t.TempDir()
+	if err := os.MkdirAll(RunDir(store), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	hb := filepath.Join(RunDir(store), "heartbeat")
+	if err := os.WriteFile(hb, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	start := func(script string) int {
+		cmd := exec.Command("/bin/sh", "-c", script)
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		return cmd.Process.Pid
+	}
+	busy, idle := start("while :; do :; done"), start("exec sleep 60")
+	for deadline := time.Now().Add(10 * time.Second); cpuTicks([]int{busy}) == 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("a busy loop used no CPU time in 10 s")
+		}
+	}
+	stale := time.Now().Add(-1500 * time.Millisecond)
+	s := &Supervisor{cfg: Config{Store: store, HeartbeatTimeout: 2 * time.Second, HangTimeout: 3 * time.Second}}
+	s.beat = stale
+	s.roots = map[int]string{busy: "busy"}
+	s.hang = map[string]hangMark{"busy": {pids: []int{busy}, since: stale, progress: stale, sampled: stale}}
+	if why := s.unwell(); why != "" {
+		t.Errorf("a job that beat just now and computes: unwell says %q", why)
+	}
+
+	// Really late: the file is as old as the last look.
+	if err := os.Chtimes(hb, stale, stale); err != nil {
+		t.Fatal(err)
+	}
+	s.beat = stale
+	if why := s.unwell(); why != "the heartbeat is late" {
+		t.Errorf("heartbeat 1.5 s old with a 2 s timeout: unwell says %q, want the heartbeat is late", why)
+	}
+
+	// Really idle: an offload tree whose CPU time has not moved.
+	now := time.Now()
+	if err := os.Chtimes(hb, now, now); err != nil {
+		t.Fatal(err)
+	}
+	s.roots = map[int]string{idle: "idle"}
+	s.hang = map[string]hangMark{"idle": {pids: []int{idle}, ticks: cpuTicks([]int{idle}), since: stale, progress: stale, sampled: stale}}
+	if why := s.unwell(); !strings.Contains(why, "offload tree idle has made no CPU progress") {
+		t.Errorf("an idle tree for 1.5 s with a 3 s timeout: unwell says %q", why)
 	}
 }

@@ -620,8 +620,17 @@ func (s *Supervisor) unwell() string {
 	if s.chans != nil && len(s.chans.broken) > 0 {
 		return "a channel between the trees looks broken"
 	}
-	if s.cfg.HeartbeatTimeout > 0 && s.quietFor(s.beat) > s.cfg.HeartbeatTimeout/2 {
-		return "the heartbeat is late"
+	// Judged on fresh readings: the detectors' own last look can be a
+	// second old, which alone would make a job beating every second look
+	// late.
+	if s.cfg.HeartbeatTimeout > 0 {
+		s.readBeat()
+		if s.quietFor(s.beat) > s.cfg.HeartbeatTimeout/2 {
+			return "the heartbeat is late"
+		}
+	}
+	if s.cfg.HangTimeout > 0 {
+		s.sampleHang(s.treePIDs())
 	}
 	for name, m := range s.hang {
 		if s.cfg.HangTimeout > 0 && s.quietFor(m.since) > s.cfg.HangTimeout/2 {
