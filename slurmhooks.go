@@ -511,18 +511,22 @@ func killJobScan(want [][]byte, skip map[int]bool, log *slog.Logger) ([]Orphan, 
 			var env []byte
 			env, buf, err = readEnviron(pid, buf)
 			if err != nil {
-				continue // gone
+				continue // gone, or no memory to read: a zombie, a kernel thread
 			}
+			if len(env) > 0 {
+				skip[pid] = true
+				if !hasAll(env, want) {
+					continue
+				}
+			}
+			// Only the job's processes, and those whose environment read
+			// empty, come this far: the stat of every process is not read.
 			st, err := proc.ReadStat(pid)
 			if err != nil || st.State == 'Z' || st.State == 'X' || st.Kernel {
 				continue // gone, dead, or a kernel thread
 			}
 			if len(env) == 0 {
 				again = append(again, pid)
-				continue
-			}
-			skip[pid] = true
-			if !hasAll(env, want) {
 				continue
 			}
 			if err := syscall.Kill(pid, syscall.SIGKILL); err == nil {
