@@ -631,10 +631,10 @@ func (s *Supervisor) unwell() string {
 	}
 	if s.cfg.HangTimeout > 0 {
 		s.sampleHang(s.treePIDs())
-	}
-	for name, m := range s.hang {
-		if s.cfg.HangTimeout > 0 && s.quietFor(m.since) > s.cfg.HangTimeout/2 {
-			return "offload tree " + name + " has made no CPU progress lately"
+		for name, m := range s.hang {
+			if s.quietFor(m.since) > s.cfg.HangTimeout/2 {
+				return "offload tree " + name + " has made no CPU progress lately"
+			}
 		}
 	}
 	return ""
