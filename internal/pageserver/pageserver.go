@@ -14,7 +14,9 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"google.golang.org/protobuf/encoding/protowire"
 	"io"
+	"math"
 
 	"github.com/checkpoint-restore/go-criu/v7/crit/images/pagemap"
 	"google.golang.org/protobuf/proto"
@@ -298,7 +300,11 @@ func ParsePagemap(b []byte) (pagesID uint32, entries []Entry, err error) {
 				flags = PEParent
 			}
 		}
-		entries = append(entries, Entry{Vaddr: pe.GetVaddr(), NrPages: pe.GetNrPages(), Flags: flags})
+		pages := EntryPages(&pe)
+		if pages > math.MaxUint32 {
+			return 0, nil, fmt.Errorf("pagemap entry at %#x: %d pages", pe.GetVaddr(), pages)
+		}
+		entries = append(entries, Entry{Vaddr: pe.GetVaddr(), NrPages: uint32(pages), Flags: flags})
 	}
 	return head.GetPagesId(), entries, nil
 }
@@ -323,4 +329,37 @@ func ImageEntries(b []byte, magic uint32) ([][]byte, error) {
 		b = b[4+n:]
 	}
 	return out, nil
+}
+
+// pagemapNrPagesField is where CRIU >= 4.2 keeps a pagemap entry's page
+// count (uint64 nr_pages = 5), leaving 0 in the old required field 2
+// (compat_nr_pages), the one go-criu v7's generated type knows as NrPages.
+const pagemapNrPagesField = 5
+
+// EntryPages is the number of pages a CRIU pagemap entry covers, whichever
+// CRIU wrote it: field 5 when present (read from the fields go-criu does not
+// know), else the old field 2. cryo writes field 2, which CRIU 4.2 falls back
+// to when field 5 is absent.
+func EntryPages(pe *pagemap.PagemapEntry) uint64 {
+	b := pe.ProtoReflect().GetUnknown()
+	for len(b) > 0 {
+		num, typ, n := protowire.ConsumeTag(b)
+		if n < 0 {
+			break
+		}
+		b = b[n:]
+		if num == pagemapNrPagesField && typ == protowire.VarintType {
+			v, m := protowire.ConsumeVarint(b)
+			if m < 0 {
+				break
+			}
+			return v
+		}
+		m := protowire.ConsumeFieldValue(num, typ, b)
+		if m < 0 {
+			break
+		}
+		b = b[m:]
+	}
+	return uint64(pe.GetNrPages())
 }

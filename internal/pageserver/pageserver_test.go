@@ -11,6 +11,8 @@ import (
 
 	"github.com/checkpoint-restore/go-criu/v7/crit"
 	"github.com/checkpoint-restore/go-criu/v7/crit/images/pagemap"
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
 )
 
 // sink collects chunks per pages image.
@@ -178,5 +180,28 @@ func TestReceiverRefusesUnknownCommand(t *testing.T) {
 	dumpSide{t, a}.psi(0x99, 0, 0, 0)
 	if err := <-done; err == nil {
 		t.Fatal("unknown command accepted")
+	}
+}
+
+// TestEntryPages reads a pagemap entry's page count as CRIU 4.2 writes it
+// (uint64 field 5, with 0 in the old field 2) and as older CRIU and cryo
+// write it (field 2 only).
+func TestEntryPages(t *testing.T) {
+	old := &pagemap.PagemapEntry{Vaddr: proto.Uint64(0x1000), NrPages: proto.Uint32(7)}
+	if got := EntryPages(old); got != 7 {
+		t.Errorf("field 2 only: %d pages, want 7", got)
+	}
+	b, err := proto.Marshal(&pagemap.PagemapEntry{Vaddr: proto.Uint64(0x1000), NrPages: proto.Uint32(0), Flags: proto.Uint32(PEPresent)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b = protowire.AppendTag(b, 5, protowire.VarintType)
+	b = protowire.AppendVarint(b, 1<<33)
+	var v42 pagemap.PagemapEntry
+	if err := proto.Unmarshal(b, &v42); err != nil {
+		t.Fatal(err)
+	}
+	if got := EntryPages(&v42); got != 1<<33 {
+		t.Errorf("field 5: %d pages, want %d", got, uint64(1)<<33)
 	}
 }
