@@ -203,7 +203,7 @@ func prepareLazy(ctx context.Context, st *store.Store, m *store.Manifest, images
 			return
 		}
 		defer c.Close()
-		n, err := pageserver.ServeLazy(c, src.pages)
+		n, err := pageserver.ServeLazy(c, pageserver.WireFor(bin.Version), src.pages)
 		sess.sent = n
 		sess.served <- err
 	}()

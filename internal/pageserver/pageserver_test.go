@@ -30,18 +30,28 @@ func (s *sink) Put(img *Image, b []byte) error {
 type dumpSide struct {
 	t *testing.T
 	c net.Conn
+	w Wire
 }
 
+// psi writes a request header as CRIU lays it out: by hand, as the C
+// struct is, so that Wire.decode is checked against it rather than itself.
 func (d dumpSide) psi(cmd, nr uint32, vaddr, dst uint64) {
-	var b [24]byte
-	binary.LittleEndian.PutUint32(b[0:], cmd)
-	binary.LittleEndian.PutUint32(b[4:], nr)
-	binary.LittleEndian.PutUint64(b[8:], vaddr)
-	binary.LittleEndian.PutUint64(b[16:], dst)
-	if _, err := d.c.Write(b[:]); err != nil {
+	b := binary.LittleEndian.AppendUint32(nil, cmd)
+	if d.w.wide {
+		b = binary.LittleEndian.AppendUint32(b, 0) // padding before the u64
+		b = binary.LittleEndian.AppendUint64(b, uint64(nr))
+	} else {
+		b = binary.LittleEndian.AppendUint32(b, nr)
+	}
+	b = binary.LittleEndian.AppendUint64(b, vaddr)
+	b = binary.LittleEndian.AppendUint64(b, dst)
+	if _, err := d.c.Write(b); err != nil {
 		d.t.Fatal(err)
 	}
 }
+
+// wires are both header layouts, by the CRIU that speaks them.
+var wires = map[string]Wire{"criu-4.1": WireFor(40101), "criu-4.2": WireFor(40201)}
 
 func (d dumpSide) expect(n int) []byte {
 	b := make([]byte, n)
@@ -60,13 +70,19 @@ func pages(seed byte, n int) []byte {
 }
 
 func TestReceiverCutsByAddressAndRebuildsPagemap(t *testing.T) {
+	for name, w := range wires {
+		t.Run(name, func(t *testing.T) { testReceiverCuts(t, w) })
+	}
+}
+
+func testReceiverCuts(t *testing.T, w Wire) {
 	a, b := net.Pipe()
 	s := &sink{chunks: map[string][][]byte{}}
-	r := &Receiver{Window: 4 * PageSize, Max: 4 * PageSize, Sink: s}
+	r := &Receiver{Window: 4 * PageSize, Max: 4 * PageSize, Sink: s, Wire: w}
 	done := make(chan error, 1)
 	go func() { done <- r.Serve(b) }()
 
-	d := dumpSide{t, a}
+	d := dumpSide{t, a, w}
 	pid := uint64(42)<<typeBits | typePID
 	d.psi(cmdOpen2, 0, 0, pid)
 	if got := d.expect(1); got[0] != 0 {
@@ -160,7 +176,7 @@ func TestReceiverRefusesTruncatedStream(t *testing.T) {
 	r := &Receiver{Window: 4 * PageSize, Max: 4 * PageSize, Sink: &sink{chunks: map[string][][]byte{}}}
 	done := make(chan error, 1)
 	go func() { done <- r.Serve(b) }()
-	d := dumpSide{t, a}
+	d := dumpSide{t, a, Wire{}}
 	pid := uint64(1)<<typeBits | typePID
 	d.psi(cmdOpen2, 0, 0, pid)
 	d.expect(1)
@@ -177,7 +193,7 @@ func TestReceiverRefusesUnknownCommand(t *testing.T) {
 	r := &Receiver{Window: PageSize, Max: PageSize, Sink: &sink{chunks: map[string][][]byte{}}}
 	done := make(chan error, 1)
 	go func() { done <- r.Serve(b) }()
-	dumpSide{t, a}.psi(0x99, 0, 0, 0)
+	dumpSide{t, a, Wire{}}.psi(0x99, 0, 0, 0)
 	if err := <-done; err == nil {
 		t.Fatal("unknown command accepted")
 	}
