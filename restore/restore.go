@@ -279,12 +279,16 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 	}()
 
 	t1 := time.Now()
-	copts := criu.Options{
-		ImagesDir: images, WorkDir: work, LogFile: "restore.log",
-		RestoreSibling: o.Sibling, RestoreDetached: !o.Sibling,
-		TCPEstablished: m.CRIU.TCPEstablished, ShellJob: m.CRIU.ShellJob,
-		FileLocks: true, ExtUnixSockets: true, LazyPages: o.Lazy,
+	copts := criu.JobOptions(bin)
+	copts.ImagesDir, copts.WorkDir, copts.LogFile = images, work, "restore.log"
+	copts.RestoreSibling, copts.RestoreDetached, copts.LazyPages = o.Sibling, !o.Sibling, o.Lazy
+	// A job is restored as it was dumped.
+	copts.TCPEstablished, copts.ShellJob = m.CRIU.TCPEstablished, m.CRIU.ShellJob
+	names := make([]string, 0, len(m.Files))
+	for _, f := range m.Files {
+		names = append(names, f.Name)
 	}
+	copts.Root = criu.MountNamespaceRoot(names)
 	var pid int
 	if len(m.Job.Trees) > 0 {
 		var pids []int
