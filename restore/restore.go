@@ -185,8 +185,17 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 	if wait == 0 {
 		wait = 10 * time.Second
 	}
-	if err := pidsFree(ctx, m, wait, log); err != nil {
-		return nil, err
+	// A job in PID namespaces of its own (cryo run's: its root is PID 1)
+	// comes back in fresh ones, where its PIDs cannot be taken.
+	if !ownPIDNamespace(m) {
+		if err := pidsFree(ctx, m, wait, log); err != nil {
+			return nil, err
+		}
+	}
+	if !bin.Unprivileged {
+		if err := sameOwner(st, m); err != nil {
+			return nil, fmt.Errorf("restore generation %d: %w", gen, err)
+		}
 	}
 	// The job's GPUs (or others that can take its device state) must be
 	// here before anything starts.
@@ -422,6 +431,12 @@ func killJob(m *store.Manifest) error {
 // pidsFree checks that every PID and thread ID of the job is free, waiting
 // up to wait for ones held by a dying process (a zombie, or one with
 // SIGKILL pending); a live holder is refused.
+// ownPIDNamespace tells whether the generation's job lives in a PID
+// namespace of its own: its root process is that namespace's PID 1.
+func ownPIDNamespace(m *store.Manifest) bool {
+	return len(m.Job.Processes) > 0 && m.Job.Processes[0].PID == 1
+}
+
 func pidsFree(ctx context.Context, m *store.Manifest, wait time.Duration, log *slog.Logger) error {
 	ctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
