@@ -248,13 +248,17 @@ func (o *runOpts) run(c *ucli.Context, e *env, cfg monitor.Config, sigplan *runS
 	if ctl == "" {
 		ctl = filepath.Join(run, "control.sock")
 	}
+	ctlCtx, stopCtl := context.WithCancel(ctx)
+	ctlDone := make(chan struct{})
 	go func() {
-		if err := monitor.ServeControl(ctx, ctl, sup, cfg.Logger); err != nil {
+		defer close(ctlDone)
+		if err := monitor.ServeControl(ctlCtx, ctl, sup, cfg.Logger); err != nil {
 			msgs.Lock()
 			fmt.Fprintf(e.stderr, "cryo: warning: no control socket: %v\n", err)
 			msgs.Unlock()
 		}
 	}()
+	defer func() { stopCtl(); <-ctlDone }() // it removes the socket
 	stopMetrics, err := serveMetrics(o.metricsAddr, cfg.Metrics)
 	if err != nil {
 		return err

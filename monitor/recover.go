@@ -212,6 +212,7 @@ func (s *Supervisor) rootsFromRestore(res *Restored) {
 		if p.PPID == res.RootPID {
 			if n, ok := names[p.PID]; ok {
 				s.roots[p.PID] = n
+				s.sessions[p.PID] = true
 				s.mu.Lock()
 				s.status.Trees[n] = p.PID
 				s.mu.Unlock()

@@ -40,7 +40,8 @@ type Supervisor struct {
 
 	// Owned by Run's goroutine.
 	pol       policy
-	initPID   int
+	initPID   int            // job-init while it runs
+	lastInit  int            // the latest job-init, also once it has ended
 	roots     map[int]string // tree root pid -> tree name
 	eventsOff int64
 	cost      costEstimate
@@ -165,6 +166,7 @@ func (s *Supervisor) start(ctx context.Context) error {
 // afterStart resets the detectors for a fresh or restored job.
 func (s *Supervisor) afterStart() {
 	s.roots = map[int]string{}
+	s.lastInit = s.initPID
 	s.chans = newChannelWatch(s.cfg.ChannelGrace)
 	s.hang = map[string]hangMark{}
 	s.beat.reset(filepath.Join(RunDir(s.cfg.Store), "heartbeat"), time.Now())
@@ -309,6 +311,7 @@ func (s *Supervisor) readEvents() {
 		switch e.Event {
 		case "started":
 			s.roots[e.PID] = e.Tree
+			s.sessions[e.PID] = true // each tree starts a session of its own
 			s.mu.Lock()
 			s.status.Trees[e.Tree] = e.PID
 			s.mu.Unlock()
@@ -341,9 +344,21 @@ func (s *Supervisor) isHost(name string) bool {
 	return false
 }
 
-// jobProcs is what the supervisor knows of the job's processes.
+// jobProcs is what the supervisor knows of the job's processes: job-init,
+// the processes seen in it, and their sessions, which include job-init's
+// and each tree's (every tree starts in a session of its own).
 func (s *Supervisor) jobProcs() JobProcs {
-	return JobProcs{Init: s.initPID, Seen: s.seen, Sessions: s.sessions}
+	sessions := map[int]bool{}
+	for sid := range s.sessions {
+		sessions[sid] = true
+	}
+	for pid := range s.roots {
+		sessions[pid] = true
+	}
+	if s.lastInit != 0 {
+		sessions[s.lastInit] = true
+	}
+	return JobProcs{Init: s.initPID, Seen: s.seen, Sessions: sessions}
 }
 
 // terminate ends every process of the job and reaps them.
