@@ -232,7 +232,7 @@ func (p *policy) choose(gens []Generation) choice {
 	}
 	switch {
 	case unrestorable > 0:
-		c.giveUp, c.why = true, fmt.Sprintf("no checkpoint restores (%s)", p.unrestorable())
+		c.giveUp, c.why = true, fmt.Sprintf("no generation restores (tried %s)", p.unrestorable())
 	case len(gens) == 0:
 		c.fresh, c.why = true, "no checkpoint yet"
 	case len(c.after) > 0 && len(c.after) == len(gens):
@@ -255,10 +255,7 @@ func (p *policy) unrestorable() string {
 	for _, g := range gs {
 		parts = append(parts, fmt.Sprint(g))
 	}
-	if len(parts) == 1 {
-		return "generation " + parts[0]
-	}
-	return "generations " + strings.Join(parts, ", ")
+	return strings.Join(parts, ", ")
 }
 
 // verdict is what to do after a restore failed.

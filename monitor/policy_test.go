@@ -218,7 +218,7 @@ func TestRestoreFailureVerdicts(t *testing.T) {
 		t.Errorf("a dying holder twice: %v, want tryOlder", v)
 	}
 	// Nothing left that restores: give up, do not throw the work away.
-	if c := p.choose(gens); !c.giveUp || c.fresh || !strings.Contains(c.why, "generations 3, 2, 1") {
+	if c := p.choose(gens); !c.giveUp || c.fresh || !strings.Contains(c.why, "tried 3, 2, 1") {
 		t.Errorf("all unrestorable: %+v, want a give-up naming them", c)
 	}
 	// A live process outside the job holds a PID: stop at once.

@@ -112,11 +112,11 @@ func (s *Supervisor) attempt(ctx context.Context) (err error, retry bool) {
 		if v == tryOlder {
 			if next := s.pol.choose(gens); next.giveUp {
 				// Nothing else will be tried: this is the last word.
-				return fmt.Errorf("%w: generation %d: %s; %s; the store is kept: remove the cause and run again, or start over with --fresh",
-					ErrGaveUp, c.gen, brief(err), next.why), false
+				return fmt.Errorf("%w: %s; %s; the store is kept: remove the cause and run again, or start over with --fresh",
+					ErrGaveUp, genBrief(c.gen, err), next.why), false
 			}
 		}
-		s.event("restore-failed", fmt.Sprintf("generation %d: %s", c.gen, brief(err)), c.gen)
+		s.event("restore-failed", genBrief(c.gen, err), c.gen)
 		if v == retryLater {
 			return fmt.Errorf("generation %d: %w", c.gen, err), true
 		}
@@ -219,6 +219,15 @@ func (s *Supervisor) rootsFromRestore(res *Restored) {
 			}
 		}
 	}
+}
+
+// genBrief is brief, naming generation g unless it does already.
+func genBrief(g int, err error) string {
+	b := brief(err)
+	if !strings.Contains(b, fmt.Sprintf("generation %d", g)) {
+		b = fmt.Sprintf("generation %d: %s", g, b)
+	}
+	return b
 }
 
 // brief is a one-line account of err for events: CRIU's one line that
