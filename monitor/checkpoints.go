@@ -207,6 +207,10 @@ func (s *Supervisor) generations() ([]Generation, error) {
 	for i := range gens {
 		if t, ok := s.genBegan[gens[i].N]; ok {
 			gens[i].Began = t
+		} else if gens[i].Began.IsZero() || gens[i].Began.After(s.began) {
+			// Taken before this supervisor began, whatever the clock of
+			// the node that took it said.
+			gens[i].Began = s.began
 		}
 	}
 	return gens, nil

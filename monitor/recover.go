@@ -221,13 +221,10 @@ func (s *Supervisor) rootsFromRestore(res *Restored) {
 	}
 }
 
-// genBrief is brief, naming generation g unless it does already.
+// genBrief is brief for a failed restore of generation g, which it names
+// first (once).
 func genBrief(g int, err error) string {
-	b := brief(err)
-	if !strings.Contains(b, fmt.Sprintf("generation %d", g)) {
-		b = fmt.Sprintf("generation %d: %s", g, b)
-	}
-	return b
+	return fmt.Sprintf("generation %d: %s", g, strings.TrimPrefix(brief(err), fmt.Sprintf("restore generation %d: ", g)))
 }
 
 // brief is a one-line account of err for events: CRIU's one line that

@@ -39,6 +39,7 @@ type Supervisor struct {
 	status Status
 
 	// Owned by Run's goroutine.
+	began     time.Time // when this supervisor began
 	pol       policy
 	initPID   int            // job-init while it runs
 	lastInit  int            // the latest job-init, also once it has ended
@@ -82,6 +83,7 @@ func New(cfg Config) (*Supervisor, error) {
 	s.pol = newPolicy(cfg)
 	s.status = Status{Name: cfg.Name, Store: cfg.Store, State: StateStarting}
 	s.interval = cfg.Interval
+	s.began = time.Now()
 	s.genBegan, s.seen, s.sessions, s.reported = map[int]time.Time{}, map[int]uint64{}, map[int]bool{}, map[int]bool{}
 	s.roots, s.hang = map[int]string{}, map[string]hangMark{}
 	return s, nil
