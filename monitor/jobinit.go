@@ -174,7 +174,11 @@ func below(self int) []int {
 		return nil
 	}
 	var out []int
-	for _, p := range proc.Descendants(t, self)[1:] {
+	ps := proc.Descendants(t, self)
+	if len(ps) == 0 || !procIsOurs() {
+		return nil
+	}
+	for _, p := range ps[1:] {
 		if st := t[p]; st.State != 'Z' && st.State != 'X' {
 			out = append(out, p)
 		}

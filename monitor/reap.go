@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"sort"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -41,15 +42,31 @@ func signalSame(pid int, start uint64, sig syscall.Signal) error {
 	return unix.PidfdSendSignal(fd, sig, nil, 0)
 }
 
+// procIsOurs reports whether /proc shows this process's PID namespace: in
+// a PID namespace of the job's own, only a /proc mounted there does (the
+// node's would show the node's processes under the job's PIDs).
+func procIsOurs() bool {
+	self, err := os.Readlink("/proc/self")
+	return err == nil && self == strconv.Itoa(os.Getpid())
+}
+
 // signalBelow sends sig to every live descendant of root found in one
 // reading of /proc, and says how many there were (zombies included, which
-// still hold their numbers).
+// still hold their numbers). It signals nothing when /proc is not of its
+// PID namespace.
 func signalBelow(root int, sig syscall.Signal) int {
+	if !procIsOurs() {
+		return 0
+	}
 	t, err := proc.All()
 	if err != nil {
 		return 0
 	}
-	below := proc.Descendants(t, root)[1:]
+	below := proc.Descendants(t, root)
+	if len(below) == 0 {
+		return 0
+	}
+	below = below[1:]
 	for _, p := range below {
 		if st := t[p]; st.State != 'Z' && st.State != 'X' {
 			_ = signalSame(p, st.StartTime, sig)
@@ -104,6 +121,9 @@ func endJob(j JobProcs, limit time.Duration) error {
 	pids := map[int]bool{}
 	for _, p := range j.PIDs {
 		pids[p] = true
+	}
+	if !procIsOurs() {
+		return errors.New("/proc does not show this process's PID namespace: not ending anything by it")
 	}
 	deadline := time.Now().Add(limit)
 	for {

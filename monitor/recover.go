@@ -65,7 +65,7 @@ func (s *Supervisor) recover(ctx context.Context, f *failure) error {
 			s.mu.Unlock()
 		}
 		free = false
-		err, retry := s.attempt(ctx)
+		retry, err := s.attempt(ctx)
 		if err == nil {
 			return nil
 		}
@@ -80,45 +80,45 @@ func (s *Supervisor) recover(ctx context.Context, f *failure) error {
 // newest first until one restores, one fails in a way that may pass
 // (retry after the backoff), or none is left. Each failure is reported
 // once, in one line; the one that ends supervision only in the error.
-func (s *Supervisor) attempt(ctx context.Context) (err error, retry bool) {
+func (s *Supervisor) attempt(ctx context.Context) (retry bool, err error) {
 	for {
 		gens, err := s.generations()
 		if err != nil {
-			return err, true
+			return true, err
 		}
 		c := s.pol.choose(gens)
 		s.reportPassed(c)
 		switch {
 		case c.giveUp:
-			return fmt.Errorf("%w: %s; the store is kept: remove the cause and run again, or start over with --fresh", ErrGaveUp, c.why), false
+			return false, fmt.Errorf("%w: %s; the store is kept: remove the cause and run again, or start over with --fresh", ErrGaveUp, c.why)
 		case c.fresh:
 			s.event("restored", c.why+": starting the job from the beginning", 0)
 			if err := s.start(ctx); err != nil {
-				return err, true
+				return true, err
 			}
 			s.pol.restored(0, time.Now())
-			return nil, false
+			return false, nil
 		}
 		err = s.restoreGen(ctx, c.gen)
 		if err == nil {
-			return nil, false
+			return false, nil
 		}
 		s.cfg.Metrics.Restore(s.cfg.Name, false)
 		v := s.pol.restoreFailed(c.gen, err)
 		if v == stop {
-			return fmt.Errorf("%w: generation %d cannot be restored on this node now: %s; cryo never signals processes outside the job: run again once they are gone",
-				ErrGaveUp, c.gen, brief(err)), false
+			return false, fmt.Errorf("%w: generation %d cannot be restored on this node now: %s; cryo never signals processes outside the job: run again once they are gone",
+				ErrGaveUp, c.gen, brief(err))
 		}
 		if v == tryOlder {
 			if next := s.pol.choose(gens); next.giveUp {
 				// Nothing else will be tried: this is the last word.
-				return fmt.Errorf("%w: %s; %s; the store is kept: remove the cause and run again, or start over with --fresh",
-					ErrGaveUp, genBrief(c.gen, err), next.why), false
+				return false, fmt.Errorf("%w: %s; %s; the store is kept: remove the cause and run again, or start over with --fresh",
+					ErrGaveUp, genBrief(c.gen, err), next.why)
 			}
 		}
 		s.event("restore-failed", genBrief(c.gen, err), c.gen)
 		if v == retryLater {
-			return fmt.Errorf("generation %d: %w", c.gen, err), true
+			return true, fmt.Errorf("generation %d: %w", c.gen, err)
 		}
 	}
 }
