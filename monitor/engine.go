@@ -64,7 +64,10 @@ func (e *criuEngine) Start(ctx context.Context, events string) (int, error) {
 		for i := range spec.Trees {
 			spec.Trees[i].Env = append(envOrSelf(spec.Trees[i].Env), "CRYO_HEARTBEAT_FILE="+hb)
 		}
-		_ = os.WriteFile(hb, nil, 0o600)
+		// Created if missing, never truncated, never through a link.
+		if f, err := os.OpenFile(hb, os.O_WRONLY|os.O_CREATE|syscall.O_NOFOLLOW, 0o600); err == nil {
+			f.Close()
+		}
 	}
 	b, err := json.Marshal(spec)
 	if err != nil {

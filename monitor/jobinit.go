@@ -300,7 +300,7 @@ func (s InitSpec) event(e InitEvent) {
 	}
 	e.Time = time.Now().UTC()
 	b, _ := json.Marshal(e)
-	f, err := os.OpenFile(s.Events, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	f, err := os.OpenFile(s.Events, os.O_WRONLY|os.O_APPEND|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
 	if err != nil {
 		return
 	}

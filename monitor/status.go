@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"syscall"
 	"time"
 
 	"github.com/cryo-hpc/cryo/checkpoint"
@@ -153,7 +154,15 @@ func (s *Supervisor) writeRunState(st State, code *int) {
 	rs := runState{State: st, Trees: s.cfg.Trees, ExitCode: code, Updated: time.Now().UTC(), PassedOver: s.pol.faulty()}
 	b, _ := json.MarshalIndent(rs, "", " ")
 	p := filepath.Join(RunDir(s.cfg.Store), "state.json")
-	if err := os.WriteFile(p+".tmp", b, 0o600); err == nil {
+	// The job can write the run directory: a link it left in the place of
+	// the temporary file is refused, not followed.
+	f, err := os.OpenFile(p+".tmp", os.O_WRONLY|os.O_CREATE|os.O_TRUNC|syscall.O_NOFOLLOW, 0o600)
+	if err != nil {
+		s.log.Warn("run state", "err", err)
+		return
+	}
+	_, err = f.Write(b)
+	if cerr := f.Close(); err == nil && cerr == nil {
 		_ = os.Rename(p+".tmp", p)
 	}
 }
