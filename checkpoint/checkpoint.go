@@ -294,7 +294,7 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 
 	if o.Kill {
 		// The checkpoint is safe: now the job may go.
-		if kerr := kill(ctx, tasks, o.Reap); kerr != nil {
+		if kerr := kill(ctx, o, tasks, o.Reap); kerr != nil {
 			log.Warn("job checkpointed but not all of it stopped", "err", kerr)
 		}
 		res.Killed = true
@@ -417,9 +417,9 @@ func resume(o Options, tasks []criu.Task) error {
 		return nil
 	}
 	var errs []error
-	for _, t := range tasks {
-		if err := syscall.Kill(t.PID, syscall.SIGCONT); err != nil && !errors.Is(err, syscall.ESRCH) {
-			errs = append(errs, fmt.Errorf("resume pid %d: %w", t.PID, err))
+	for _, pid := range nodePIDs(o, tasks) {
+		if err := syscall.Kill(pid, syscall.SIGCONT); err != nil && !errors.Is(err, syscall.ESRCH) {
+			errs = append(errs, fmt.Errorf("resume pid %d: %w", pid, err))
 		}
 	}
 	if len(tasks) == 0 {
@@ -434,26 +434,54 @@ func resume(o Options, tasks []criu.Task) error {
 	return errors.Join(errs...)
 }
 
+// nodePIDs are the node's PIDs of the checkpointed tasks, the ones to
+// signal. The tasks' PIDs are those the images hold: for a job in a PID
+// namespace of its own (its root is PID 1 there) they are that namespace's,
+// and the same numbers on the node are other processes. A task not found
+// below the checkpointed root is left out.
+func nodePIDs(o Options, tasks []criu.Task) []int {
+	var out []int
+	if len(tasks) == 0 || tasks[0].PID != 1 || o.PID == 1 {
+		for _, t := range tasks {
+			out = append(out, t.PID)
+		}
+		return out
+	}
+	t, err := proc.All()
+	if err != nil {
+		return []int{o.PID} // the namespace's init: the rest follow it
+	}
+	onNode := proc.InnerPIDs(t, o.PID)
+	for _, task := range tasks {
+		if p, ok := onNode[task.PID]; ok {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
 // kill ends every task of a checkpointed tree. Like criu dump, it does not
 // wait for a large job's memory to be torn down (a restore waits for the
 // PIDs it needs), unless reap asks it to reap its own children, and then it
-// waits until every PID is free.
-func kill(ctx context.Context, tasks []criu.Task, reap bool) error {
-	for _, t := range tasks {
-		_ = syscall.Kill(t.PID, syscall.SIGKILL)
+// waits until every PID is free. (A job in a PID namespace of its own ends
+// whole with its root, that namespace's init.)
+func kill(ctx context.Context, o Options, tasks []criu.Task, reap bool) error {
+	pids := nodePIDs(o, tasks)
+	for _, pid := range pids {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
 	}
 	if !reap {
 		return nil
 	}
-	for _, t := range tasks {
+	for _, pid := range pids {
 		var ws syscall.WaitStatus
-		_, _ = syscall.Wait4(t.PID, &ws, 0, nil) // ECHILD for others' children
+		_, _ = syscall.Wait4(pid, &ws, 0, nil) // ECHILD for others' children
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	var gone []string
-	for _, t := range tasks {
-		if err := proc.WaitGone(ctx, t.PID); err != nil {
+	for _, pid := range pids {
+		if err := proc.WaitGone(ctx, pid); err != nil {
 			gone = append(gone, err.Error())
 		}
 	}

@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/cryo-hpc/cryo/checkpoint"
+	"github.com/cryo-hpc/cryo/internal/jobns"
+	"github.com/cryo-hpc/cryo/internal/privilege"
 	"github.com/cryo-hpc/cryo/internal/store"
 	"github.com/cryo-hpc/cryo/monitor"
 	"github.com/cryo-hpc/cryo/offload/nvml"
@@ -43,6 +45,7 @@ type runOpts struct {
 	workDir      string
 	replica      string
 	restartExit  bool
+	namespaces   string
 	// Slurm and signals (cli/slurm.go).
 	storeRoot  string
 	requeue    bool
@@ -95,6 +98,7 @@ that the signal reaches it (docs/slurm.md).`,
 			&ucli.StringFlag{Name: "stderr", Usage: "file the host tree's stderr is appended to (default: STORE/run/host.err, relayed to cryo's stderr as lines prefixed \"host: \")", Destination: &o.stderr},
 			&ucli.StringFlag{Name: "work-dir", Usage: "where images wait between CRIU and the store", Destination: &o.workDir, EnvVars: []string{"CRYO_WORK_DIR"}},
 			&ucli.StringFlag{Name: "replica", Usage: "copy every checkpoint to this second store too, and heal damaged chunks from it on restore (a failing replica is logged, the checkpoint kept)", Destination: &o.replica, EnvVars: []string{"CRYO_REPLICA"}},
+			&ucli.StringFlag{Name: "namespaces", Usage: "give the job PID, IPC and mount namespaces of its own (private /proc, /dev/shm and TMPDIR, held by its checkpoints; PIDs that cannot collide on restore): auto (when the node allows it), on, or off", Value: "auto", Destination: &o.namespaces, EnvVars: []string{"CRYO_NAMESPACES"}},
 			&ucli.BoolFlag{Name: "restart-on-exit", Usage: "take a non-zero exit of the host tree for a failure and restore the job (default: the exit code is the job's answer and passes through)", Destination: &o.restartExit, EnvVars: []string{"CRYO_RESTART_ON_EXIT"}},
 			&ucli.StringFlag{Name: "store-root", Usage: "in a Slurm job without --store: where the per-job store cryo-$SLURM_JOB_ID goes (default: $SLURM_SUBMIT_DIR)", Destination: &o.storeRoot, EnvVars: []string{"CRYO_STORE_ROOT"}},
 			&ucli.StringFlag{Name: "checkpoint-signal", Usage: "signal that checkpoints the job now (with --requeue: checkpoints, stops and requeues it); when another is named, SIGUSR1 still takes a plain checkpoint", Value: "USR1", Destination: &o.ckptSignal, EnvVars: []string{"CRYO_CHECKPOINT_SIGNAL"}},
@@ -157,6 +161,21 @@ func (o *runOpts) config(c *ucli.Context, e *env) (monitor.Config, error) {
 		return cfg, usagef("--hang-timeout watches offload trees: the job has none (--offload)")
 	case c.IsSet("channel-grace") && len(o.offload.Value()) == 0:
 		return cfg, usagef("--channel-grace watches channels between the job's trees: the job has one (--offload adds more)")
+	}
+	switch o.namespaces {
+	case "off":
+	case "on", "auto":
+		err := jobns.Probe(!privilege.Root())
+		switch {
+		case err == nil:
+			cfg.Namespaces = true
+		case o.namespaces == "on":
+			return cfg, err
+		default:
+			fmt.Fprintf(e.stderr, "cryo: warning: %v: the job runs without namespaces of its own, so the PIDs it has must be free when it is restored\n", err)
+		}
+	default:
+		return cfg, usagef("--namespaces: %q is not auto, on or off", o.namespaces)
 	}
 	if o.keep == 1 {
 		// With one generation kept, a checkpoint that does not restore

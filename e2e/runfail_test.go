@@ -103,12 +103,14 @@ func TestRunPassesExitCodeThrough(t *testing.T) {
 
 // job-init never exits while a process of the job lives: what the host
 // leaves behind is ended when it ends; and when job-init itself is killed,
-// cryo ends and reaps its orphans before anything else.
+// cryo ends and reaps its orphans before anything else. Without namespaces
+// this is job-init's and cryo's own work (with them, the kernel ends a PID
+// namespace with its init: TestRunNamespacedJobEndsWhole).
 func TestRunEndsTheWholeJob(t *testing.T) {
 	criu := requireCRIU(t)
 	dir := t.TempDir()
 	bg := filepath.Join(dir, "bg")
-	r := startRun(t, criu, "--store", filepath.Join(dir, "a"), "--grace", "1s",
+	r := startRun(t, criu, "--store", filepath.Join(dir, "a"), "--grace", "1s", "--namespaces", "off",
 		"--", "/bin/sh", "-c", "sleep 300 & echo $! > "+bg+"; echo started")
 	if code := r.wait(t, 30*time.Second); code != 0 {
 		t.Fatalf("cryo run exited %d\n%s", code, r.messages(t))
@@ -119,7 +121,7 @@ func TestRunEndsTheWholeJob(t *testing.T) {
 	}
 
 	bg2 := filepath.Join(dir, "bg2")
-	r = startRun(t, criu, "--store", filepath.Join(dir, "b"), "--max-restarts", "0",
+	r = startRun(t, criu, "--store", filepath.Join(dir, "b"), "--max-restarts", "0", "--namespaces", "off",
 		"--", "/bin/sh", "-c", "sleep 300 & echo $! > "+bg2+"; wait")
 	child := readPID(t, bg2)
 	m := jobInitRE.FindStringSubmatch(r.messages(t))
@@ -218,7 +220,9 @@ func TestRunRestoreLeavesHoldersOfOldPIDsAlone(t *testing.T) {
 	criu := requireCRIU(t)
 	dir := t.TempDir()
 	st := filepath.Join(dir, "store")
-	args := []string{"--store", st, "--", "/bin/sh", "-c", "echo ready; while :; do sleep 0.1; done"}
+	// Without namespaces the job needs its own PIDs back (with them it does
+	// not: TestRunNamespacedRestoreWhilePIDsAreTaken).
+	args := []string{"--store", st, "--namespaces", "off", "--", "/bin/sh", "-c", "echo ready; while :; do sleep 0.1; done"}
 	r := startRun(t, criu, args...)
 	waitFile(t, r.out, "ready", 30*time.Second)
 	r.cmd.Process.Signal(syscall.SIGTERM)
@@ -350,4 +354,123 @@ func compactLines(s string) string {
 		other = append(other, l)
 	}
 	return compact(nums) + " " + strings.Join(other, " | ")
+}
+
+// The job's processes on the node, by PID: those in job-init's PID
+// namespace (job-init included).
+func namespaceMembers(t *testing.T, nsLink string) []int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if l, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/pid", pid)); err == nil && l == nsLink {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// With namespaces, the job is every process of its PID namespace: what the
+// host leaves behind ends with it, and nothing of the job is left on the
+// node once cryo run has ended, also when job-init itself is killed.
+func TestRunNamespacedJobEndsWhole(t *testing.T) {
+	criu := requireCRIU(t)
+	dir := t.TempDir()
+	for _, how := range []string{"host ends", "job-init killed"} {
+		t.Run(how, func(t *testing.T) {
+			bg := filepath.Join(dir, strings.ReplaceAll(how, " ", "-"))
+			script := "sleep 300 & echo $! > " + bg + "; echo started"
+			if how == "job-init killed" {
+				script += "; wait"
+			}
+			r := startRun(t, criu, "--store", filepath.Join(dir, how), "--grace", "1s", "--max-restarts", "0",
+				"--namespaces", "on", "--", "/bin/sh", "-c", script)
+			readPID(t, bg)
+			m := jobInitRE.FindStringSubmatch(r.messages(t))
+			if m == nil {
+				t.Fatalf("no job-init pid in %q", r.messages(t))
+			}
+			init, _ := strconv.Atoi(m[1])
+			ns, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/pid", init))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if own, _ := os.Readlink("/proc/self/ns/pid"); own == ns {
+				t.Fatalf("job-init (pid %d) is in the node's PID namespace", init)
+			}
+			if n := len(namespaceMembers(t, ns)); how == "job-init killed" && n < 3 {
+				t.Fatalf("the job's PID namespace has %d processes, want job-init, the host and its child", n)
+			}
+			if how == "job-init killed" {
+				syscall.Kill(init, syscall.SIGKILL)
+			}
+			r.wait(t, 30*time.Second)
+			if left := namespaceMembers(t, ns); len(left) > 0 {
+				t.Errorf("processes of the job are left on the node after cryo run ended: %v", left)
+			}
+		})
+	}
+}
+
+// With namespaces, a restore does not need the job's old PIDs: while other
+// processes hold the PIDs job-init and the host had on the node, the job
+// comes back in fresh namespaces, and neither holder is touched.
+func TestRunNamespacedRestoreWhilePIDsAreTaken(t *testing.T) {
+	criu := requireCRIU(t)
+	dir := t.TempDir()
+	st, mark := filepath.Join(dir, "store"), filepath.Join(dir, "count")
+	args := []string{"--store", st, "--namespaces", "on", "--", "/bin/sh", "-c",
+		"i=0; while :; do i=$((i+1)); echo $i > " + mark + "; sleep 0.05; done"}
+	r := startRun(t, criu, args...)
+	waitFile(t, mark, "\n", 30*time.Second)
+	host := hostPID(t, criu, st)
+	m := jobInitRE.FindStringSubmatch(r.messages(t))
+	init, _ := strconv.Atoi(m[1])
+	r.cmd.Process.Signal(syscall.SIGTERM)
+	if code := r.wait(t, 30*time.Second); code != 143 {
+		t.Fatalf("stop: exit %d\n%s", code, r.messages(t))
+	}
+	waitEnded(t, 10*time.Second, init, host)
+	for deadline := time.Now().Add(10 * time.Second); (procState(init) != 0 || procState(host) != 0) && time.Now().Before(deadline); {
+		time.Sleep(20 * time.Millisecond) // init reaps them
+	}
+	before, _ := strconv.Atoi(strings.TrimSpace(string(readOrEmpty(mark))))
+	var holders []*exec.Cmd
+	for _, pid := range []int{init, host} {
+		h := takePID(t, pid, "sleep", "300")
+		holders = append(holders, h)
+		t.Cleanup(func() { h.Process.Kill(); h.Wait() })
+	}
+	r2 := startRun(t, criu, args...)
+	r2.waitFor(t, "restored: generation 1", 60*time.Second)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		now, _ := strconv.Atoi(strings.TrimSpace(string(readOrEmpty(mark))))
+		if now > before+5 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the restored job does not count on from %d (at %d)\n%s", before, now, r2.messages(t))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	for _, h := range holders {
+		if !alive(h.Process.Pid) {
+			t.Errorf("cryo ended pid %d, which held one of the job's old PIDs", h.Process.Pid)
+		}
+	}
+	r2.cmd.Process.Signal(syscall.SIGTERM)
+	r2.wait(t, 30*time.Second)
+}
+
+func readOrEmpty(p string) []byte {
+	b, _ := os.ReadFile(p)
+	return b
 }

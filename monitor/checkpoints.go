@@ -10,6 +10,7 @@ import (
 
 	"github.com/cryo-hpc/cryo/checkpoint"
 	"github.com/cryo-hpc/cryo/internal/proc"
+	"github.com/cryo-hpc/cryo/internal/store"
 )
 
 // periodic takes a scheduled checkpoint and adapts the interval. It
@@ -178,12 +179,23 @@ func (s *Supervisor) accept(d checkpoint.Dumped) error {
 	return nil
 }
 
+// jobRoot is the PID of a checkpointed job's root as its images name it:
+// the first process CRIU lists, which is 1 for a job in a PID namespace of
+// its own, where rootPID (what was checkpointed) is the node's PID.
+func jobRoot(procs []store.Process, rootPID int) int {
+	if len(procs) > 0 {
+		return procs[0].PID
+	}
+	return rootPID
+}
+
 // missingTrees names the job's trees (roots: pid -> name) whose root is
 // not a child of the dumped job's root.
 func missingTrees(roots map[int]string, d checkpoint.Dumped) string {
 	have := map[int]bool{}
+	root := jobRoot(d.Processes, d.RootPID)
 	for _, p := range d.Processes {
-		if p.PPID == d.RootPID {
+		if p.PPID == root {
 			have[p.PID] = true
 		}
 	}

@@ -51,6 +51,11 @@ type Config struct {
 	// Fresh starts the job from scratch even if the store holds a
 	// checkpoint of an unfinished run.
 	Fresh bool
+	// Namespaces gives the job PID, IPC and mount namespaces of its own
+	// (for a user, owned by a user namespace of theirs): a private /proc,
+	// /dev/shm and TMPDIR that its checkpoints hold, and PIDs that cannot
+	// collide when it is restored (internal/jobns).
+	Namespaces bool
 	// Backoff before the first restore; doubled per consecutive failure, up
 	// to 30 s (default 1 s).
 	Backoff time.Duration

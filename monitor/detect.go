@@ -69,12 +69,30 @@ func (s *Supervisor) treePIDs() map[string][]int {
 		s.seen[p] = st.StartTime
 		s.sessions[st.SID] = true
 	}
+	if s.cfg.Namespaces {
+		// Tree roots are named by their PIDs in the job's own namespace.
+		inner := proc.InnerPIDs(t, s.initPID)
+		s.mu.Lock() // Status reads it
+		s.nodePID = inner
+		s.mu.Unlock()
+	}
 	for root, name := range s.roots {
-		if ps := proc.Descendants(t, root); len(ps) > 0 {
+		if ps := proc.Descendants(t, s.onNode(root)); len(ps) > 0 {
 			out[name] = ps
 		}
 	}
 	return out
+}
+
+// onNode is the node's PID of the job's process pid (a PID as job-init
+// and the job's images name it): the same PID unless the job has a PID
+// namespace of its own; 0 when it is not seen (yet, or any more). Run's
+// goroutine, which alone writes nodePID, calls it freely; others hold s.mu.
+func (s *Supervisor) onNode(pid int) int {
+	if !s.cfg.Namespaces {
+		return pid
+	}
+	return s.nodePID[pid]
 }
 
 // beatWatch follows the job's heartbeat file by the supervisor's own

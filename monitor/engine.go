@@ -3,7 +3,9 @@ package monitor
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -11,7 +13,9 @@ import (
 	"time"
 
 	"github.com/cryo-hpc/cryo/checkpoint"
+	"github.com/cryo-hpc/cryo/internal/jobns"
 	"github.com/cryo-hpc/cryo/internal/outputs"
+	"github.com/cryo-hpc/cryo/internal/privilege"
 	"github.com/cryo-hpc/cryo/internal/store"
 	"github.com/cryo-hpc/cryo/restore"
 )
@@ -69,6 +73,19 @@ func (e *criuEngine) Start(ctx context.Context, events string) (int, error) {
 			f.Close()
 		}
 	}
+	if e.cfg.Namespaces {
+		// The job's TMPDIR: a tmpfs of its own mounted here inside its
+		// namespaces (the directory stays empty outside), which every
+		// checkpoint holds and every restore brings back.
+		tmp := filepath.Join(run, "tmp")
+		if err := os.Mkdir(tmp, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+			return 0, err
+		}
+		spec.Namespaced, spec.TmpDir, spec.Log = true, tmp, filepath.Join(run, "init.log")
+		for i := range spec.Trees {
+			spec.Trees[i].Env = append(envOrSelf(spec.Trees[i].Env), "TMPDIR="+tmp)
+		}
+	}
 	b, err := json.Marshal(spec)
 	if err != nil {
 		return 0, err
@@ -84,12 +101,25 @@ func (e *criuEngine) Start(ctx context.Context, events string) (int, error) {
 	}
 	defer devnull.Close()
 	env := append(os.Environ(), InitEnv+"="+string(b))
+	attr, self := &syscall.SysProcAttr{Setsid: true}, e.cfg.Self
+	if spec.Namespaced {
+		attr = jobns.Attr(*attr, !privilege.Root())
+		// By its path, looked up inside the job's mount namespace: a magic
+		// link such as /proc/self/exe would give job-init an executable on
+		// a mount of the node's namespace, which CRIU cannot place in the
+		// job's.
+		if self == "/proc/self/exe" {
+			if self, err = os.Executable(); err != nil {
+				return 0, fmt.Errorf("start job-init: %w", err)
+			}
+		}
+	}
 	// syscall.ForkExec rather than os/exec: job-init must be a plain
 	// child waited for by PID, the same way after a restore.
-	pid, err := syscall.ForkExec(e.cfg.Self, []string{"cryo", "job-init"}, &syscall.ProcAttr{
+	pid, err := syscall.ForkExec(self, []string{"cryo", "job-init"}, &syscall.ProcAttr{
 		Env:   env,
 		Files: []uintptr{devnull.Fd(), logf.Fd(), logf.Fd()},
-		Sys:   &syscall.SysProcAttr{Setsid: true},
+		Sys:   attr,
 	})
 	if err != nil {
 		return 0, fmt.Errorf("start job-init: %w", err)
@@ -113,6 +143,11 @@ func (e *criuEngine) Checkpoint(ctx context.Context, pid int, kill bool, accept 
 }
 
 func (e *criuEngine) Restore(ctx context.Context, gen int) (*Restored, error) {
+	// A namespaced job's TMPDIR mount needs its mountpoint (a store copied
+	// or made on another node may lack the empty directory).
+	if err := os.Mkdir(filepath.Join(RunDir(e.cfg.Store), "tmp"), 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+		return nil, err
+	}
 	res, err := restore.Restore(ctx, restore.Options{
 		Store: e.cfg.Store, Generation: gen, CRIU: e.cfg.CRIU, Sibling: true, Replica: e.cfg.Replica,
 		WorkDir: e.cfg.WorkDir, CheckCache: e.cfg.CheckCache, Logger: e.log, TruncateOutputs: true,

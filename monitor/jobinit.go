@@ -7,11 +7,13 @@ import (
 	"os"
 	"os/signal"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
 
+	"github.com/cryo-hpc/cryo/internal/jobns"
 	"github.com/cryo-hpc/cryo/internal/proc"
 	"golang.org/x/sys/unix"
 )
@@ -35,6 +37,14 @@ type InitSpec struct {
 	Trees  []TreeSpec    `json:"trees"`
 	Events string        `json:"events"` // file job-init appends its events to
 	Grace  time.Duration `json:"grace"`  // SIGTERM -> SIGKILL for the rest of the job when the host ends
+	// Namespaced: job-init is PID 1 of the job's own namespaces (jobns)
+	// and sets them up first: TmpDir becomes the job's private temporary
+	// directory, and its own output goes to Log, opened there (a
+	// descriptor of the node's mount namespace could not be checkpointed
+	// with the job's).
+	Namespaced bool   `json:"namespaced,omitempty"`
+	TmpDir     string `json:"tmpdir,omitempty"`
+	Log        string `json:"log,omitempty"`
 }
 
 // InitEvent is one line of job-init's events file.
@@ -67,6 +77,13 @@ const InitEnv = "CRYO_INIT_SPEC"
 // The same holds when job-init is the init of a PID namespace of the
 // job's own: its descendants are then the namespace's processes.
 func RunInit(spec InitSpec) int {
+	closeInherited()
+	if spec.Namespaced {
+		if err := enterJobNamespaces(spec); err != nil {
+			spec.event(InitEvent{Event: "start-failed", Tree: "job-init", Code: 127, Error: err.Error()})
+			return 127
+		}
+	}
 	_ = unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
@@ -306,4 +323,54 @@ func (s InitSpec) event(e InitEvent) {
 	}
 	f.Write(append(b, '\n'))
 	f.Close()
+}
+
+// enterJobNamespaces sets up the job's namespaces (jobns.Setup) and gives
+// job-init a standard input, output and error of its own mount namespace.
+func enterJobNamespaces(spec InitSpec) error {
+	if err := jobns.Setup(spec.TmpDir); err != nil {
+		return err
+	}
+	in, err := syscall.Open(os.DevNull, syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	out := in
+	if spec.Log != "" {
+		if out, err = syscall.Open(spec.Log, syscall.O_WRONLY|syscall.O_APPEND|syscall.O_CREAT|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0o600); err != nil {
+			return fmt.Errorf("job-init log %s: %w", spec.Log, err)
+		}
+	}
+	for fd, from := range []int{in, out, out} {
+		if err := unix.Dup2(from, fd); err != nil {
+			return err
+		}
+	}
+	syscall.Close(in)
+	if out != in {
+		syscall.Close(out)
+	}
+	return nil
+}
+
+// closeInherited closes the descriptors job-init inherited beyond its
+// standard ones: they leaked from whoever started cryo run (a shell, a
+// batch system) past exec, so they have no close-on-exec flag, which every
+// descriptor Go opens has. The job must not hold them: they would pass on
+// to its trees and into every checkpoint, and one of the node's mount
+// namespace cannot be checkpointed with a job that has its own.
+func closeInherited() {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		fd, err := strconv.Atoi(e.Name())
+		if err != nil || fd <= 2 {
+			continue
+		}
+		if flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err == nil && flags&unix.FD_CLOEXEC == 0 {
+			_ = unix.Close(fd)
+		}
+	}
 }

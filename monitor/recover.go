@@ -208,11 +208,16 @@ func (s *Supervisor) startedTrees() map[int]string {
 // with the names job-init recorded when it started them.
 func (s *Supervisor) rootsFromRestore(res *Restored) {
 	names := s.startedTrees()
+	root := jobRoot(res.Processes, res.RootPID)
 	for _, p := range res.Processes {
-		if p.PPID == res.RootPID {
+		if p.PPID == root {
 			if n, ok := names[p.PID]; ok {
 				s.roots[p.PID] = n
-				s.sessions[p.PID] = true
+				if !s.cfg.Namespaces {
+					// (Inside the job's own namespace a PID is no session
+					// of the node's: treePIDs records the job's real ones.)
+					s.sessions[p.PID] = true
+				}
 				s.mu.Lock()
 				s.status.Trees[n] = p.PID
 				s.mu.Unlock()

@@ -82,7 +82,12 @@ func (s *Supervisor) Status() Status {
 	st := s.status
 	st.Trees = map[string]int{}
 	for k, v := range s.status.Trees {
-		st.Trees[k] = v
+		// The node's PIDs, which people on the node can use; a tree of a
+		// job in namespaces of its own not seen on the node yet is left
+		// out until it is.
+		if p := s.onNode(v); p != 0 {
+			st.Trees[k] = p
+		}
 	}
 	return st
 }

@@ -43,7 +43,8 @@ type Supervisor struct {
 	pol       policy
 	initPID   int            // job-init while it runs
 	lastInit  int            // the latest job-init, also once it has ended
-	roots     map[int]string // tree root pid -> tree name
+	roots     map[int]string // tree root pid (as job-init names it) -> tree name
+	nodePID   map[int]int    // with namespaces: the job's PIDs -> the node's (treePIDs)
 	eventsOff int64
 	cost      costEstimate
 	interval  time.Duration
@@ -313,10 +314,16 @@ func (s *Supervisor) readEvents() {
 		switch e.Event {
 		case "started":
 			s.roots[e.PID] = e.Tree
-			s.sessions[e.PID] = true // each tree starts a session of its own
 			s.mu.Lock()
 			s.status.Trees[e.Tree] = e.PID
 			s.mu.Unlock()
+			if s.cfg.Namespaces {
+				// e.PID is the tree's PID in the job's namespace: find it on
+				// the node now (treePIDs records its session).
+				s.treePIDs()
+			} else {
+				s.sessions[e.PID] = true // each tree starts a session of its own
+			}
 		case "exited", "start-failed":
 			delete(s.roots, e.PID)
 			end := treeEnd{tree: e.Tree, pid: e.PID, code: e.Code, signal: e.Signal, at: e.Time}
@@ -355,7 +362,9 @@ func (s *Supervisor) jobProcs() JobProcs {
 		sessions[sid] = true
 	}
 	for pid := range s.roots {
-		sessions[pid] = true
+		if p := s.onNode(pid); p != 0 {
+			sessions[p] = true
+		}
 	}
 	if s.lastInit != 0 {
 		sessions[s.lastInit] = true

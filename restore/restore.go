@@ -360,7 +360,7 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 		if err != nil {
 			// It cannot go on without its device state: stop it, so that the
 			// checkpoint can be restored again.
-			if kerr := killJob(m); kerr != nil {
+			if kerr := killJob(m, pid); kerr != nil {
 				return nil, fmt.Errorf("restore generation %d: %w; killing the restored job failed too: %w", gen, err, kerr)
 			}
 			grp.Forget()
@@ -429,16 +429,26 @@ func reapChild(pid int, limit time.Duration) {
 	}
 }
 
-// killJob kills the processes of a restored job and waits for them to go.
-func killJob(m *store.Manifest) error {
-	for _, p := range m.Job.Processes {
-		_ = syscall.Kill(p.PID, syscall.SIGKILL)
+// killJob kills the processes of a job restored from m with its root at
+// root (the node's PID) and waits for them to go. A job in a PID namespace
+// of its own ends whole with its root, that namespace's init: the PIDs of
+// m are the namespace's, and the same numbers on the node are others'.
+func killJob(m *store.Manifest, root int) error {
+	pids := []int{root}
+	if !ownPIDNamespace(m) {
+		pids = pids[:0]
+		for _, p := range m.Job.Processes {
+			pids = append(pids, p.PID)
+		}
+	}
+	for _, pid := range pids {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	var errs []error
-	for _, p := range m.Job.Processes {
-		errs = append(errs, proc.WaitGone(ctx, p.PID))
+	for _, pid := range pids {
+		errs = append(errs, proc.WaitGone(ctx, pid))
 	}
 	return errors.Join(errs...)
 }

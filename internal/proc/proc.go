@@ -154,3 +154,43 @@ func RSS(pid int) (int64, error) {
 	pages, _ := strconv.ParseInt(f[1], 10, 64)
 	return pages * int64(os.Getpagesize()), nil
 }
+
+// NSpid is the PID of pid in each PID namespace it is in, from the
+// outermost (the one pid is given in) to its own (the NSpid line of
+// /proc/PID/status).
+func NSpid(pid int) ([]int, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("pid %d: %w", pid, ErrNoProcess)
+		}
+		return nil, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "NSpid:"); ok {
+			var ids []int
+			for _, f := range strings.Fields(rest) {
+				n, err := strconv.Atoi(f)
+				if err != nil {
+					return nil, fmt.Errorf("pid %d: bad NSpid line %q", pid, line)
+				}
+				ids = append(ids, n)
+			}
+			return ids, nil
+		}
+	}
+	return []int{pid}, nil // a kernel without NSpid has no PID namespaces to tell
+}
+
+// InnerPIDs maps the PIDs that the processes of t below root have in
+// their own PID namespace (as root's PID namespace sees them: root is 1
+// when it is that namespace's init) to their PIDs here.
+func InnerPIDs(t map[int]Stat, root int) map[int]int {
+	out := map[int]int{}
+	for _, p := range Descendants(t, root) {
+		if ids, err := NSpid(p); err == nil && len(ids) > 0 {
+			out[ids[len(ids)-1]] = p
+		}
+	}
+	return out
+}
