@@ -42,7 +42,10 @@ deps: criu tools
 	scripts/install-deps.sh
 	$(GO) mod download
 
+# go.mod and go.sum must be what `go mod tidy` makes of them: -diff
+# prints what tidy would change and fails, changing nothing.
 lint: tools
+	@$(GO) mod tidy -diff || { echo "go.mod/go.sum are not tidy: run go mod tidy"; exit 1; }
 	@test -z "$$(gofmt -l . | grep -v '^.deps/')" || { echo "gofmt needed:"; gofmt -l . | grep -v '^.deps/'; exit 1; }
 	$(GO) vet ./...
 	$(STATICCHECK) ./...

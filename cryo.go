@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"log/slog"
 	"os"
@@ -14,8 +13,12 @@ import (
 
 	"github.com/cryo-hpc/cryo/checkpoint"
 	"github.com/cryo-hpc/cryo/internal/criu"
+	"github.com/cryo-hpc/cryo/internal/inspect"
 	"github.com/cryo-hpc/cryo/internal/store"
 	"github.com/cryo-hpc/cryo/monitor"
+	"github.com/cryo-hpc/cryo/offload"
+	"github.com/cryo-hpc/cryo/offload/cuda"
+	"github.com/cryo-hpc/cryo/offload/drivers"
 	"github.com/cryo-hpc/cryo/restore"
 )
 
@@ -34,21 +37,32 @@ var (
 	ErrPIDInUse = restore.ErrPIDInUse
 	// ErrNoProcess means the PID to checkpoint does not exist.
 	ErrNoProcess = checkpoint.ErrNoProcess
-	// ErrNotSlurm means the environment is not that of a Slurm job or hook.
-	ErrNotSlurm = errors.New("not in a Slurm job (SLURM_JOB_ID is not set)")
+	// ErrSameStore means a replica given to Repair is the store itself.
+	ErrSameStore = errors.New("the replica is the store itself")
 )
 
-// CheckCache is where a passing `criu check` is remembered, so that not
-// every checkpoint pays for it (the directory the CLI uses too).
-const CheckCache = "/run/cryo"
+// Version is cryo's version, as recorded in every manifest.
+func Version() string { return checkpoint.Version }
+
+// Progress counts the bytes a long operation (checkpoint, restore, verify,
+// repair) has processed, and its total when known; give a new one in the
+// options and read it from another goroutine.
+type Progress = store.Progress
+
+// Problem is one damaged or missing chunk or file of a generation.
+type Problem = store.Problem
 
 // CheckpointOptions are the choices for one checkpoint.
 type CheckpointOptions struct {
 	Store string // the job's store; created if missing
 	PID   int    // root of the process tree to checkpoint
-	// Stop ends the tree once its checkpoint is committed. Until then the
+	// MorePIDs are the roots of further trees of the same job that cannot
+	// share its root: all are frozen at once and dumped into one
+	// generation (cgroup v1 freezer).
+	MorePIDs []int
+	// Kill ends the tree once its checkpoint is committed. Until then the
 	// tree is held stopped, so if storing fails it simply resumes.
-	Stop bool
+	Kill bool
 	// Keep retains at most this many generations (0 keeps all).
 	Keep int
 	// CRIU is the CRIU binary; "" means $CRYO_CRIU, then criu on PATH.
@@ -58,29 +72,27 @@ type CheckpointOptions struct {
 	WorkDir string
 	// LockWait bounds the wait for another writer of the store (default 30 s).
 	LockWait time.Duration
+	// OffloadTimeout bounds how long GPU work in flight may take to drain
+	// when the job's offload contexts are locked (default 30 s).
+	OffloadTimeout time.Duration
 	// Replica is a second store directory that gets a copy of the
 	// generation, committed before the store's. A failing replica does not
-	// fail the checkpoint: CheckpointResult.ReplicaError says why the copy
-	// is missing.
-	Replica string
-	Logger  *slog.Logger
+	// fail the checkpoint (CheckpointResult.ReplicaError says why the copy
+	// is missing) unless ReplicaRequired.
+	Replica         string
+	ReplicaRequired bool
+	// Offload is the node's offload drivers (offload/drivers.Open), opened
+	// once by a process that checkpoints or restores more than once; nil
+	// opens them for this call and closes them after it.
+	Offload *offload.Registry
+	// Progress, when set, counts the image bytes stored so far.
+	Progress *Progress
+	Logger   *slog.Logger
 }
 
-// CheckpointResult describes a committed generation.
-type CheckpointResult struct {
-	Generation int           `json:"generation"`
-	Store      string        `json:"store"`
-	Processes  int           `json:"processes"`
-	Frozen     time.Duration `json:"frozen_ns"`  // how long the job could not run
-	Durable    time.Duration `json:"durable_ns"` // start until the generation was committed
-	RawBytes   int64         `json:"raw_bytes"`  // image bytes before compression
-	NewBytes   int64         `json:"new_bytes"`  // compressed bytes this generation added
-	Stopped    bool          `json:"stopped"`
-	Removed    []int         `json:"removed,omitempty"` // generations dropped by Keep
-	// ReplicaError says why the replica did not get a copy (the generation
-	// is committed in Store only).
-	ReplicaError string `json:"replica_error,omitempty"`
-}
+// CheckpointResult describes a committed generation: what `cryo
+// checkpoint --json` prints.
+type CheckpointResult = checkpoint.Result
 
 // Checkpoint takes a consistent snapshot of the process tree rooted at
 // o.PID and commits it as a new generation of o.Store. A failed checkpoint
@@ -91,83 +103,97 @@ func Checkpoint(ctx context.Context, o CheckpointOptions) (*CheckpointResult, er
 	if err != nil {
 		return nil, err
 	}
+	reg, done := openOffload(o.Offload, o.Logger)
+	defer done()
 	res, err := checkpoint.Take(ctx, checkpoint.Options{
-		Store: o.Store, PID: o.PID, Kill: o.Stop, CRIU: bin, WorkDir: o.WorkDir, Keep: o.Keep,
-		LockWait: o.LockWait, CheckCache: CheckCache, Replica: o.Replica, Logger: o.Logger,
+		Store: o.Store, PID: o.PID, MorePIDs: o.MorePIDs, Kill: o.Kill, CRIU: bin, WorkDir: o.WorkDir,
+		Keep: o.Keep, LockWait: o.LockWait, CheckCache: criu.CheckCache, Offload: reg,
+		OffloadLockTimeout: o.OffloadTimeout, Replica: o.Replica, ReplicaRequired: o.ReplicaRequired,
+		Progress: o.Progress, Logger: o.Logger,
 	})
 	if err != nil {
-		return nil, fmt.Errorf("checkpoint of pid %d into %s: %w", o.PID, o.Store, err)
+		return nil, fmt.Errorf("checkpoint of pid %d failed: %w", o.PID, err)
 	}
-	return &CheckpointResult{Generation: res.Generation, Store: res.Store, Processes: res.Processes,
-		Frozen: res.Frozen, Durable: res.Durable, RawBytes: res.RawBytes, NewBytes: res.NewBytes,
-		Stopped: res.Killed, Removed: res.Removed, ReplicaError: res.ReplicaError}, nil
+	return res, nil
 }
 
 // RestoreOptions are the choices for one restore.
 type RestoreOptions struct {
 	Store string
-	// Generation to restore; 0 means the newest one that verifies, falling
-	// back to older generations when a newer one is damaged.
+	// Generation to restore; 0 means the newest.
 	Generation int
-	CRIU       string // as in CheckpointOptions
-	WorkDir    string // where images are materialized; "" picks RAM when it has room
+	// Fallback restores the newest older generation that is intact (or can
+	// be healed from Replica) when the chosen one is damaged; the
+	// generations passed over are in RestoreResult.Skipped. Other failures
+	// (a PID in use, CRIU refusing) are returned at once.
+	Fallback bool
+	CRIU     string // as in CheckpointOptions
+	WorkDir  string // where images are materialized; "" picks RAM when it has room
 	// PIDWait bounds the wait for a dying process that still holds one of
 	// the job's PIDs (default 10 s); a live holder fails at once with
 	// ErrPIDInUse.
 	PIDWait time.Duration
+	// LockWait bounds the wait for a checkpoint or GC holding the store
+	// (default 30 s).
+	LockWait time.Duration
 	// Child makes the restored root a child of the calling process, which
 	// must then wait for it; otherwise it is restored detached, in a
 	// session of its own.
 	Child bool
+	// DeviceMap chooses the GPUs the checkpoint's offload contexts go to
+	// (offload.ParseDeviceMap reads "OLD=NEW,..."); without it they go to
+	// the recorded GPUs, or to others of the same model with room.
+	DeviceMap []offload.MapEntry
 	// Replica is a replica of the store: damaged chunks or a damaged
 	// manifest are healed from it before any process starts.
 	Replica string
-	Logger  *slog.Logger
+	// Lazy starts the job before its memory is back: pages are served on
+	// demand and in the background, until RestoreResult.Wait returns.
+	Lazy bool
+	// NoStream materializes the images into WorkDir instead of streaming
+	// them from the store into CRIU.
+	NoStream bool
+	// Offload is as in CheckpointOptions.
+	Offload  *offload.Registry
+	Progress *Progress // counts the image bytes verified so far
+	Logger   *slog.Logger
 }
 
-// RestoreResult describes a restored job.
-type RestoreResult struct {
-	PID        int           `json:"pid"` // the restored root
-	Generation int           `json:"generation"`
-	Processes  int           `json:"processes"`
-	Took       time.Duration `json:"took_ns"`
-	// Skipped lists the newer generations that were damaged and passed
-	// over (only when Generation was 0).
-	Skipped []string `json:"skipped,omitempty"`
-	// Healed lists the chunks healed from the replica.
-	Healed []string `json:"healed,omitempty"`
-}
+// RestoreResult describes a restored job: what `cryo restore --json`
+// prints. After a lazy restore, Wait serves the job's memory until all of
+// it is home.
+type RestoreResult = restore.Result
 
 // Restore brings a job back from its store. Every chunk is verified before
-// any process is created, so a damaged generation starts nothing; with
-// Generation 0 it is passed over (and named in Skipped) for the next older
-// one. Other failures (a PID in use, CRIU refusing) are returned at once.
-// It needs root (CRIU).
+// any process is created (or, streamed, before CRIU lets the job run), so
+// a damaged generation starts nothing. It needs root (CRIU).
 func Restore(ctx context.Context, o RestoreOptions) (*RestoreResult, error) {
 	bin, err := criu.Locate(o.CRIU, os.Getenv)
 	if err != nil {
 		return nil, err
 	}
-	t0 := time.Now()
-	// The fallback is restore's, the same that `cryo restore --fallback` uses.
+	reg, done := openOffload(o.Offload, o.Logger)
+	defer done()
 	res, err := restore.Restore(ctx, restore.Options{
-		Store: o.Store, Generation: o.Generation, CRIU: bin, WorkDir: o.WorkDir, PIDWait: o.PIDWait,
-		Sibling: o.Child, CheckCache: CheckCache, Replica: o.Replica, Fallback: o.Generation == 0, Logger: o.Logger,
+		Store: o.Store, Generation: o.Generation, Fallback: o.Fallback, CRIU: bin, WorkDir: o.WorkDir,
+		PIDWait: o.PIDWait, LockWait: o.LockWait, Sibling: o.Child, CheckCache: criu.CheckCache,
+		DeviceMap: o.DeviceMap, Offload: reg, Replica: o.Replica, Lazy: o.Lazy, NoStream: o.NoStream,
+		Progress: o.Progress, Logger: o.Logger,
 	})
 	if err != nil {
-		if o.Generation != 0 {
-			return nil, fmt.Errorf("restore generation %d of %s: %w", o.Generation, o.Store, err)
-		}
-		return nil, err
+		return nil, fmt.Errorf("restore failed: %w", err)
 	}
-	out := &RestoreResult{PID: res.PID, Generation: res.Generation, Processes: res.Processes, Took: time.Since(t0)}
-	for _, s := range res.Skipped {
-		out.Skipped = append(out.Skipped, s.String())
+	return res, nil
+}
+
+// openOffload returns reg, or the node's drivers opened for one call with
+// the function that closes them.
+func openOffload(reg *offload.Registry, log *slog.Logger) (*offload.Registry, func()) {
+	if reg != nil {
+		return reg, func() {}
 	}
-	for _, p := range res.Healed {
-		out.Healed = append(out.Healed, p.String())
-	}
-	return out, nil
+	reg = drivers.Open(drivers.Config{Logger: log})
+	return reg, func() { reg.Close() }
 }
 
 // Generation is one committed checkpoint of a store, as List sees it.
@@ -187,16 +213,14 @@ type Generation struct {
 
 // List returns the committed generations of the store at dir, oldest
 // first, each with a quick integrity check that reads no chunk contents.
-// It takes the store's shared lock, so it waits (up to 30 s) while a
-// checkpoint is being committed.
-func List(dir string) ([]Generation, error) {
+// It takes the store's shared lock, so it waits (up to 30 s, or until ctx
+// ends) while a checkpoint is being committed.
+func List(ctx context.Context, dir string) ([]Generation, error) {
 	st, err := store.Open(dir)
 	if err != nil {
 		return nil, err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	unlock, err := st.Lock(ctx, false)
+	unlock, err := st.LockWithin(ctx, false, 0)
 	if err != nil {
 		return nil, err
 	}
@@ -229,28 +253,39 @@ func List(dir string) ([]Generation, error) {
 	return out, nil
 }
 
-// Verification is the outcome of verifying one generation.
-type Verification struct {
-	Generation int      `json:"generation"`
-	Intact     bool     `json:"intact"`
-	Problems   []string `json:"problems,omitempty"` // one per bad chunk or file
+// VerifyOptions are the choices for Verify.
+type VerifyOptions struct {
+	Store      string
+	Generation int       // 0: every generation
+	Progress   *Progress // counts the bytes hashed so far
 }
 
-// Verify re-hashes every chunk of generation gen of the store at dir (every
-// generation when gen is 0) and says what is damaged. The error is only for
+// Verification is the outcome of verifying one generation.
+type Verification struct {
+	Generation int       `json:"generation"`
+	Intact     bool      `json:"intact"`
+	Problems   []Problem `json:"problems,omitempty"` // one per bad chunk or file
+	// Error says why the generation could not be verified at all (its
+	// manifest is missing or damaged).
+	Error string `json:"error,omitempty"`
+}
+
+// Verify re-hashes every chunk of a generation (every generation when
+// o.Generation is 0) and says what is damaged. The error is only for
 // failing to verify at all; damage is reported in the results.
-func Verify(ctx context.Context, dir string, gen int) ([]Verification, error) {
-	st, err := store.Open(dir)
+func Verify(ctx context.Context, o VerifyOptions) ([]Verification, error) {
+	st, err := store.Open(o.Store)
 	if err != nil {
 		return nil, err
 	}
-	unlock, err := st.Lock(ctx, false)
+	st.Progress = o.Progress
+	unlock, err := st.LockWithin(ctx, false, 0)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	gens := []int{gen}
-	if gen == 0 {
+	gens := []int{o.Generation}
+	if o.Generation == 0 {
 		if gens, err = st.Generations(); err != nil {
 			return nil, err
 		}
@@ -260,23 +295,189 @@ func Verify(ctx context.Context, dir string, gen int) ([]Verification, error) {
 		v := Verification{Generation: g}
 		m, err := st.ReadManifest(g)
 		if err != nil {
-			v.Problems = []string{err.Error()}
+			v.Error = err.Error()
 		} else {
-			for _, p := range st.Verify(ctx, m) {
-				v.Problems = append(v.Problems, p.String())
-			}
+			v.Problems = st.Verify(ctx, m)
 		}
-		v.Intact = len(v.Problems) == 0
+		v.Intact = v.Error == "" && len(v.Problems) == 0
 		out = append(out, v)
 	}
 	return out, ctx.Err()
 }
 
-func discard(l *slog.Logger) *slog.Logger {
-	if l != nil {
-		return l
+// RepairOptions are the choices for Repair.
+type RepairOptions struct {
+	Store      string // the store to repair
+	Replica    string // the replica to take good copies from
+	Generation int    // 0: every generation of Store
+	Progress   *Progress
+	// LockWait bounds the wait for a checkpoint or GC holding either
+	// store (default 30 s).
+	LockWait time.Duration
+}
+
+// RepairResult is what Repair did to one generation.
+type RepairResult = store.RepairResult
+
+// Repair verifies the generations of o.Store and heals every damaged or
+// missing chunk, and a damaged manifest, from o.Replica, checking each
+// copy against its hash before writing it; a generation the store lacks
+// is copied from the replica when named. What stays damaged (in both
+// copies) is reported in the results, not as an error. It holds the
+// store's exclusive lock and the replica's shared lock meanwhile.
+func Repair(ctx context.Context, o RepairOptions) ([]RepairResult, error) {
+	st, err := store.Open(o.Store)
+	if err != nil {
+		return nil, err
 	}
-	return slog.New(slog.NewTextHandler(io.Discard, nil))
+	rep, err := store.Open(o.Replica)
+	if err != nil {
+		return nil, fmt.Errorf("replica: %w", err)
+	}
+	if rep.Dir == st.Dir {
+		return nil, fmt.Errorf("%w: %s", ErrSameStore, st.Dir)
+	}
+	st.Progress = o.Progress
+	wait := o.LockWait
+	if wait == 0 {
+		wait = store.DefaultLockWait
+	}
+	lctx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
+	unlock, err := st.Lock(lctx, true)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	unlockRep, err := rep.Lock(lctx, false)
+	if err != nil {
+		return nil, fmt.Errorf("replica: %w", err)
+	}
+	defer unlockRep()
+	gens := []int{o.Generation}
+	if o.Generation == 0 {
+		if gens, err = st.Generations(); err != nil {
+			return nil, err
+		}
+	}
+	out := []RepairResult{}
+	for _, g := range gens {
+		out = append(out, st.Repair(ctx, rep, g))
+	}
+	return out, ctx.Err()
+}
+
+// GCOptions are the choices for GC.
+type GCOptions struct {
+	Store string
+	// Keep, when above 0, first removes all but the newest Keep generations.
+	Keep int
+	// LockWait bounds the wait for a checkpoint or restore using the store
+	// (default 5 min).
+	LockWait time.Duration
+}
+
+// GCResult says what GC removed.
+type GCResult struct {
+	Chunks             int   `json:"chunks"` // unreferenced chunks removed
+	Bytes              int64 `json:"bytes"`  // their size
+	Kept               int   `json:"kept"`   // chunks in use
+	RemovedGenerations []int `json:"removed_generations,omitempty"`
+}
+
+// GC removes what a killed writer left in the store's staging area, the
+// generations beyond o.Keep, and the chunks no committed generation
+// references. It holds the store's exclusive lock, so no checkpoint or
+// restore runs meanwhile.
+func GC(ctx context.Context, o GCOptions) (*GCResult, error) {
+	st, err := store.Open(o.Store)
+	if err != nil {
+		return nil, err
+	}
+	wait := o.LockWait
+	if wait == 0 {
+		wait = 5 * time.Minute
+	}
+	lctx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
+	unlock, err := st.Lock(lctx, true)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	if _, err := st.CleanStaging(); err != nil {
+		return nil, err
+	}
+	removed, err := st.Retain(o.Keep)
+	if err != nil {
+		return nil, err
+	}
+	res, err := st.GC()
+	if err != nil {
+		return nil, err
+	}
+	return &GCResult{Chunks: res.Chunks, Bytes: res.Bytes, Kept: res.Kept, RemovedGenerations: removed}, nil
+}
+
+// InspectOptions are the choices for Inspect.
+type InspectOptions struct {
+	Store      string
+	Generation int // 0: the newest
+}
+
+// Inspection describes a checkpoint from its store alone: process tree,
+// command lines, memory, open files and sockets, offload contexts, CRIU's
+// dump statistics, storage. It is what `cryo inspect --json` prints.
+type Inspection = inspect.Report
+
+// Inspect describes a generation of a store without restoring it. It
+// reads the small images only, never the memory pages but for the
+// processes' arguments, and writes nothing into the store.
+func Inspect(ctx context.Context, o InspectOptions) (*Inspection, error) {
+	return inspect.Inspect(ctx, inspect.Options{Store: o.Store, Generation: o.Generation})
+}
+
+// RecoverOptions are the choices for Recover.
+type RecoverOptions struct {
+	Store   string
+	Offload *offload.Registry // as in CheckpointOptions
+	Logger  *slog.Logger
+}
+
+// Recovered is what Recover found and did for one interrupted operation.
+type Recovered = offload.Recovered
+
+// Recover puts back to running what a cryo killed half-way left behind in
+// the store's intent journals: offload contexts locked or checkpointed,
+// processes stopped. It is what every checkpoint and restore of the store
+// does first. A journal that could not be finished stays, and the error
+// says why; the results list every journal handled.
+func Recover(ctx context.Context, o RecoverOptions) ([]Recovered, error) {
+	st, err := store.Open(o.Store)
+	if err != nil {
+		return nil, err
+	}
+	reg, done := openOffload(o.Offload, o.Logger)
+	defer done()
+	rs, err := offload.Recover(ctx, offload.RecoverOptions{Registry: reg, JournalDir: st.JournalDir(), Logger: o.Logger})
+	if rs == nil {
+		rs = []Recovered{}
+	}
+	return rs, err
+}
+
+// GPUStatus is what a node offers for checkpointing GPU jobs: its NVIDIA
+// driver, GPUs and the processes on them, and whether the driver's
+// checkpoint API (and restore onto other GPUs) is there.
+type GPUStatus = cuda.Status
+
+// GPUs describes this node's GPUs as the offload drivers reg sees them (nil
+// opens them for the call). A node without an NVIDIA driver has none: that
+// is reported in the status, not as an error.
+func GPUs(reg *offload.Registry) GPUStatus {
+	reg, done := openOffload(reg, nil)
+	defer done()
+	return drivers.Status(reg)
 }
 
 // RunState returns the state `cryo run` last recorded in the store at dir:

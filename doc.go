@@ -1,14 +1,22 @@
-// Package cryo is cryo's Go API for schedulers and tools that manage jobs:
-// checkpoint a job's process tree into its store, restore it, list the
-// store's generations and verify them, and the per-job store conventions
-// that `cryo run` and the Slurm Prolog/Epilog follow.
+// Package cryo is cryo's Go API, for schedulers and tools that manage
+// jobs, and the one door the cryo command line goes through: every
+// operation of `cryo` that works on a store is a call here, with the same
+// options, results and errors.
 //
-// These are the calls the cryo command line makes: Checkpoint and Restore
-// run the same checkpoint and restore code as `cryo checkpoint` and
-// `cryo restore`; List and Verify report what `cryo list` and `cryo
-// verify` report; SlurmJobFromEnv, SlurmJob.Store and SlurmJob.Requeue are
-// how `cryo run` finds a Slurm job's store and requeues it; SlurmProlog and
-// SlurmEpilog are `cryo slurm prolog` and `cryo slurm epilog`.
+//	Checkpoint  cryo checkpoint, cryo swap-out    a process tree into a new generation
+//	Restore     cryo restore, cryo swap-in        the newest (or a chosen) generation
+//	List        cryo list                         generations with a quick integrity check
+//	Verify      cryo verify                       re-hash every chunk, name what is damaged
+//	Repair      cryo repair                       heal damage from a replica
+//	GC          cryo gc                           retention and unreferenced chunks
+//	Inspect     cryo inspect                      describe a checkpoint from the store alone
+//	Recover     cryo recover                      undo what a killed cryo left locked or stopped
+//	GPUs        cryo gpus                         the node's GPUs and its checkpoint API
+//	RunState    (cryo run)                        what cryo run last recorded in a store
+//
+// The results are what the command's --json prints. Supervision (`cryo
+// run`, the node daemon) is package monitor; the Slurm job, its store and
+// requeue, and the Prolog/Epilog are package slurm.
 //
 // # A store
 //
@@ -16,16 +24,22 @@
 // generations (1, 2, ...). A generation is committed atomically: it is
 // either complete or absent. Chunks of memory are shared between
 // generations, so a new generation costs only what changed. Every chunk is
-// hashed; Restore re-verifies all of them before any process starts, and
-// falls back to an older generation when the newest is damaged.
+// hashed; Restore verifies all of them before the job runs, and with
+// Fallback passes over a damaged generation for the newest older intact
+// one.
+//
+// # Hardware
+//
+// GPU state goes through the node's offload drivers. A process that
+// checkpoints or restores more than once opens them once
+// (offload/drivers.Open), passes the registry in the options and closes it
+// at the end; without one, each call opens and closes them itself.
 //
 // # Privileges
 //
-// Checkpoint and Restore drive CRIU, which needs root. List, Verify and the
-// Slurm store helpers do not. SlurmProlog and SlurmEpilog are meant to run
-// as root from a scheduler's hooks: they create, chown and delete
-// directories in places the job's user controls, and do so without
-// following symbolic links planted there.
+// Checkpoint, Restore and Recover drive CRIU or the job's processes, which
+// needs root. List, Verify, Inspect and RunState do not; Repair and GC
+// need write access to the store.
 //
 // # Errors
 //
@@ -33,8 +47,8 @@
 // generation is ErrCorrupt, a store that is busy is ErrLocked, a restore
 // whose PIDs are taken is ErrPIDInUse.
 //
-// Dependencies point one way: this package uses checkpoint, restore,
-// monitor (for the run state that `cryo run` records) and the store; the
-// command line (package cli) uses this package. Nothing here prints: a
-// *slog.Logger may be given, and results are returned as values.
+// Dependencies point one way: this package uses monitor (for the run state
+// that `cryo run` records), checkpoint, restore, offload and the store;
+// the command line (package cli) uses this package. Nothing here prints:
+// a *slog.Logger may be given, and results are returned as values.
 package cryo

@@ -10,8 +10,10 @@ import (
 	"os"
 	"strings"
 
-	"github.com/cryo-hpc/cryo/checkpoint"
+	"github.com/cryo-hpc/cryo"
 	"github.com/cryo-hpc/cryo/internal/criu"
+	"github.com/cryo-hpc/cryo/offload"
+	"github.com/cryo-hpc/cryo/offload/drivers"
 	ucli "github.com/urfave/cli/v2"
 )
 
@@ -40,6 +42,9 @@ type common struct {
 	json    bool
 	verbose bool
 	criu    string
+	// emitted is set once the command printed its result, so that a
+	// failure after it (verify found damage) prints no error object.
+	emitted bool
 }
 
 func (c *common) flags() []ucli.Flag {
@@ -63,8 +68,15 @@ func (c *common) locateCRIU(e *env) (criu.Binary, error) {
 	return criu.Locate(c.criu, e.getenv)
 }
 
+// offload opens the node's offload drivers (GPUs) for the command, once;
+// the command closes them when it ends.
+func (c *common) offload(e *env) *offload.Registry {
+	return drivers.Open(drivers.Config{Getenv: e.getenv, Logger: c.logger(e)})
+}
+
 // emit prints v as JSON, or text through the given function.
 func (c *common) emit(e *env, v any, text func(w io.Writer)) error {
+	c.emitted = true
 	if c.json {
 		enc := json.NewEncoder(e.stdout)
 		enc.SetIndent("", "  ")
@@ -74,14 +86,63 @@ func (c *common) emit(e *env, v any, text func(w io.Writer)) error {
 	return nil
 }
 
-// checkCache is where a passing `criu check` is remembered.
-const checkCache = "/run/cryo"
+// checkCache is where a passing `criu check` is remembered, for the
+// commands that hand it to the supervisor themselves (run, monitor).
+const checkCache = criu.CheckCache
+
+// jsonError is what a command given --json prints on stdout when it fails
+// before printing a result; the message goes to stderr as always.
+type jsonError struct {
+	Error string `json:"error"`
+	// Code names the failure for scripts: usage, no_store, no_generation,
+	// corrupt, locked, pid_in_use, no_process, or failed.
+	Code     string `json:"code"`
+	ExitCode int    `json:"exit_code"`
+}
+
+// errorCode is the jsonError code and exit code of a failure.
+func errorCode(err error) (string, int) {
+	var ue usageError
+	switch {
+	case errors.As(err, &ue):
+		return "usage", ExitUsage
+	case errors.Is(err, cryo.ErrNoStore):
+		return "no_store", ExitFailed
+	case errors.Is(err, cryo.ErrNoGeneration):
+		return "no_generation", ExitFailed
+	case errors.Is(err, cryo.ErrCorrupt):
+		return "corrupt", ExitFailed
+	case errors.Is(err, cryo.ErrLocked):
+		return "locked", ExitFailed
+	case errors.Is(err, cryo.ErrPIDInUse):
+		return "pid_in_use", ExitFailed
+	case errors.Is(err, cryo.ErrNoProcess):
+		return "no_process", ExitFailed
+	}
+	return "failed", ExitFailed
+}
+
+// action runs a command's action; with --json, a failure before any
+// result was printed is printed as a jsonError on stdout, so that a script
+// reading stdout always gets one JSON value.
+func (c *common) action(e *env, fn ucli.ActionFunc) ucli.ActionFunc {
+	return func(ctx *ucli.Context) error {
+		err := fn(ctx)
+		if err != nil && c.json && !c.emitted {
+			code, exit := errorCode(err)
+			enc := json.NewEncoder(e.stdout)
+			enc.SetIndent("", "  ")
+			_ = enc.Encode(jsonError{Error: err.Error(), Code: code, ExitCode: exit})
+		}
+		return err
+	}
+}
 
 func newApp(e *env) *ucli.App {
 	app := &ucli.App{
 		Name:      "cryo",
 		Usage:     "checkpoint and restart HPC jobs, GPU and offload state included",
-		Version:   checkpoint.Version,
+		Version:   cryo.Version(),
 		Writer:    e.stdout,
 		ErrWriter: e.stderr,
 		Commands: []*ucli.Command{
@@ -102,7 +163,7 @@ func newApp(e *env) *ucli.App {
 			slurmCommand(e),
 			jobInitCommand(e),
 			{Name: "version", Usage: "print cryo's version", Action: func(*ucli.Context) error {
-				fmt.Fprintln(e.stdout, "cryo", checkpoint.Version)
+				fmt.Fprintln(e.stdout, "cryo", cryo.Version())
 				return nil
 			}},
 		},

@@ -248,3 +248,167 @@ func freePID(t *testing.T) int {
 	t.Fatal("no free pid found")
 	return 0
 }
+
+// storeWithGeneration makes a store holding one generation of a 3 MiB
+// pages file, without CRIU.
+func storeWithGeneration(t *testing.T) (dir string, s *store.Store) {
+	t.Helper()
+	dir = filepath.Join(t.TempDir(), "store")
+	s, err := store.Create(dir, "cryo test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := filepath.Join(t.TempDir(), "pages-1.img")
+	data := make([]byte, 3<<20)
+	for i := range data {
+		data[i] = byte(i * 7 / 3)
+	}
+	if err := os.WriteFile(img, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	w, err := s.NewWriter()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.AddFiles(context.Background(), []store.FileSpec{{Path: img, Name: "pages-1.img", Kind: "pages"}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Commit(&store.Manifest{Job: store.Job{RootPID: 777, Processes: []store.Process{{PID: 777}}}}); err != nil {
+		t.Fatal(err)
+	}
+	return dir, s
+}
+
+// TestRestoreJSONError: a failed restore with --json prints one JSON
+// error object on stdout that a script can branch on, and the one-line
+// message on stderr.
+func TestRestoreJSONError(t *testing.T) {
+	missing := filepath.Join(t.TempDir(), "no-such-store")
+	empty := filepath.Join(t.TempDir(), "empty")
+	if _, err := store.Create(empty, "cryo test"); err != nil {
+		t.Fatal(err)
+	}
+	damaged, s := storeWithGeneration(t)
+	mp := filepath.Join(s.GenDir(1), "manifest.json")
+	mb, _ := os.ReadFile(mp)
+	if err := os.WriteFile(mp, mb[:len(mb)/2], 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name  string
+		args  []string
+		code  string
+		exit  int
+		names string // in the error
+	}{
+		{"missing store", []string{"--store", missing}, "no_store", cli.ExitFailed, missing},
+		{"empty store", []string{"--store", empty}, "no_generation", cli.ExitFailed, "no checkpoints"},
+		{"no such generation", []string{"--store", empty, "--generation", "3"}, "no_generation", cli.ExitFailed, "no such generation"},
+		{"damaged manifest", []string{"--store", damaged}, "corrupt", cli.ExitFailed, "--fallback"},
+		{"bad device map", []string{"--store", damaged, "--device-map", "nonsense"}, "usage", cli.ExitUsage, "--device-map"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			code, stdout, stderr := run(t, append([]string{"restore", "--json", "--criu=/bin/true"}, tc.args...)...)
+			var je struct {
+				Error    string `json:"error"`
+				Code     string `json:"code"`
+				ExitCode int    `json:"exit_code"`
+			}
+			dec := json.NewDecoder(strings.NewReader(stdout))
+			if err := dec.Decode(&je); err != nil || dec.More() {
+				t.Fatalf("stdout is not one JSON object (%v): %q", err, stdout)
+			}
+			if code != tc.exit || je.ExitCode != tc.exit || je.Code != tc.code || !strings.Contains(je.Error, tc.names) {
+				t.Errorf("exit %d, error object %+v; want exit %d, code %q, an error naming %q", code, je, tc.exit, tc.code, tc.names)
+			}
+			if lines := strings.Split(strings.TrimSuffix(stderr, "\n"), "\n"); len(lines) != 1 || !strings.HasPrefix(stderr, "cryo: ") || !strings.Contains(stderr, je.Error) {
+				t.Errorf("stderr %q: want the one-line message", stderr)
+			}
+		})
+	}
+	// Without --json, stdout stays empty.
+	if code, stdout, _ := run(t, "restore", "--criu=/bin/true", "--store", missing); code != cli.ExitFailed || stdout != "" {
+		t.Errorf("restore without --json: exit %d, stdout %q", code, stdout)
+	}
+}
+
+// TestBadInput: each mistake in how a command is called is refused with
+// exit 2 and one line naming what is wrong, before anything is done.
+func TestBadInput(t *testing.T) {
+	dir, _ := storeWithGeneration(t)
+	missing := filepath.Join(t.TempDir(), "no-such-store")
+	for _, tc := range []struct {
+		args []string
+		msg  string
+	}{
+		{[]string{"verify", "--store", dir, "--generation", "-2"}, "--generation"},
+		{[]string{"inspect", "--store", dir, "--generation", "-1"}, "--generation"},
+		{[]string{"inspect", "--store", dir, "extra"}, "no arguments"},
+		{[]string{"repair", "--store", dir, "--replica", dir}, "--replica is the store itself"},
+		{[]string{"repair", "--store", dir, "--replica", dir + "/", "--json"}, "--replica is the store itself"},
+		{[]string{"repair", "--store", dir, "--replica", dir, "--generation", "-1"}, "--generation"},
+		{[]string{"repair", "--store", dir}, "replica"},
+		{[]string{"gc", "--store", dir, "--keep", "-1"}, "--keep"},
+		{[]string{"gc", "--store", dir, "--lock-wait", "0s"}, "--lock-wait"},
+		{[]string{"recover", "--store", dir, "extra"}, "no arguments"},
+		{[]string{"gpus", "extra"}, "no arguments"},
+		{[]string{"checkpoint", "--store", dir, "--replica-required", "1"}, "--replica-required needs --replica"},
+		{[]string{"restore", "--store", dir, "--device-map", "a=b=c"}, "--device-map"},
+		{[]string{"swap-out", "--store", missing, "notapid"}, "give the PID"},
+		{[]string{"swap-out", "--store", missing, "1", "2"}, "at most one JOB"},
+		{[]string{"slurm", "prolog", "extra"}, "no arguments"},
+	} {
+		code, stdout, stderr := run(t, tc.args...)
+		lines := strings.Split(strings.TrimSuffix(stderr, "\n"), "\n")
+		if code != cli.ExitUsage || !strings.Contains(stderr, tc.msg) || len(lines) != 1 || !strings.HasPrefix(stderr, "cryo: ") {
+			t.Errorf("cryo %s: exit %d, stderr %q; want exit 2 and one line naming %q", strings.Join(tc.args, " "), code, stderr, tc.msg)
+		}
+		if !strings.Contains(strings.Join(tc.args, " "), "--json") && stdout != "" && !strings.Contains(stdout, "USAGE") {
+			t.Errorf("cryo %s: printed %q", strings.Join(tc.args, " "), stdout)
+		}
+	}
+}
+
+// TestFailuresAreOneLine: failed operations exit 1 with one line that
+// names the store.
+func TestFailuresAreOneLine(t *testing.T) {
+	missing := filepath.Join(t.TempDir(), "no-such-store")
+	other := filepath.Join(t.TempDir(), "other")
+	for _, args := range [][]string{
+		{"list", "--store", missing},
+		{"verify", "--store", missing},
+		{"inspect", "--store", missing},
+		{"gc", "--store", missing},
+		{"recover", "--store", missing},
+		{"repair", "--store", missing, "--replica", other},
+	} {
+		code, stdout, stderr := run(t, args...)
+		lines := strings.Split(strings.TrimSuffix(stderr, "\n"), "\n")
+		if code != cli.ExitFailed || stdout != "" || len(lines) != 1 || !strings.Contains(stderr, missing) {
+			t.Errorf("cryo %s: exit %d, stdout %q, stderr %q; want exit 1 and one line naming %s", strings.Join(args, " "), code, stdout, stderr, missing)
+		}
+	}
+}
+
+// TestSizesInMiB: every command prints sizes the same way.
+func TestSizesInMiB(t *testing.T) {
+	dir, _ := storeWithGeneration(t)
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"list", "--store", dir}, " 3.0 MiB "},
+		{[]string{"inspect", "--store", dir, "--files"}, "storage: 3.0 MiB of images"},
+		{[]string{"gc", "--store", dir}, "(0.0 MiB)"},
+	} {
+		code, stdout, stderr := run(t, tc.args...)
+		if code != 0 || !strings.Contains(stdout, tc.want) {
+			t.Errorf("cryo %s: exit %d, %q, %q; want %q", strings.Join(tc.args, " "), code, stdout, stderr, tc.want)
+		}
+		for _, unit := range []string{" KiB", " GiB", " B)", " B "} {
+			if strings.Contains(stdout, unit) {
+				t.Errorf("cryo %s uses %q:\n%s", strings.Join(tc.args, " "), unit, stdout)
+			}
+		}
+	}
+}

@@ -6,7 +6,7 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/cryo-hpc/cryo/checkpoint"
+	"github.com/cryo-hpc/cryo"
 	"github.com/cryo-hpc/cryo/offload"
 	ucli "github.com/urfave/cli/v2"
 )
@@ -41,7 +41,7 @@ func checkpointCommand(e *env) *ucli.Command {
 			&ucli.StringFlag{Name: "replica", Usage: "also copy the checkpoint to this store directory (another disk, a partner node's mount); if that fails the checkpoint is kept in --store only, with a warning", Destination: &o.replica, EnvVars: []string{"CRYO_REPLICA"}},
 			&ucli.BoolFlag{Name: "replica-required", Usage: "fail the checkpoint (the job goes on) when the --replica copy cannot be made", Destination: &o.replicaReq, EnvVars: []string{"CRYO_REPLICA_REQUIRED"}},
 		),
-		Action: func(c *ucli.Context) error {
+		Action: o.action(e, func(c *ucli.Context) error {
 			if c.NArg() < 1 {
 				return usagef("checkpoint needs the PID of the job's root (or of each of its trees)")
 			}
@@ -63,19 +63,17 @@ func checkpointCommand(e *env) *ucli.Command {
 			if o.replicaReq && o.replica == "" {
 				return usagef("--replica-required needs --replica DIR")
 			}
-			bin, err := o.locateCRIU(e)
-			if err != nil {
-				return err
-			}
+			reg := o.offload(e)
+			defer reg.Close()
 			prog, done := o.progress(e, "checkpoint: stored")
-			res, err := checkpoint.Take(c.Context, checkpoint.Options{
-				Store: o.store, PID: pid, MorePIDs: pids[1:], Kill: o.kill, CRIU: bin, WorkDir: o.workDir,
-				Keep: o.keep, LockWait: o.lockWait, OffloadLockTimeout: o.offloadWait, CheckCache: checkCache,
-				Replica: o.replica, ReplicaRequired: o.replicaReq, Progress: prog, Logger: o.logger(e),
+			res, err := cryo.Checkpoint(c.Context, cryo.CheckpointOptions{
+				Store: o.store, PID: pid, MorePIDs: pids[1:], Kill: o.kill, CRIU: o.criu, WorkDir: o.workDir,
+				Keep: o.keep, LockWait: o.lockWait, OffloadTimeout: o.offloadWait,
+				Replica: o.replica, ReplicaRequired: o.replicaReq, Offload: reg, Progress: prog, Logger: o.logger(e),
 			})
 			done()
 			if err != nil {
-				return fmt.Errorf("checkpoint of pid %d failed: %w", pid, err)
+				return err
 			}
 			warnReplica(e, res, o.replica)
 			return o.emit(e, res, func(w io.Writer) {
@@ -89,26 +87,24 @@ func checkpointCommand(e *env) *ucli.Command {
 					fmt.Fprintf(w, "removed old generations %v\n", res.Removed)
 				}
 			})
-		},
+		}),
 	}
 }
 
+// human formats a byte count in MiB, the one unit of sizes in cryo's
+// output (checkpoint, restore, list, verify, gc, inspect, gpus and the
+// progress line), with one decimal; a count above zero too small to show
+// is "<0.1 MiB".
 func human(n int64) string {
-	switch {
-	case n >= 1<<30:
-		return fmt.Sprintf("%.2f GiB", float64(n)/(1<<30))
-	case n >= 1<<20:
-		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
-	case n >= 1<<10:
-		return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
-	default:
-		return fmt.Sprintf("%d B", n)
+	if n > 0 && n < (1<<20)/20 {
+		return "<0.1 MiB"
 	}
+	return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
 }
 
 // warnReplica says on stderr, in --json mode too, that a generation has no
 // replica copy and how to make one.
-func warnReplica(e *env, res *checkpoint.Result, replica string) {
+func warnReplica(e *env, res *cryo.CheckpointResult, replica string) {
 	if res.ReplicaError == "" {
 		return
 	}

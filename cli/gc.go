@@ -5,7 +5,7 @@ import (
 	"io"
 	"time"
 
-	"github.com/cryo-hpc/cryo/internal/store"
+	"github.com/cryo-hpc/cryo"
 	ucli "github.com/urfave/cli/v2"
 )
 
@@ -26,47 +26,26 @@ func gcCommand(e *env) *ucli.Command {
 			&ucli.IntFlag{Name: "keep", Usage: "first remove all but the newest N generations", Destination: &o.keep},
 			&ucli.DurationFlag{Name: "lock-wait", Usage: "how long to wait for a checkpoint writing the store", Value: 5 * time.Minute, Destination: &o.lockWait},
 		),
-		Action: func(c *ucli.Context) error {
+		Action: o.action(e, func(c *ucli.Context) error {
 			if c.NArg() != 0 {
 				return usagef("gc takes no arguments, got %q", c.Args().Slice())
 			}
 			if o.keep < 0 {
 				return usagef("--keep must be >= 0, got %d", o.keep)
 			}
-			st, err := store.Open(o.store)
+			if o.lockWait <= 0 {
+				return usagef("--lock-wait must be above 0, got %s", o.lockWait)
+			}
+			res, err := cryo.GC(c.Context, cryo.GCOptions{Store: o.store, Keep: o.keep, LockWait: o.lockWait})
 			if err != nil {
 				return err
 			}
-			// The exclusive lock keeps checkpoints (writers) and restores
-			// (readers) out while chunks are deleted.
-			ctx, cancel := contextWithTimeout(c, o.lockWait)
-			defer cancel()
-			unlock, err := st.Lock(ctx, true)
-			if err != nil {
-				return err
-			}
-			defer unlock()
-			if _, err := st.CleanStaging(); err != nil {
-				return err
-			}
-			removed, err := st.Retain(o.keep)
-			if err != nil {
-				return err
-			}
-			res, err := st.GC()
-			if err != nil {
-				return err
-			}
-			out := struct {
-				store.GCResult
-				RemovedGenerations []int `json:"removed_generations,omitempty"`
-			}{res, removed}
-			return o.emit(e, out, func(w io.Writer) {
-				if len(removed) > 0 {
-					fmt.Fprintf(w, "removed generations %v\n", removed)
+			return o.emit(e, res, func(w io.Writer) {
+				if len(res.RemovedGenerations) > 0 {
+					fmt.Fprintf(w, "removed generations %v\n", res.RemovedGenerations)
 				}
 				fmt.Fprintf(w, "removed %d unreferenced chunks (%s); %d chunks in use\n", res.Chunks, human(res.Bytes), res.Kept)
 			})
-		},
+		}),
 	}
 }

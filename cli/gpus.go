@@ -6,8 +6,7 @@ import (
 	"strings"
 	"text/tabwriter"
 
-	"github.com/cryo-hpc/cryo/offload/cuda"
-	"github.com/cryo-hpc/cryo/offload/drivers"
+	"github.com/cryo-hpc/cryo"
 	"github.com/cryo-hpc/cryo/offload/nvml"
 	ucli "github.com/urfave/cli/v2"
 )
@@ -22,17 +21,19 @@ func gpusCommand(e *env) *ucli.Command {
 		Description: "Reads NVML (libnvidia-ml.so.1, or $CRYO_LIBNVML) and the CUDA driver (libcuda.so.1, or $CRYO_LIBCUDA).\n" +
 			"A node without an NVIDIA driver has no GPUs: that is reported, not an error.",
 		Flags: o.common.flags(),
-		Action: func(c *ucli.Context) error {
+		Action: o.action(e, func(c *ucli.Context) error {
 			if c.NArg() != 0 {
 				return usagef("gpus takes no arguments, got %q", c.Args().Slice())
 			}
-			st := drivers.CUDA(drivers.Config{Getenv: e.getenv, Logger: o.logger(e)}).Status()
+			reg := o.offload(e)
+			defer reg.Close()
+			st := cryo.GPUs(reg)
 			return o.emit(e, st, func(w io.Writer) { printGPUs(w, st) })
-		},
+		}),
 	}
 }
 
-func printGPUs(w io.Writer, st cuda.Status) {
+func printGPUs(w io.Writer, st cryo.GPUStatus) {
 	if !st.HasDriver() {
 		fmt.Fprintln(w, "no NVIDIA driver on this node: it has no GPUs for cryo")
 		fmt.Fprintf(w, "  NVML: %s\n  CUDA: %s\n", st.NVMLProblem, st.CUDAProblem)

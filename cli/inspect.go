@@ -6,7 +6,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/cryo-hpc/cryo/internal/inspect"
+	"github.com/cryo-hpc/cryo"
 	ucli "github.com/urfave/cli/v2"
 )
 
@@ -27,23 +27,23 @@ func inspectCommand(e *env) *ucli.Command {
 			&ucli.IntFlag{Name: "generation", Usage: "generation to inspect (default: newest)", Destination: &o.generation},
 			&ucli.BoolFlag{Name: "files", Usage: "list the stored image files too", Destination: &o.files},
 		),
-		Action: func(c *ucli.Context) error {
+		Action: o.action(e, func(c *ucli.Context) error {
 			if c.NArg() != 0 {
 				return usagef("inspect takes no arguments, got %q", c.Args().Slice())
 			}
 			if o.generation < 0 {
 				return usagef("--generation must be >= 1, got %d", o.generation)
 			}
-			r, err := inspect.Inspect(c.Context, inspect.Options{Store: o.store, Generation: o.generation})
+			r, err := cryo.Inspect(c.Context, cryo.InspectOptions{Store: o.store, Generation: o.generation})
 			if err != nil {
 				return err
 			}
 			return o.emit(e, r, func(w io.Writer) { printInspect(w, r, o.files) })
-		},
+		}),
 	}
 }
 
-func printInspect(w io.Writer, r *inspect.Report, files bool) {
+func printInspect(w io.Writer, r *cryo.Inspection, files bool) {
 	fmt.Fprintf(w, "generation %d of %s\n", r.Generation, r.Store)
 	fmt.Fprintf(w, "  created %s on %s by %s, CRIU %s", r.Created.Local().Format(time.DateTime), orDash(r.Host), orDash(r.CreatedBy), orDash(r.CRIU.Version))
 	if r.CRIU.LeaveRunning {
@@ -53,20 +53,21 @@ func printInspect(w io.Writer, r *inspect.Report, files bool) {
 
 	fmt.Fprintf(w, "\nprocesses (%d):\n", len(r.Processes))
 	pids := map[int]bool{}
-	children := map[int][]inspect.Process{}
+	children := map[int][]int{} // by PPID, indices into r.Processes
 	for _, p := range r.Processes {
 		pids[p.PID] = true
 	}
-	var roots []inspect.Process
-	for _, p := range r.Processes {
+	var roots []int
+	for i, p := range r.Processes {
 		if pids[p.PPID] && p.PPID != p.PID {
-			children[p.PPID] = append(children[p.PPID], p)
+			children[p.PPID] = append(children[p.PPID], i)
 		} else {
-			roots = append(roots, p)
+			roots = append(roots, i)
 		}
 	}
-	var show func(p inspect.Process, depth int)
-	show = func(p inspect.Process, depth int) {
+	var show func(i, depth int)
+	show = func(i, depth int) {
+		p := r.Processes[i]
 		ind := strings.Repeat("    ", depth)
 		cmd := ""
 		if len(p.Cmdline) > 0 {
@@ -88,8 +89,8 @@ func printInspect(w io.Writer, r *inspect.Report, files bool) {
 			show(c, depth+1)
 		}
 	}
-	for _, p := range roots {
-		show(p, 0)
+	for _, i := range roots {
+		show(i, 0)
 	}
 	fmt.Fprintf(w, "  total: %s dumped in %d pages (%d zero)\n", human(r.Memory.DumpedBytes), r.Memory.Pages, r.Memory.ZeroPages)
 

@@ -15,14 +15,14 @@ func TestProgressRender(t *testing.T) {
 	l.p.AddTotal(4 << 20)
 	l.p.Add(1 << 20)
 	got := l.render(time.Unix(102, 0))
-	for _, want := range []string{"verify: 1.0 MiB of 4.0 MiB (25%)", "512.0 KiB/s"} {
+	for _, want := range []string{"verify: 1.0 MiB of 4.0 MiB (25%)", "0.5 MiB/s"} {
 		if !strings.Contains(got, want) {
 			t.Errorf("render = %q, want it to contain %q", got, want)
 		}
 	}
 	l = &progressLine{op: "checkpoint", p: &store.Progress{}, start: time.Unix(100, 0)}
 	l.p.Add(3 << 30)
-	if got := l.render(time.Unix(101, 0)); got != "checkpoint: 3.00 GiB, 3.00 GiB/s" {
+	if got := l.render(time.Unix(101, 0)); got != "checkpoint: 3072.0 MiB, 3072.0 MiB/s" {
 		t.Errorf("render without a total = %q", got)
 	}
 }
@@ -50,15 +50,15 @@ func TestProgressQuietWhenNotATerminal(t *testing.T) {
 func TestProgressLine(t *testing.T) {
 	var buf bytes.Buffer
 	l := &progressLine{w: &buf, op: "restore", p: &store.Progress{}, start: time.Now().Add(-time.Second), stop: make(chan struct{})}
-	l.p.AddTotal(100)
-	l.p.Add(50)
+	l.p.AddTotal(100 << 20)
+	l.p.Add(50 << 20)
 	l.done.Add(1)
 	go l.run()
 	time.Sleep(3 * progressTick)
 	close(l.stop)
 	l.done.Wait()
 	out := buf.String()
-	if !strings.HasPrefix(out, "\rrestore: 50 B of 100 B (50%)") || !strings.HasSuffix(out, "\r\x1b[K") || strings.Contains(out, "\n") {
+	if !strings.HasPrefix(out, "\rrestore: 50.0 MiB of 100.0 MiB (50%)") || !strings.HasSuffix(out, "\r\x1b[K") || strings.Contains(out, "\n") {
 		t.Errorf("progress line wrote %q", out)
 	}
 }
@@ -82,5 +82,23 @@ func TestIsTerminal(t *testing.T) {
 	defer pt.Close()
 	if !isTerminal(pt) {
 		t.Error("a pseudo-terminal is not a terminal")
+	}
+}
+
+func TestHuman(t *testing.T) {
+	for _, tc := range []struct {
+		n    int64
+		want string
+	}{
+		{0, "0.0 MiB"},
+		{1, "<0.1 MiB"},
+		{50 << 10, "<0.1 MiB"},
+		{100 << 10, "0.1 MiB"},
+		{3 << 20, "3.0 MiB"},
+		{40 << 30, "40960.0 MiB"},
+	} {
+		if got := human(tc.n); got != tc.want {
+			t.Errorf("human(%d) = %q, want %q", tc.n, got, tc.want)
+		}
 	}
 }

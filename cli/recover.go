@@ -3,11 +3,10 @@ package cli
 import (
 	"fmt"
 	"io"
+	"path/filepath"
 	"strings"
 
-	"github.com/cryo-hpc/cryo/internal/store"
-	"github.com/cryo-hpc/cryo/offload"
-	"github.com/cryo-hpc/cryo/offload/drivers"
+	"github.com/cryo-hpc/cryo"
 	ucli "github.com/urfave/cli/v2"
 )
 
@@ -27,35 +26,28 @@ func recoverCommand(e *env) *ucli.Command {
 		Flags: append(o.common.flags(),
 			&ucli.StringFlag{Name: "store", Usage: "store directory", Destination: &o.store, EnvVars: []string{"CRYO_STORE"}, Required: true},
 		),
-		Action: func(c *ucli.Context) error {
+		Action: o.action(e, func(c *ucli.Context) error {
 			if c.NArg() != 0 {
 				return usagef("recover takes no arguments, got %q", c.Args().Slice())
 			}
-			st, err := store.Open(o.store)
-			if err != nil {
-				return err
-			}
-			log := o.logger(e)
-			rs, rerr := offload.Recover(c.Context, offload.RecoverOptions{
-				Registry:   drivers.Default(drivers.Config{Getenv: e.getenv, Logger: log}),
-				JournalDir: st.JournalDir(),
-				Logger:     log,
-			})
+			reg := o.offload(e)
+			defer reg.Close()
+			rs, rerr := cryo.Recover(c.Context, cryo.RecoverOptions{Store: o.store, Offload: reg, Logger: o.logger(e)})
 			if rs == nil {
-				rs = []offload.Recovered{}
+				return rerr // the store could not be opened
 			}
-			if err := o.emit(e, rs, func(w io.Writer) { printRecovered(w, st.Dir, rs) }); err != nil {
+			if err := o.emit(e, rs, func(w io.Writer) { printRecovered(w, filepath.Clean(o.store), rs) }); err != nil {
 				return err
 			}
 			if rerr != nil {
 				return fmt.Errorf("recovery incomplete (the journal stays; run cryo recover again): %w", rerr)
 			}
 			return nil
-		},
+		}),
 	}
 }
 
-func printRecovered(w io.Writer, dir string, rs []offload.Recovered) {
+func printRecovered(w io.Writer, dir string, rs []cryo.Recovered) {
 	if len(rs) == 0 {
 		fmt.Fprintf(w, "nothing to recover in %s\n", dir)
 		return

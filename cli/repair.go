@@ -1,11 +1,12 @@
 package cli
 
 import (
+	"errors"
 	"fmt"
 	"io"
-	"time"
+	"path/filepath"
 
-	"github.com/cryo-hpc/cryo/internal/store"
+	"github.com/cryo-hpc/cryo"
 	ucli "github.com/urfave/cli/v2"
 )
 
@@ -31,58 +32,25 @@ something stays broken (damaged in both copies).`,
 			&ucli.StringFlag{Name: "replica", Usage: "replica store to take good copies from", Destination: &o.replica, EnvVars: []string{"CRYO_REPLICA"}, Required: true},
 			&ucli.IntFlag{Name: "generation", Usage: "generation to repair (default: all of the store's)", Destination: &o.generation},
 		),
-		Action: func(c *ucli.Context) error {
+		Action: o.action(e, func(c *ucli.Context) error {
 			if c.NArg() != 0 {
 				return usagef("repair takes no arguments, got %q", c.Args().Slice())
 			}
 			if o.generation < 0 {
 				return usagef("--generation must be >= 1, got %d", o.generation)
 			}
-			st, err := store.Open(o.store)
-			if err != nil {
-				return err
-			}
-			rep, err := store.Open(o.replica)
-			if err != nil {
-				return fmt.Errorf("replica: %w", err)
-			}
-			if rep.Dir == st.Dir {
+			prog, done := o.progress(e, "repair: verified")
+			results, err := cryo.Repair(c.Context, cryo.RepairOptions{Store: o.store, Replica: o.replica, Generation: o.generation, Progress: prog})
+			done()
+			if errors.Is(err, cryo.ErrSameStore) {
 				return usagef("--replica is the store itself")
 			}
-			// Repair writes the store: no checkpoint or GC may run meanwhile.
-			lctx, cancel := contextWithTimeout(c, 30*time.Second)
-			defer cancel()
-			unlock, err := st.Lock(lctx, true)
 			if err != nil {
 				return err
 			}
-			defer unlock()
-			unlockRep, err := rep.Lock(lctx, false)
-			if err != nil {
-				return fmt.Errorf("replica: %w", err)
-			}
-			defer unlockRep()
-			gens := []int{o.generation}
-			if o.generation == 0 {
-				if gens, err = st.Generations(); err != nil {
-					return err
-				}
-			}
-			prog, done := o.progress(e, "repair: verified")
-			st.Progress = prog
-			results := []store.RepairResult{}
-			broken := 0
-			for _, g := range gens {
-				r := st.Repair(c.Context, rep, g)
-				if !r.Intact {
-					broken++
-				}
-				results = append(results, r)
-			}
-			done()
 			if err := o.emit(e, results, func(w io.Writer) {
 				if len(results) == 0 {
-					fmt.Fprintf(w, "no checkpoints in %s\n", st.Dir)
+					fmt.Fprintf(w, "no checkpoints in %s\n", filepath.Clean(o.store))
 				}
 				for _, r := range results {
 					printRepair(w, r)
@@ -90,16 +58,22 @@ something stays broken (damaged in both copies).`,
 			}); err != nil {
 				return err
 			}
+			broken := 0
+			for _, r := range results {
+				if !r.Intact {
+					broken++
+				}
+			}
 			if broken > 0 {
 				return fmt.Errorf("%d of %d generations are still damaged: neither %s nor %s holds a good copy of what is listed",
-					broken, len(results), st.Dir, rep.Dir)
+					broken, len(results), filepath.Clean(o.store), filepath.Clean(o.replica))
 			}
-			return c.Context.Err()
-		},
+			return nil
+		}),
 	}
 }
 
-func printRepair(w io.Writer, r store.RepairResult) {
+func printRepair(w io.Writer, r cryo.RepairResult) {
 	var what []string
 	if r.Manifest != "" {
 		what = append(what, "manifest "+r.Manifest)

@@ -6,9 +6,8 @@ import (
 	"io"
 	"time"
 
-	"github.com/cryo-hpc/cryo/internal/store"
+	"github.com/cryo-hpc/cryo"
 	"github.com/cryo-hpc/cryo/offload"
-	"github.com/cryo-hpc/cryo/restore"
 	ucli "github.com/urfave/cli/v2"
 )
 
@@ -41,7 +40,7 @@ func restoreCommand(e *env) *ucli.Command {
 			&ucli.BoolFlag{Name: "fallback", Usage: "when the generation is damaged and cannot be healed, restore the newest older intact one instead", Destination: &o.fallback, EnvVars: []string{"CRYO_FALLBACK"}},
 			&ucli.BoolFlag{Name: "no-stream", Usage: "write the images into --work-dir and let CRIU read them from there, instead of streaming them from the store into CRIU (lazy restores and jobs of several trees always do)", Destination: &o.noStream, EnvVars: []string{"CRYO_NO_STREAM"}},
 		),
-		Action: func(c *ucli.Context) error {
+		Action: o.action(e, func(c *ucli.Context) error {
 			if c.NArg() != 0 {
 				return usagef("restore takes no arguments, got %q", c.Args().Slice())
 			}
@@ -52,27 +51,24 @@ func restoreCommand(e *env) *ucli.Command {
 			if err != nil {
 				return usagef("--device-map: %v", err)
 			}
-			bin, err := o.locateCRIU(e)
-			if err != nil {
-				return err
-			}
+			reg := o.offload(e)
+			defer reg.Close()
 			prog, done := o.progress(e, "restore: verified")
-			res, err := restore.Restore(c.Context, restore.Options{
-				Store: o.store, Generation: o.generation, CRIU: bin, WorkDir: o.workDir,
-				PIDWait: o.pidWait, CheckCache: checkCache, DeviceMap: dmap,
-				Replica: o.replica, Fallback: o.fallback, Progress: prog, Logger: o.logger(e), Lazy: o.lazy,
-				NoStream: o.noStream,
+			res, err := cryo.Restore(c.Context, cryo.RestoreOptions{
+				Store: o.store, Generation: o.generation, Fallback: o.fallback, CRIU: o.criu, WorkDir: o.workDir,
+				PIDWait: o.pidWait, DeviceMap: dmap, Replica: o.replica, Lazy: o.lazy, NoStream: o.noStream,
+				Offload: reg, Progress: prog, Logger: o.logger(e),
 			})
 			done()
 			if err != nil {
-				if errors.Is(err, store.ErrCorrupt) && !o.fallback {
+				if errors.Is(err, cryo.ErrCorrupt) && !o.fallback {
 					hint := "hint: cryo restore --fallback restores the newest older intact generation instead"
 					if o.replica == "" {
 						hint += "; with a replica, cryo restore --replica DIR or cryo repair --store " + o.store + " --replica DIR heals this one"
 					}
-					return fmt.Errorf("restore failed: %w\n(%s)", err, hint)
+					return fmt.Errorf("%w (%s)", err, hint)
 				}
-				return fmt.Errorf("restore failed: %w", err)
+				return err
 			}
 			// What was healed or passed over goes to stderr: stdout is the PID.
 			for _, p := range res.Healed {
@@ -103,6 +99,6 @@ func restoreCommand(e *env) *ucli.Command {
 				return nil
 			}
 			return o.emit(e, res, func(w io.Writer) { fmt.Fprintln(w, res.PID) })
-		},
+		}),
 	}
 }

@@ -1,7 +1,6 @@
 package cli
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -17,6 +16,8 @@ import (
 
 	"github.com/cryo-hpc/cryo"
 	"github.com/cryo-hpc/cryo/monitor"
+	"github.com/cryo-hpc/cryo/offload/drivers"
+	"github.com/cryo-hpc/cryo/slurm"
 	ucli "github.com/urfave/cli/v2"
 	"golang.org/x/sys/unix"
 )
@@ -86,14 +87,17 @@ could not do its work, unless --strict: a failing prolog drains the node.`,
 				}
 				return nil
 			}
-			job, err := cryo.SlurmJobFromEnv(e.getenv)
+			job, err := slurm.JobFromEnv(e.getenv)
 			if err != nil {
 				return fail(err)
 			}
-			hopts := cryo.HookOptions{Root: o.storeRoot, KeepOnSuccess: o.keepOnSuccess, LeaveOrphans: o.leaveOrphans, Logger: log}
-			run := cryo.SlurmProlog
-			if hook == "epilog" {
-				run = cryo.SlurmEpilog
+			hopts := slurm.HookOptions{Root: o.storeRoot, KeepOnSuccess: o.keepOnSuccess, LeaveOrphans: o.leaveOrphans, Logger: log}
+			run := slurm.Epilog
+			if hook == "prolog" {
+				// The prolog records the node's GPUs; the epilog needs no driver.
+				hopts.Offload = drivers.Open(drivers.Config{Getenv: e.getenv, Logger: log})
+				defer hopts.Offload.Close()
+				run = slurm.Prolog
 			}
 			rep, herr := run(ctx, job, hopts)
 			if sum := summarize(rep); herr == nil || !strings.HasSuffix(sum, "nothing to do") {
@@ -111,7 +115,7 @@ could not do its work, unless --strict: a failing prolog drains the node.`,
 }
 
 // summarize says in one line what a hook did.
-func summarize(r *cryo.HookReport) string {
+func summarize(r *slurm.HookReport) string {
 	var parts []string
 	switch {
 	case r.Store == "":
@@ -180,7 +184,7 @@ func hookLogger(e *env, where string) (*slog.Logger, func()) {
 type runSignals struct {
 	ckpt     syscall.Signal
 	requeue  bool
-	job      *cryo.SlurmJob // nil outside Slurm
+	job      *slurm.Job // nil outside Slurm
 	scontrol string
 	stderr   io.Writer
 	// asked is set while a stop for a requeue is under way or done.
@@ -195,11 +199,11 @@ func (o *runOpts) slurmSetup(e *env) (*runSignals, error) {
 		return nil, usagef("--checkpoint-signal: %v", err)
 	}
 	r := &runSignals{ckpt: sig, requeue: o.requeue, scontrol: e.getenv("CRYO_SCONTROL"), stderr: e.stderr}
-	job, err := cryo.SlurmJobFromEnv(e.getenv)
+	job, err := slurm.JobFromEnv(e.getenv)
 	switch {
 	case err == nil:
 		r.job = &job
-	case !errors.Is(err, cryo.ErrNotSlurm) || e.getenv("SLURM_JOB_ID") != "":
+	case !errors.Is(err, slurm.ErrNotSlurm) || e.getenv("SLURM_JOB_ID") != "":
 		return nil, err
 	}
 	if o.requeue && r.job == nil {
@@ -214,7 +218,7 @@ func (o *runOpts) slurmSetup(e *env) (*runSignals, error) {
 		}
 		fmt.Fprintf(e.stderr, "cryo: slurm job %s, run %d: store %s\n", job.ID, job.RestartCount+1, o.store)
 	}
-	if r.job != nil && batchShellDrops(os.Getppid(), sig) {
+	if r.job != nil && slurm.BatchShellDrops(os.Getppid(), sig) {
 		fmt.Fprintf(e.stderr, "cryo: warning: cryo run is a child of the batch script, whose shell neither traps nor ignores %s: "+
 			"a `--signal=B:%s` would kill the shell instead of reaching cryo. Start it with `exec cryo run ...`, "+
 			"or in the background with a trap that forwards the signal, then `wait`.\n", unix.SignalName(sig), strings.TrimPrefix(unix.SignalName(sig), "SIG"))
@@ -303,39 +307,6 @@ func checkSignal(sig syscall.Signal) (syscall.Signal, error) {
 	return sig, nil
 }
 
-// batchShellDrops reports whether pid is a Slurm batch script (slurmd runs
-// it as .../job<ID>/slurm_script) whose shell neither catches nor ignores
-// sig. A `--signal=B:` signal goes to that shell only; without a trap it
-// dies of it and the job ends, whatever cryo would have done.
-func batchShellDrops(pid int, sig syscall.Signal) bool {
-	cmdline, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
-	if err != nil {
-		return false
-	}
-	batch := false
-	for _, a := range bytes.Split(cmdline, []byte{0}) {
-		if bytes.HasSuffix(a, []byte("/slurm_script")) {
-			batch = true
-		}
-	}
-	if !batch {
-		return false
-	}
-	status, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
-	if err != nil {
-		return false
-	}
-	var handled uint64
-	for _, line := range strings.Split(string(status), "\n") {
-		k, v, ok := strings.Cut(line, ":")
-		if ok && (k == "SigCgt" || k == "SigIgn") {
-			m, _ := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
-			handled |= m
-		}
-	}
-	return handled&(1<<(uint(sig)-1)) == 0
-}
-
 // startOverCheck is --start-over: when `cryo run` is about to resume (the
 // store holds generations of an unfinished run) but no generation is
 // intact, it says so and starts the job from the beginning instead of
@@ -349,13 +320,13 @@ func (o *runOpts) startOverCheck(ctx context.Context, e *env, cfg *monitor.Confi
 	if err != nil || state == "" || state == string(monitor.StateCompleted) || state == string(monitor.StateFailed) {
 		return nil // not a resume (or the monitor will say what is wrong)
 	}
-	gens, err := cryo.List(cfg.Store)
+	gens, err := cryo.List(ctx, cfg.Store)
 	if err != nil || len(gens) == 0 {
 		return nil
 	}
 	var bad []string
 	for i := len(gens) - 1; i >= 0; i-- {
-		vs, err := cryo.Verify(ctx, cfg.Store, gens[i].Number)
+		vs, err := cryo.Verify(ctx, cryo.VerifyOptions{Store: cfg.Store, Generation: gens[i].Number})
 		if err != nil {
 			return fmt.Errorf("--start-over: verify %s: %w", cfg.Store, err)
 		}
@@ -363,8 +334,11 @@ func (o *runOpts) startOverCheck(ctx context.Context, e *env, cfg *monitor.Confi
 			return nil
 		}
 		p := "damaged"
-		if len(vs) == 1 && len(vs[0].Problems) > 0 {
-			p = vs[0].Problems[0]
+		switch {
+		case len(vs) == 1 && vs[0].Error != "":
+			p = vs[0].Error
+		case len(vs) == 1 && len(vs[0].Problems) > 0:
+			p = vs[0].Problems[0].String()
 			if n := len(vs[0].Problems) - 1; n > 0 {
 				p += fmt.Sprintf(" (+%d more)", n)
 			}

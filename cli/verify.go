@@ -1,11 +1,10 @@
 package cli
 
 import (
-	"errors"
 	"fmt"
 	"io"
 
-	"github.com/cryo-hpc/cryo/internal/store"
+	"github.com/cryo-hpc/cryo"
 	ucli "github.com/urfave/cli/v2"
 )
 
@@ -13,13 +12,6 @@ type verifyOpts struct {
 	common
 	store      string
 	generation int
-}
-
-type verifyResult struct {
-	Generation int             `json:"generation"`
-	Intact     bool            `json:"intact"`
-	Problems   []store.Problem `json:"problems,omitempty"`
-	Error      string          `json:"error,omitempty"`
 }
 
 func verifyCommand(e *env) *ucli.Command {
@@ -31,45 +23,19 @@ func verifyCommand(e *env) *ucli.Command {
 			&ucli.StringFlag{Name: "store", Usage: "store directory", Destination: &o.store, EnvVars: []string{"CRYO_STORE"}, Required: true},
 			&ucli.IntFlag{Name: "generation", Usage: "generation to verify (default: all)", Destination: &o.generation},
 		),
-		Action: func(c *ucli.Context) error {
+		Action: o.action(e, func(c *ucli.Context) error {
 			if c.NArg() != 0 {
 				return usagef("verify takes no arguments, got %q", c.Args().Slice())
 			}
-			st, err := store.Open(o.store)
-			if err != nil {
-				return err
+			if o.generation < 0 {
+				return usagef("--generation must be >= 1, got %d", o.generation)
 			}
-			// Wait for a checkpoint or GC writing the store, but not forever.
-			unlock, err := st.LockWithin(c.Context, false, 0)
-			if err != nil {
-				return err
-			}
-			defer unlock()
-			gens := []int{o.generation}
-			if o.generation == 0 {
-				if gens, err = st.Generations(); err != nil {
-					return err
-				}
-			}
-			var results []verifyResult
-			bad := 0
 			prog, done := o.progress(e, "verify")
-			st.Progress = prog
-			for _, g := range gens {
-				r := verifyResult{Generation: g}
-				m, err := st.ReadManifest(g)
-				if err != nil {
-					r.Error = err.Error()
-				} else {
-					r.Problems = st.Verify(c.Context, m)
-				}
-				r.Intact = r.Error == "" && len(r.Problems) == 0
-				if !r.Intact {
-					bad++
-				}
-				results = append(results, r)
-			}
+			results, err := cryo.Verify(c.Context, cryo.VerifyOptions{Store: o.store, Generation: o.generation, Progress: prog})
 			done()
+			if err != nil {
+				return err
+			}
 			if err := o.emit(e, results, func(w io.Writer) {
 				for _, r := range results {
 					switch {
@@ -87,10 +53,16 @@ func verifyCommand(e *env) *ucli.Command {
 			}); err != nil {
 				return err
 			}
+			bad := 0
+			for _, r := range results {
+				if !r.Intact {
+					bad++
+				}
+			}
 			if bad > 0 {
-				return errors.New(fmt.Sprint(bad, " of ", len(results), " generations are damaged"))
+				return fmt.Errorf("%d of %d generations are damaged", bad, len(results))
 			}
 			return nil
-		},
+		}),
 	}
 }

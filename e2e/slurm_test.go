@@ -913,7 +913,7 @@ func TestSlurmCorruptCheckpoint(t *testing.T) {
 		gens := []int{gen}
 		if k.all {
 			gens = nil
-			ls, err := cryolib.List(store)
+			ls, err := cryolib.List(context.Background(), store)
 			if err != nil {
 				t.Fatal(err)
 			}

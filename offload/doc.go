@@ -18,7 +18,8 @@
 // map, and says clearly when no valid mapping exists.
 //
 // Drivers live in subpackages (offload/cuda, with offload/nvml for GPU
-// discovery and health); offload/drivers builds the default registry. This
+// discovery and health); offload/drivers opens the registry, once per
+// process, and Registry.Close releases what its drivers hold. This
 // package must not print, must not know CRIU, and must not import its
 // drivers.
 package offload

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"sort"
 	"strings"
 	"time"
@@ -219,9 +220,29 @@ func (e *PhaseError) Error() string {
 
 func (e *PhaseError) Unwrap() error { return e.Err }
 
-// Registry is the set of drivers cryo uses.
+// Registry is the set of drivers cryo uses. A process opens it once
+// (offload/drivers.Open), hands it to every checkpoint and restore, and
+// closes it when done.
 type Registry struct {
 	drivers []Driver
+}
+
+// Close releases every driver that holds something (a driver that is an
+// io.Closer: NVML initialised, say) and joins their errors. The registry
+// must not be used afterwards; closing it again does nothing more.
+func (r *Registry) Close() error {
+	if r == nil {
+		return nil
+	}
+	var errs []error
+	for _, d := range r.drivers {
+		if c, ok := d.(io.Closer); ok {
+			if err := c.Close(); err != nil {
+				errs = append(errs, fmt.Errorf("close the %s driver: %w", d.Kind(), err))
+			}
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // NewRegistry returns a registry of the given drivers, in discovery order.

@@ -1,6 +1,8 @@
 // Package proc reads what cryo needs to know about live processes from
-// /proc: whether a PID is alive or dying, a process tree, its memory.
-// It only reads; it never signals.
+// /proc: whether a PID is alive or dying, a process tree, its memory, its
+// environment and command line, which signals it handles. Every package
+// of cryo that reads /proc about a process does it here. Reads are
+// bounded. It only reads; it never signals.
 package proc
 
 import (

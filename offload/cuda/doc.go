@@ -28,6 +28,10 @@
 // the job is asked for its checkpoint state, and one that answers is a CUDA
 // process (its GPUs unknown).
 //
+// Lifecycle: a Driver loads libcuda and initialises NVML once, at Open or
+// at first use, and Close shuts NVML down (offload/drivers.Open and the
+// registry's Close do both for a process).
+//
 // Errors (*Error) carry the CUDA error name, the target PID and the phase.
 // Calls block until the driver answers; only the lock has a timeout.
 //

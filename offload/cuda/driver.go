@@ -9,6 +9,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cryo-hpc/cryo/offload"
@@ -53,9 +54,10 @@ type Config struct {
 // driver lazily, once, and only when it needs them: on a node without them
 // (every CPU node) Discover costs two failed dlopen calls and finds nothing.
 type Driver struct {
-	cfg     Config
-	log     *slog.Logger
-	openAPI func(path string) (api, error)
+	cfg      Config
+	log      *slog.Logger
+	openAPI  func(path string) (api, error)
+	openNVML func(path string) (*nvml.Lib, error)
 
 	apiOnce sync.Once
 	a       api
@@ -63,7 +65,14 @@ type Driver struct {
 	nvOnce  sync.Once
 	nv      GPUSource
 	nvErr   error
+
+	closeOnce sync.Once
+	closed    atomic.Bool
+	closeErr  error
 }
+
+// ErrClosed means the driver was used after Close.
+var ErrClosed = errors.New("the CUDA driver was closed")
 
 // New returns a CUDA driver.
 func New(cfg Config) *Driver {
@@ -71,7 +80,7 @@ func New(cfg Config) *Driver {
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
-	return &Driver{cfg: cfg, log: log, openAPI: func(p string) (api, error) { return Open(p) }}
+	return &Driver{cfg: cfg, log: log, openAPI: func(p string) (api, error) { return Open(p) }, openNVML: nvml.Open}
 }
 
 // Kind is "cuda".
@@ -88,12 +97,15 @@ func (d *Driver) api() (api, error) {
 }
 
 func (d *Driver) gpus() (GPUSource, error) {
+	if d.closed.Load() {
+		return nil, ErrClosed
+	}
 	d.nvOnce.Do(func() {
 		if d.cfg.NVML != nil {
 			d.nv = d.cfg.NVML
 			return
 		}
-		l, err := nvml.Open(d.cfg.LibNVML)
+		l, err := d.openNVML(d.cfg.LibNVML)
 		if err != nil {
 			d.nvErr = err
 			return
@@ -101,6 +113,51 @@ func (d *Driver) gpus() (GPUSource, error) {
 		d.nv = l
 	})
 	return d.nv, d.nvErr
+}
+
+// Open loads the CUDA driver library and NVML now, instead of at their
+// first use, so that a process loads and initialises them once. It fails
+// only when neither loads, a node without an NVIDIA driver, with an error
+// that matches ErrNoLibrary and nvml.ErrNoNVML; either alone is usable
+// (see Discover). Its owner calls Close when done.
+func (d *Driver) Open() error {
+	_, aerr := d.api()
+	_, nerr := d.gpus()
+	if aerr != nil && nerr != nil {
+		return errors.Join(aerr, nerr)
+	}
+	return nil
+}
+
+// Close shuts down the NVML that this driver initialised (nvmlShutdown),
+// once; an NVML given in Config is its giver's to close. libcuda stays
+// loaded: the CUDA driver cannot be unloaded safely. The driver must not
+// be used afterwards (NVML calls then fail with ErrClosed).
+func (d *Driver) Close() error {
+	d.closeOnce.Do(func() {
+		d.closed.Store(true)
+		d.nvOnce.Do(func() { d.nvErr = ErrClosed }) // never loaded: never load it now
+		if l, ok := d.nv.(*nvml.Lib); ok && d.cfg.NVML == nil {
+			d.closeErr = l.Close()
+		}
+	})
+	return d.closeErr
+}
+
+// NVML returns the NVML this driver loaded (for GPU health events), so
+// that a process initialises NVML once. It fails with nvml.ErrNoNVML where
+// NVML is not usable, and when Config gave an NVML that is not an
+// *nvml.Lib.
+func (d *Driver) NVML() (*nvml.Lib, error) {
+	nv, err := d.gpus()
+	if err != nil {
+		return nil, err
+	}
+	l, ok := nv.(*nvml.Lib)
+	if !ok {
+		return nil, fmt.Errorf("%w: the driver was given an NVML of its own (%T)", nvml.ErrNoNVML, nv)
+	}
+	return l, nil
 }
 
 // Discover finds the CUDA contexts of the given processes. With NVML, a

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"sync"
 	"time"
 
 	gonvml "github.com/NVIDIA/go-nvml/pkg/nvml"
@@ -20,6 +21,9 @@ const DefaultLibrary = "libnvidia-ml.so.1"
 // Lib is an initialised NVML.
 type Lib struct {
 	lib gonvml.Interface
+
+	closeOnce sync.Once
+	closeErr  error
 }
 
 // Open loads NVML from path (DefaultLibrary when empty) and initialises it.
@@ -47,12 +51,15 @@ func New(lib gonvml.Interface) (*Lib, error) {
 	}
 }
 
-// Close shuts NVML down.
+// Close shuts NVML down (nvmlShutdown), once: closing again does nothing.
+// The Lib must not be used afterwards.
 func (l *Lib) Close() error {
-	if ret := l.lib.Shutdown(); ret != gonvml.SUCCESS {
-		return fmt.Errorf("nvmlShutdown: %v", ret)
-	}
-	return nil
+	l.closeOnce.Do(func() {
+		if ret := l.lib.Shutdown(); ret != gonvml.SUCCESS {
+			l.closeErr = fmt.Errorf("nvmlShutdown: %v", ret)
+		}
+	})
+	return l.closeErr
 }
 
 // Info is the node's NVIDIA driver and GPUs.

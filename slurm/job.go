@@ -1,8 +1,9 @@
-package cryo
+package slurm
 
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"os/exec"
 	"path/filepath"
@@ -11,15 +12,18 @@ import (
 	"time"
 )
 
-// SlurmStorePrefix starts the name of a Slurm job's store directory:
-// <root>/cryo-<SLURM_JOB_ID>, next to Slurm's own slurm-<id>.out.
-const SlurmStorePrefix = "cryo-"
+// ErrNotSlurm means the environment is not that of a Slurm job or hook.
+var ErrNotSlurm = errors.New("not in a Slurm job (SLURM_JOB_ID is not set)")
 
-// SlurmJob is what cryo needs to know about a Slurm job. It is read from
-// the environment of the batch script (SlurmJobFromEnv in the job) or of a
+// StorePrefix starts the name of a Slurm job's store directory:
+// <root>/cryo-<SLURM_JOB_ID>, next to Slurm's own slurm-<id>.out.
+const StorePrefix = "cryo-"
+
+// Job is what cryo needs to know about a Slurm job. It is read from the
+// environment of the batch script (JobFromEnv in the job) or of a
 // Prolog/Epilog, which name some variables differently; fields the
 // environment does not give are zero (UID and GID -1).
-type SlurmJob struct {
+type Job struct {
 	ID      string `json:"job_id"` // SLURM_JOB_ID: stays the same across requeues
 	Cluster string `json:"cluster,omitempty"`
 	User    string `json:"user,omitempty"`
@@ -45,11 +49,11 @@ type SlurmJob struct {
 	Context string `json:"context,omitempty"`
 }
 
-// SlurmJobFromEnv reads the Slurm job from an environment (os.Getenv, or a
+// JobFromEnv reads the Slurm job from an environment (os.Getenv, or a
 // lookup in a hook's environment). It fails with ErrNotSlurm when
 // SLURM_JOB_ID is not set, and when it is not a job ID.
-func SlurmJobFromEnv(getenv func(string) string) (SlurmJob, error) {
-	j := SlurmJob{ID: getenv("SLURM_JOB_ID"), UID: -1, GID: -1}
+func JobFromEnv(getenv func(string) string) (Job, error) {
+	j := Job{ID: getenv("SLURM_JOB_ID"), UID: -1, GID: -1}
 	if j.ID == "" {
 		return j, ErrNotSlurm
 	}
@@ -75,7 +79,7 @@ func SlurmJobFromEnv(getenv func(string) string) (SlurmJob, error) {
 // the submit directory in the job, the job's working directory in a hook
 // (Slurm does not tell hooks the submit directory; the two differ only for
 // jobs submitted with --chdir, which therefore need a configured root).
-func (j SlurmJob) DefaultStoreRoot() string {
+func (j Job) DefaultStoreRoot() string {
 	if j.SubmitDir != "" {
 		return j.SubmitDir
 	}
@@ -85,7 +89,7 @@ func (j SlurmJob) DefaultStoreRoot() string {
 // Store returns the job's store directory, root/cryo-<job ID>; root ""
 // means DefaultStoreRoot. The directory survives requeues because the job
 // ID does.
-func (j SlurmJob) Store(root string) (string, error) {
+func (j Job) Store(root string) (string, error) {
 	if !validJobID(j.ID) {
 		return "", fmt.Errorf("%w: job ID %q", ErrNotSlurm, j.ID)
 	}
@@ -98,14 +102,14 @@ func (j SlurmJob) Store(root string) (string, error) {
 	if !filepath.IsAbs(root) {
 		return "", fmt.Errorf("store root %q is not an absolute path", root)
 	}
-	return filepath.Join(filepath.Clean(root), SlurmStorePrefix+j.ID), nil
+	return filepath.Join(filepath.Clean(root), StorePrefix+j.ID), nil
 }
 
 // Requeue asks Slurm to requeue the job (`scontrol requeue <id>`): Slurm
 // ends the job's processes, runs the Epilog, and starts the batch script
 // again, from the top, with the same job ID. scontrol is the scontrol
 // binary ("" finds it on PATH). It waits at most 30 s.
-func (j SlurmJob) Requeue(ctx context.Context, scontrol string) error {
+func (j Job) Requeue(ctx context.Context, scontrol string) error {
 	if !validJobID(j.ID) {
 		return fmt.Errorf("%w: job ID %q", ErrNotSlurm, j.ID)
 	}

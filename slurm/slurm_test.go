@@ -1,10 +1,11 @@
-package cryo
+package slurm
 
 import (
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -16,41 +17,44 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/cryo-hpc/cryo/internal/store"
+	"github.com/cryo-hpc/cryo/offload"
 )
 
 func envOf(m map[string]string) func(string) string {
 	return func(k string) string { return m[k] }
 }
 
-func TestSlurmJobFromEnv(t *testing.T) {
+func TestJobFromEnv(t *testing.T) {
 	code := func(n int) *int { return &n }
 	for _, tc := range []struct {
 		name    string
 		env     map[string]string
-		want    SlurmJob
+		want    Job
 		wantErr error
 	}{
-		{"not slurm", map[string]string{}, SlurmJob{}, ErrNotSlurm},
-		{"bad id", map[string]string{"SLURM_JOB_ID": "12/../x"}, SlurmJob{}, ErrNotSlurm},
+		{"not slurm", map[string]string{}, Job{}, ErrNotSlurm},
+		{"bad id", map[string]string{"SLURM_JOB_ID": "12/../x"}, Job{}, ErrNotSlurm},
 		{"batch job, first run", map[string]string{
 			"SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": "/home/ada/sim", "SLURM_JOB_UID": "1000", "SLURM_JOB_GID": "100",
 			"SLURM_JOB_USER": "ada", "SLURMD_NODENAME": "n17", "SLURM_CLUSTER_NAME": "big",
-		}, SlurmJob{ID: "4242", Cluster: "big", User: "ada", UID: 1000, GID: 100, SubmitDir: "/home/ada/sim", Node: "n17"}, nil},
+		}, Job{ID: "4242", Cluster: "big", User: "ada", UID: 1000, GID: 100, SubmitDir: "/home/ada/sim", Node: "n17"}, nil},
 		{"batch job, requeued", map[string]string{"SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "2"},
-			SlurmJob{ID: "4242", UID: -1, GID: -1, RestartCount: 2}, nil},
+			Job{ID: "4242", UID: -1, GID: -1, RestartCount: 2}, nil},
 		{"epilog", map[string]string{
 			"SLURM_JOB_ID": "7", "SLURM_JOB_RESTART_COUNT": "1", "SLURM_JOB_WORK_DIR": "/w", "SLURM_JOB_UID": "0",
 			"SLURM_JOB_EXIT_CODE2": "3:0", "SLURM_JOB_EXIT_CODE": "768", "SLURM_SCRIPT_CONTEXT": "epilog_slurmd",
 			"SLURM_JOB_GPUS": "0,1", "CUDA_VISIBLE_DEVICES": "0,1",
-		}, SlurmJob{ID: "7", UID: 0, GID: -1, RestartCount: 1, WorkDir: "/w", Exited: code(3), Context: "epilog_slurmd",
+		}, Job{ID: "7", UID: 0, GID: -1, RestartCount: 1, WorkDir: "/w", Exited: code(3), Context: "epilog_slurmd",
 			GPUs: "0,1", CUDAVisibleDevices: "0,1"}, nil},
 		{"epilog, killed by a signal", map[string]string{"SLURM_JOB_ID": "7", "SLURM_JOB_EXIT_CODE2": "0:9"},
-			SlurmJob{ID: "7", UID: -1, GID: -1, Exited: code(137)}, nil},
+			Job{ID: "7", UID: -1, GID: -1, Exited: code(137)}, nil},
 		{"epilog, raw status only", map[string]string{"SLURM_JOB_ID": "7", "SLURM_JOB_EXIT_CODE": "15"},
-			SlurmJob{ID: "7", UID: -1, GID: -1, Exited: code(143)}, nil},
+			Job{ID: "7", UID: -1, GID: -1, Exited: code(143)}, nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got, err := SlurmJobFromEnv(envOf(tc.env))
+			got, err := JobFromEnv(envOf(tc.env))
 			if !errors.Is(err, tc.wantErr) {
 				t.Fatalf("error %v, want %v", err, tc.wantErr)
 			}
@@ -66,8 +70,8 @@ func TestSlurmJobFromEnv(t *testing.T) {
 	}
 }
 
-func TestSlurmJobStore(t *testing.T) {
-	j := SlurmJob{ID: "99", SubmitDir: "/home/ada/sim/", WorkDir: "/elsewhere"}
+func TestJobStore(t *testing.T) {
+	j := Job{ID: "99", SubmitDir: "/home/ada/sim/", WorkDir: "/elsewhere"}
 	for _, tc := range []struct {
 		root, want, err string
 	}{
@@ -80,36 +84,47 @@ func TestSlurmJobStore(t *testing.T) {
 			t.Errorf("Store(%q) = %q, %v; want %q, %q", tc.root, got, err, tc.want, tc.err)
 		}
 	}
-	hook := SlurmJob{ID: "99", WorkDir: "/w"}
+	hook := Job{ID: "99", WorkDir: "/w"}
 	if got, _ := hook.Store(""); got != "/w/cryo-99" {
 		t.Errorf("in a hook the default root is the work dir: got %q", got)
 	}
-	if _, err := (SlurmJob{ID: "99"}).Store(""); err == nil {
+	if _, err := (Job{ID: "99"}).Store(""); err == nil {
 		t.Errorf("no root at all must fail")
 	}
 }
 
+// gpuDriver is an offload driver of a node with GPUs (or, with err, of a
+// node whose driver cannot say).
+type gpuDriver struct {
+	kind string
+	gpus []offload.GPU
+	err  error
+}
+
+func (d gpuDriver) Kind() string                                               { return d.kind }
+func (d gpuDriver) Discover(context.Context, []int) ([]offload.Context, error) { return nil, nil }
+func (d gpuDriver) Attach(offload.Record) (offload.Context, error)             { return nil, errors.New("no") }
+func (d gpuDriver) Inventory(context.Context) (offload.Inventory, error) {
+	return offload.Inventory{GPUs: d.gpus}, d.err
+}
+
+var nodeA100s = []offload.GPU{
+	{Index: 1, UUID: "GPU-11111111-2222-3333-4444-555555555555", Model: "NVIDIA A100-SXM4-40GB", MemoryTotal: 40 << 30},
+	{Index: 0, UUID: "GPU-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee", Model: "NVIDIA A100-SXM4-40GB", MemoryTotal: 40 << 30},
+}
+
 func TestNodeGPUs(t *testing.T) {
-	gpus, err := NodeGPUs("testdata/nvidia/gpus")
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := []GPU{
-		{Minor: 0, UUID: "GPU-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee", Bus: "0000:86:00.0", Model: "NVIDIA A100-SXM4-40GB"},
-		{Minor: 1, UUID: "GPU-11111111-2222-3333-4444-555555555555", Bus: "0000:3b:00.0", Model: "NVIDIA A100-SXM4-40GB"},
-	}
-	if fmt.Sprint(gpus) != fmt.Sprint(want) {
-		t.Errorf("got %+v\nwant %+v", gpus, want)
-	}
-	if gpus, err := NodeGPUs(filepath.Join(t.TempDir(), "none")); err != nil || gpus != nil {
-		t.Errorf("no driver: got %v, %v; want none", gpus, err)
+	reg := offload.NewRegistry(gpuDriver{kind: "cuda", gpus: nodeA100s}, gpuDriver{kind: "other", err: offload.ErrNoDriver})
+	gpus := nodeGPUs(context.Background(), reg, slog.New(slog.DiscardHandler))
+	if len(gpus) != 2 || gpus[0].Index != 0 || gpus[1].UUID != nodeA100s[0].UUID {
+		t.Errorf("node GPUs %+v, want both A100s in index order", gpus)
 	}
 }
 
 // hookJob is a job of the current user whose working directory is a
 // fresh temporary directory.
-func hookJob(t *testing.T) SlurmJob {
-	return SlurmJob{ID: strconv.Itoa(100000 + rand.IntN(800000)), UID: os.Getuid(), GID: os.Getgid(),
+func hookJob(t *testing.T) Job {
+	return Job{ID: strconv.Itoa(100000 + rand.IntN(800000)), UID: os.Getuid(), GID: os.Getgid(),
 		WorkDir: t.TempDir(), Node: "n1", User: "me"}
 }
 
@@ -123,10 +138,11 @@ func writeRunState(t *testing.T, store, state string) {
 	}
 }
 
-func TestSlurmPrologMakesStore(t *testing.T) {
+func TestPrologMakesStore(t *testing.T) {
 	ctx := context.Background()
 	job := hookJob(t)
-	rep, err := SlurmProlog(ctx, job, HookOptions{LeaveOrphans: true, GPUInfo: "testdata/nvidia/gpus"})
+	reg := offload.NewRegistry(gpuDriver{kind: "cuda", gpus: nodeA100s})
+	rep, err := Prolog(ctx, job, HookOptions{LeaveOrphans: true, Offload: reg})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -138,8 +154,10 @@ func TestSlurmPrologMakesStore(t *testing.T) {
 	if err != nil || st.Mode().Perm() != 0o700 {
 		t.Fatalf("store: %v, %v", st, err)
 	}
-	if gens, err := List(dir); err != nil || len(gens) != 0 {
-		t.Errorf("List of a new store: %v, %v", gens, err)
+	if st, err := store.Open(dir); err != nil {
+		t.Errorf("the new store does not open: %v", err)
+	} else if gens, err := st.Generations(); err != nil || len(gens) != 0 {
+		t.Errorf("generations of a new store: %v, %v", gens, err)
 	}
 	b, err := os.ReadFile(filepath.Join(dir, "slurm", historyName))
 	if err != nil || !strings.Contains(string(b), `"hook":"prolog"`) || !strings.Contains(string(b), `"node":"n1"`) ||
@@ -147,18 +165,18 @@ func TestSlurmPrologMakesStore(t *testing.T) {
 		t.Errorf("history: %q, %v", b, err)
 	}
 	// Again (a requeued job): the store is kept as it is.
-	if rep, err := SlurmProlog(ctx, job, HookOptions{LeaveOrphans: true}); err != nil || rep.Created {
+	if rep, err := Prolog(ctx, job, HookOptions{LeaveOrphans: true}); err != nil || rep.Created {
 		t.Errorf("second prolog: %+v, %v", rep, err)
 	}
 }
 
-func TestSlurmPrologRefusesSymlink(t *testing.T) {
+func TestPrologRefusesSymlink(t *testing.T) {
 	job := hookJob(t)
 	target := t.TempDir()
 	if err := os.Symlink(target, filepath.Join(job.WorkDir, "cryo-"+job.ID)); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := SlurmProlog(context.Background(), job, HookOptions{LeaveOrphans: true}); err == nil {
+	if _, err := Prolog(context.Background(), job, HookOptions{LeaveOrphans: true}); err == nil {
 		t.Errorf("the prolog followed a symbolic link in the store's place")
 	}
 	if ents, _ := os.ReadDir(target); len(ents) != 0 {
@@ -166,20 +184,20 @@ func TestSlurmPrologRefusesSymlink(t *testing.T) {
 	}
 }
 
-func TestSlurmPrologRefusesOthersRoot(t *testing.T) {
+func TestPrologRefusesOthersRoot(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to make a directory of another user")
 	}
 	job := hookJob(t)
 	job.UID, job.GID = 65534, 65534
 	// The work dir belongs to root, not to the job's user.
-	if _, err := SlurmProlog(context.Background(), job, HookOptions{LeaveOrphans: true}); err == nil || !strings.Contains(err.Error(), "not to the job's user") {
+	if _, err := Prolog(context.Background(), job, HookOptions{LeaveOrphans: true}); err == nil || !strings.Contains(err.Error(), "not to the job's user") {
 		t.Errorf("prolog in a directory of another user: %v", err)
 	}
 	if err := os.Chown(job.WorkDir, 65534, 65534); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := SlurmProlog(context.Background(), job, HookOptions{LeaveOrphans: true}); err != nil {
+	if _, err := Prolog(context.Background(), job, HookOptions{LeaveOrphans: true}); err != nil {
 		t.Fatal(err)
 	}
 	dir := filepath.Join(job.WorkDir, "cryo-"+job.ID)
@@ -189,7 +207,7 @@ func TestSlurmPrologRefusesOthersRoot(t *testing.T) {
 	}
 }
 
-func TestSlurmEpilog(t *testing.T) {
+func TestEpilog(t *testing.T) {
 	ctx := context.Background()
 	exit := func(n int) *int { return &n }
 	for _, tc := range []struct {
@@ -210,7 +228,7 @@ func TestSlurmEpilog(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			job := hookJob(t)
-			if _, err := SlurmProlog(ctx, job, HookOptions{LeaveOrphans: true}); err != nil {
+			if _, err := Prolog(ctx, job, HookOptions{LeaveOrphans: true}); err != nil {
 				t.Fatal(err)
 			}
 			dir := filepath.Join(job.WorkDir, "cryo-"+job.ID)
@@ -221,7 +239,7 @@ func TestSlurmEpilog(t *testing.T) {
 				t.Fatal(err)
 			}
 			job.Exited = tc.exit
-			rep, err := SlurmEpilog(ctx, job, HookOptions{LeaveOrphans: true, KeepOnSuccess: tc.keep})
+			rep, err := Epilog(ctx, job, HookOptions{LeaveOrphans: true, KeepOnSuccess: tc.keep})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -241,10 +259,10 @@ func TestSlurmEpilog(t *testing.T) {
 	}
 }
 
-func TestSlurmEpilogDoesNotFollowStaging(t *testing.T) {
+func TestEpilogDoesNotFollowStaging(t *testing.T) {
 	ctx := context.Background()
 	job := hookJob(t)
-	if _, err := SlurmProlog(ctx, job, HookOptions{LeaveOrphans: true}); err != nil {
+	if _, err := Prolog(ctx, job, HookOptions{LeaveOrphans: true}); err != nil {
 		t.Fatal(err)
 	}
 	dir := filepath.Join(job.WorkDir, "cryo-"+job.ID)
@@ -257,7 +275,7 @@ func TestSlurmEpilogDoesNotFollowStaging(t *testing.T) {
 	if err := os.Symlink(precious, filepath.Join(dir, "staging")); err != nil {
 		t.Fatal(err)
 	}
-	_, err := SlurmEpilog(ctx, job, HookOptions{LeaveOrphans: true})
+	_, err := Epilog(ctx, job, HookOptions{LeaveOrphans: true})
 	if err == nil || !strings.Contains(err.Error(), "staging") {
 		t.Errorf("epilog with staging/ a symbolic link: %v, want an error about staging", err)
 	}
@@ -270,7 +288,7 @@ func TestKillJobOrphans(t *testing.T) {
 	if _, err := exec.LookPath("sleep"); err != nil {
 		t.Skip("no sleep command")
 	}
-	job := SlurmJob{ID: strconv.Itoa(100000 + rand.IntN(800000)), Cluster: fmt.Sprintf("test%d", rand.IntN(1e6))}
+	job := Job{ID: strconv.Itoa(100000 + rand.IntN(800000)), Cluster: fmt.Sprintf("test%d", rand.IntN(1e6))}
 	start := func(name string, env ...string) *exec.Cmd {
 		cmd := exec.Command(name, "60")
 		cmd.Env = append(os.Environ(), env...)
@@ -304,7 +322,7 @@ func TestKillJobOrphans(t *testing.T) {
 		t.FailNow()
 	}
 	time.Sleep(20 * time.Millisecond) // the loops get going
-	found, err := killJobOrphans(context.Background(), job, discard(nil))
+	found, err := killJobOrphans(context.Background(), job, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
