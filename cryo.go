@@ -2,7 +2,6 @@ package cryo
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -485,18 +484,17 @@ func GPUs(reg *offload.Registry) GPUStatus {
 // "completed", "failed", ...; "" when cryo run never ran there. A later
 // `cryo run` on the store resumes unless the state is completed or failed.
 func RunState(dir string) (string, error) {
-	b, err := os.ReadFile(filepath.Join(monitor.RunDir(dir), "state.json"))
+	p := filepath.Join(monitor.RunDir(dir), monitor.RunStateFile)
+	b, err := os.ReadFile(p)
 	if errors.Is(err, fs.ErrNotExist) {
 		return "", nil
 	}
 	if err != nil {
 		return "", err
 	}
-	var rs struct {
-		State string `json:"state"`
+	rs, err := monitor.ParseRunState(b)
+	if err != nil {
+		return "", fmt.Errorf("%s: %w", p, err)
 	}
-	if err := json.Unmarshal(b, &rs); err != nil {
-		return "", fmt.Errorf("%s: %w", filepath.Join(monitor.RunDir(dir), "state.json"), err)
-	}
-	return rs.State, nil
+	return string(rs.State), nil
 }

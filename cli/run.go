@@ -21,7 +21,8 @@ import (
 	"github.com/cryo-hpc/cryo/internal/privilege"
 	"github.com/cryo-hpc/cryo/internal/store"
 	"github.com/cryo-hpc/cryo/monitor"
-	"github.com/cryo-hpc/cryo/offload/nvml"
+	"github.com/cryo-hpc/cryo/offload"
+	"github.com/cryo-hpc/cryo/offload/drivers"
 	ucli "github.com/urfave/cli/v2"
 )
 
@@ -238,7 +239,12 @@ func (o *runOpts) run(c *ucli.Context, e *env, cfg monitor.Config, sigplan *runS
 	}
 	// GPU health: Xid errors on the job's GPUs are failures. A node
 	// without NVML has no GPUs to watch.
-	health, closeHealth := gpuHealth(context.WithoutCancel(c.Context), cfg.Logger)
+	// The node's offload drivers, opened once for the whole run: every
+	// checkpoint and restore uses them, and GPU health watches the same NVML.
+	reg := o.common.offload(e)
+	defer reg.Close()
+	cfg.Offload = reg
+	health, closeHealth := gpuHealth(context.WithoutCancel(c.Context), reg, cfg.Logger)
 	defer closeHealth()
 	cfg.Health = health
 	sup, err := monitor.New(cfg)
@@ -500,12 +506,14 @@ func serveMetrics(addr string, m *monitor.Metrics) (func(), error) {
 	return func() { srv.Close() }, nil
 }
 
-// gpuHealth watches the node's GPUs for Xid errors when NVML loads (a node
-// without it has no GPUs to watch: nil). The returned function releases NVML.
-func gpuHealth(ctx context.Context, log *slog.Logger) (monitor.HealthSource, func()) {
-	lib, err := nvml.Open(os.Getenv("CRYO_LIBNVML"))
+// gpuHealth watches the node's GPUs for Xid errors through the NVML that
+// reg initialised (a node without it has no GPUs to watch: nil). reg's
+// Close shuts NVML down; the returned function stops the watch.
+func gpuHealth(ctx context.Context, reg *offload.Registry, log *slog.Logger) (monitor.HealthSource, func()) {
+	lib, err := drivers.NVML(reg)
 	if err != nil {
 		return nil, func() {}
 	}
-	return monitor.WatchGPUs(ctx, lib, log), func() { lib.Close() }
+	ctx, cancel := context.WithCancel(ctx)
+	return monitor.WatchGPUs(ctx, lib, log), cancel
 }

@@ -3,6 +3,7 @@ package monitor
 import (
 	"errors"
 	"fmt"
+	"github.com/cryo-hpc/cryo/offload"
 	"io"
 	"log/slog"
 	"path/filepath"
@@ -75,6 +76,10 @@ type Config struct {
 	Self    string
 	Logger  *slog.Logger
 	Metrics *Metrics
+	// Offload drives the job's offload contexts in every checkpoint and
+	// restore; the caller opened it once and closes it (nil: each opens
+	// and closes its own).
+	Offload *offload.Registry
 	// Health reports critical GPU errors affecting the job's processes
 	// (NVML Xid events); nil when the node has no GPUs.
 	Health HealthSource

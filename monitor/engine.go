@@ -138,7 +138,7 @@ func (e *criuEngine) Checkpoint(ctx context.Context, pid int, kill bool, accept 
 	// Retention is the supervisor's (retain): Keep 0 here.
 	return checkpoint.Take(ctx, checkpoint.Options{
 		Store: e.cfg.Store, PID: pid, Kill: kill, CRIU: e.cfg.CRIU, WorkDir: e.cfg.WorkDir,
-		CheckCache: e.cfg.CheckCache, Logger: e.log, Reap: true, Replica: e.cfg.Replica, Accept: accept,
+		CheckCache: e.cfg.CheckCache, Logger: e.log, Reap: true, Replica: e.cfg.Replica, Accept: accept, Offload: e.cfg.Offload,
 	})
 }
 
@@ -150,7 +150,7 @@ func (e *criuEngine) Restore(ctx context.Context, gen int) (*Restored, error) {
 	}
 	res, err := restore.Restore(ctx, restore.Options{
 		Store: e.cfg.Store, Generation: gen, CRIU: e.cfg.CRIU, Sibling: true, Replica: e.cfg.Replica,
-		WorkDir: e.cfg.WorkDir, CheckCache: e.cfg.CheckCache, Logger: e.log, TruncateOutputs: true,
+		WorkDir: e.cfg.WorkDir, CheckCache: e.cfg.CheckCache, Logger: e.log, TruncateOutputs: true, Offload: e.cfg.Offload,
 	})
 	if err != nil {
 		return nil, err

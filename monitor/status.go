@@ -62,9 +62,17 @@ type Status struct {
 	ExitCode       *int           `json:"exit_code,omitempty"`
 }
 
-// runState is written to <store>/run/state.json so that a later `cryo run`
-// knows whether to resume, and which generations never to restore.
-type runState struct {
+// RunStateFile is the file in the run directory (RunDir) where cryo run
+// records its RunState.
+const RunStateFile = "state.json"
+
+// MaxRunState bounds what is read of a RunStateFile.
+const MaxRunState = 1 << 20
+
+// RunState is written to <store>/run/state.json so that a later `cryo run`
+// knows whether to resume, and which generations never to restore; the
+// Slurm Epilog and the Go API read it too, all through ParseRunState.
+type RunState struct {
 	State    State      `json:"state"`
 	Trees    []TreeSpec `json:"trees"`
 	ExitCode *int       `json:"exit_code,omitempty"`
@@ -143,22 +151,34 @@ func (s *Supervisor) setExit(st State, code int) {
 	s.writeRunState(st, &c)
 }
 
-func (s *Supervisor) readRunState() *runState {
-	b, err := os.ReadFile(filepath.Join(RunDir(s.cfg.Store), "state.json"))
+// ParseRunState is the one reader of a RunStateFile's contents.
+func ParseRunState(b []byte) (*RunState, error) {
+	if len(b) > MaxRunState {
+		return nil, fmt.Errorf("%s: %d bytes, more than a run state has", RunStateFile, len(b))
+	}
+	var rs RunState
+	if err := json.Unmarshal(b, &rs); err != nil {
+		return nil, fmt.Errorf("%s: %w", RunStateFile, err)
+	}
+	return &rs, nil
+}
+
+func (s *Supervisor) readRunState() *RunState {
+	b, err := os.ReadFile(filepath.Join(RunDir(s.cfg.Store), RunStateFile))
 	if err != nil {
 		return nil
 	}
-	var rs runState
-	if json.Unmarshal(b, &rs) != nil {
+	rs, err := ParseRunState(b)
+	if err != nil {
 		return nil
 	}
-	return &rs
+	return rs
 }
 
 func (s *Supervisor) writeRunState(st State, code *int) {
-	rs := runState{State: st, Trees: s.cfg.Trees, ExitCode: code, Updated: time.Now().UTC(), PassedOver: s.pol.faulty()}
+	rs := RunState{State: st, Trees: s.cfg.Trees, ExitCode: code, Updated: time.Now().UTC(), PassedOver: s.pol.faulty()}
 	b, _ := json.MarshalIndent(rs, "", " ")
-	p := filepath.Join(RunDir(s.cfg.Store), "state.json")
+	p := filepath.Join(RunDir(s.cfg.Store), RunStateFile)
 	// The job can write the run directory: a link it left in the place of
 	// the temporary file is refused, not followed.
 	f, err := os.OpenFile(p+".tmp", os.O_WRONLY|os.O_CREATE|os.O_TRUNC|syscall.O_NOFOLLOW, 0o600)

@@ -148,7 +148,9 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 	defer unlockRep()
 	reg := o.Offload
 	if reg == nil {
-		reg = drivers.Default(drivers.Config{Logger: log})
+		// Opened for this call alone, and closed with it.
+		reg = drivers.Open(drivers.Config{Logger: log})
+		defer reg.Close()
 	}
 	// A cryo killed half-way may have left a job's offload contexts locked.
 	if _, err := offload.Recover(ctx, offload.RecoverOptions{Registry: reg, JournalDir: st.JournalDir(), Logger: log}); err != nil {

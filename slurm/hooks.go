@@ -67,9 +67,6 @@ type HookReport struct {
 // what the epilog did.
 const historyName = "history.jsonl"
 
-// maxRunState bounds what the epilog reads of run/state.json.
-const maxRunState = 1 << 20
-
 // Prolog prepares a job's store before the job starts (Slurm's Prolog, as
 // root): it ends processes left over from earlier runs of the job, so that
 // a restore finds the job's PIDs free; creates the store (root/cryo-<id>,
@@ -305,21 +302,18 @@ func cleanStaging(st *store.Store, sd *safefs.Dir) (int, error) {
 // readRunState reads the state `cryo run` recorded in <store>/run/state.json
 // ("" when there is none), without following symbolic links.
 func readRunState(sd *safefs.Dir) (string, *int) {
-	b, err := sd.ReadFileBeneath(filepath.Join(monitor.RunDir("."), "state.json"), maxRunState)
+	b, err := sd.ReadFileBeneath(filepath.Join(monitor.RunDir("."), monitor.RunStateFile), monitor.MaxRunState)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
 			return "", nil
 		}
 		return "unreadable", nil
 	}
-	var rs struct {
-		State    string `json:"state"`
-		ExitCode *int   `json:"exit_code"`
-	}
-	if err := json.Unmarshal(b, &rs); err != nil {
+	rs, err := monitor.ParseRunState(b)
+	if err != nil {
 		return "unreadable", nil
 	}
-	return rs.State, rs.ExitCode
+	return string(rs.State), rs.ExitCode
 }
 
 // appendHistory adds one line about this hook run to

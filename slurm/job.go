@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/cryo-hpc/cryo/internal/privilege"
 	"os/exec"
 	"path/filepath"
 	"strconv"
@@ -119,6 +120,13 @@ func (j Job) Requeue(ctx context.Context, scontrol string) error {
 	path, err := exec.LookPath(scontrol)
 	if err != nil {
 		return fmt.Errorf("requeue job %s: %w", j.ID, err)
+	}
+	if privilege.Root() {
+		// Root runs only what no one else can change (CRYO_SCONTROL kept
+		// by sudo, a user's directory on PATH).
+		if err := privilege.Trusted(path); err != nil {
+			return fmt.Errorf("requeue job %s: as root, cryo runs only an scontrol that root alone can change: %w", j.ID, err)
+		}
 	}
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/cryo-hpc/cryo/internal/privilege"
 	"io"
 	"log/slog"
 	"os"
@@ -36,7 +37,23 @@ func CUDA(c Config) *cuda.Driver {
 	if getenv == nil {
 		getenv = os.Getenv
 	}
-	return cuda.New(cuda.Config{LibCUDA: getenv("CRYO_LIBCUDA"), LibNVML: getenv("CRYO_LIBNVML"), Logger: c.Logger})
+	return cuda.New(cuda.Config{LibCUDA: c.library(getenv, "CRYO_LIBCUDA"), LibNVML: c.library(getenv, "CRYO_LIBNVML"), Logger: c.Logger})
+}
+
+// library is the library the environment variable names, or "" for the
+// system's. As root, a library is loaded only from a path root alone can
+// change (the variable may be one sudo kept, pointing into a user's
+// directory): one that is not is ignored, and the system's loaded.
+func (c Config) library(getenv func(string) string, name string) string {
+	p := getenv(name)
+	if p == "" || !privilege.Root() {
+		return p
+	}
+	if err := privilege.Trusted(p); err != nil {
+		c.logger().Warn("as root, cryo loads libraries only from paths root alone can change: using the system's", "variable", name, "err", err)
+		return ""
+	}
+	return p
 }
 
 // Open opens every offload driver cryo has, for the whole process: the
