@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/cryo-hpc/cryo/internal/privilege"
 	"io"
 	"log/slog"
 	"os"
@@ -101,13 +102,13 @@ func Prolog(ctx context.Context, job Job, o HookOptions) (*HookReport, error) {
 	at := sd.Path()
 	switch {
 	case rep.Created:
-		// Still root's and 0700: nobody else can meddle with it while the
-		// layout is made, then everything is handed to the user at once.
-		if _, err := store.Create(at, "cryo "+checkpoint.Version); err != nil {
-			return rep, errors.Join(append(errs, fmt.Errorf("store %s: %w", dir, err))...)
-		}
-		if err := sd.ChownTree(job.UID, job.GID); err != nil {
+		// The directory is the user's; its layout is made as the user, so
+		// that root creates nothing in a directory the user can write.
+		if err := sd.Chown(job.UID, job.GID); err != nil {
 			return rep, errors.Join(append(errs, fmt.Errorf("store %s: give to uid %d: %w", dir, job.UID, err))...)
+		}
+		if err := asJobUser(job, func() error { _, err := store.Create(at, "cryo "+checkpoint.Version); return err }); err != nil {
+			return rep, errors.Join(append(errs, fmt.Errorf("store %s: %w", dir, err))...)
 		}
 		log.Debug("created the job's store", "store", dir, "uid", job.UID, "gid", job.GID)
 	case int(st.Uid) == job.UID:
@@ -128,7 +129,7 @@ func Prolog(ctx context.Context, job Job, o HookOptions) (*HookReport, error) {
 	}
 	if !rep.Created {
 		// A store the prolog did not make must still be one (or empty).
-		if _, err := store.Create(at, "cryo "+checkpoint.Version); err != nil {
+		if err := asJobUser(job, func() error { _, err := store.Create(at, "cryo "+checkpoint.Version); return err }); err != nil {
 			errs = append(errs, fmt.Errorf("store %s: %w", dir, err))
 		}
 	}
@@ -174,15 +175,29 @@ func Epilog(ctx context.Context, job Job, o HookOptions) (*HookReport, error) {
 	if fst.Uid != 0 && job.UID >= 0 && int(fst.Uid) != job.UID {
 		return rep, errors.Join(append(errs, fmt.Errorf("store %s belongs to uid %d, not to the job's user (uid %d): left alone", dir, fst.Uid, job.UID))...)
 	}
-	st, err := store.Open(sd.Path())
-	if err != nil {
+	// The store is the user's: it is opened, locked and listed as the user
+	// (root creates no lock file in a directory the user can write).
+	var (
+		st     *store.Store
+		unlock func()
+	)
+	err = asJobUser(job, func() error {
+		var err error
+		if st, err = store.Open(sd.Path()); err != nil {
+			return err
+		}
+		lctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		if unlock, err = st.Lock(lctx, true); err != nil {
+			return fmt.Errorf("%w; a cryo still works on it, left alone", err)
+		}
+		return nil
+	})
+	if st == nil {
 		return rep, errors.Join(append(errs, fmt.Errorf("store %s: %w", dir, err))...)
 	}
-	lctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	unlock, err := st.Lock(lctx, true)
-	cancel()
 	if err != nil {
-		return rep, errors.Join(append(errs, fmt.Errorf("store %s: %w; a cryo still works on it, left alone", dir, err))...)
+		return rep, errors.Join(append(errs, fmt.Errorf("store %s: %w", dir, err))...)
 	}
 	defer unlock()
 	n, err := cleanStaging(st, sd)
@@ -190,7 +205,11 @@ func Epilog(ctx context.Context, job Job, o HookOptions) (*HookReport, error) {
 	if err != nil {
 		errs = append(errs, fmt.Errorf("store %s: clean staging: %w", dir, err))
 	}
-	rep.Generations, err = st.Generations()
+	err = asJobUser(job, func() error {
+		var err error
+		rep.Generations, err = st.Generations()
+		return err
+	})
 	if err != nil {
 		errs = append(errs, err)
 	}
@@ -379,4 +398,14 @@ func startHook(ctx context.Context, hook string, job Job, o HookOptions) (*slog.
 		errs = append(errs, err)
 	}
 	return log, rep, errs
+}
+
+// asJobUser runs fn with the job's user's file-system identity
+// (privilege.AsUser), for what a hook does inside the user's store. A job
+// of root's own, or one whose user is unknown, runs as it is.
+func asJobUser(job Job, fn func() error) error {
+	if job.UID <= 0 {
+		return fn()
+	}
+	return privilege.AsUser(job.UID, job.GID, fn)
 }

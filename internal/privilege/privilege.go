@@ -7,7 +7,8 @@
 // change may steer root: binaries and libraries root runs or loads, and
 // stores whose images root restores, must be reachable only through paths
 // that root alone can change. This package says whether a path is such a
-// path; it owns no other policy and touches nothing.
+// path, and how root works as a user on files (AsUser); it owns no other
+// policy.
 package privilege
 
 import (
@@ -15,7 +16,10 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // ErrUntrusted means root was asked to use a file or directory that
@@ -85,4 +89,39 @@ func unsafe(fi, child os.FileInfo) string {
 		return "is a sticky directory others may write to, holding an entry that is not root's"
 	}
 	return ""
+}
+
+// ActingAsRoot tells whether file operations of the calling thread run with
+// root's identity: euid 0, and a file-system uid that AsUser has not set
+// to a user's.
+func ActingAsRoot() bool {
+	if os.Geteuid() != 0 {
+		return false
+	}
+	fsuid, err := unix.SetfsuidRetUid(-1) // an invalid uid changes nothing and says the current one
+	return err != nil || fsuid == 0
+}
+
+// AsUser runs fn with the calling thread's file-system identity set to
+// uid and gid (setfsuid, setfsgid: per thread on Linux), so that what fn
+// opens, creates or removes is done as that user would, with their
+// permissions and ownership, and root's rights play no part. It is how root
+// works in a user's directory (the Slurm Prolog and Epilog). fn must not
+// hand work to other goroutines: they run on other threads, as root.
+func AsUser(uid, gid int, fn func() error) error {
+	if uid < 0 || gid < 0 {
+		return fmt.Errorf("as user: no uid/gid (%d/%d)", uid, gid)
+	}
+	runtime.LockOSThread()
+	oldGid, _ := unix.SetfsgidRetGid(gid)
+	oldUid, _ := unix.SetfsuidRetUid(uid)
+	defer func() {
+		unix.Setfsuid(oldUid)
+		unix.Setfsgid(oldGid)
+		runtime.UnlockOSThread()
+	}()
+	if got, _ := unix.SetfsuidRetUid(-1); got != uid {
+		return fmt.Errorf("as user: could not take uid %d (still %d)", uid, got)
+	}
+	return fn()
 }

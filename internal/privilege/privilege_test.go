@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -89,5 +90,58 @@ func TestTrusted(t *testing.T) {
 		if !errors.Is(err, ErrUntrusted) || !strings.Contains(err.Error(), tc.says) {
 			t.Errorf("%s: %v, want ErrUntrusted saying %q", tc.name, err, tc.says)
 		}
+	}
+}
+
+func TestAsUser(t *testing.T) {
+	if os.Geteuid() != 0 {
+		if os.Getenv("CRYO_NO_SKIP") == "1" {
+			t.Fatal("needs root, and CRYO_NO_SKIP=1 forbids skipping")
+		}
+		t.Skip("needs root")
+	}
+	const nobody = 65534
+	dir := t.TempDir()
+	// The user must be able to reach their directory.
+	for _, d := range []string{filepath.Dir(dir), dir} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	theirs := filepath.Join(dir, "theirs")
+	if err := os.Mkdir(theirs, 0o700); err != nil || os.Chown(theirs, nobody, nobody) != nil {
+		t.Fatal("setup")
+	}
+	rootOnly := filepath.Join(dir, "root-only")
+	if err := os.Mkdir(rootOnly, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	err := AsUser(nobody, nobody, func() error {
+		if ActingAsRoot() {
+			t.Error("ActingAsRoot inside AsUser")
+		}
+		if err := os.WriteFile(filepath.Join(theirs, "f"), nil, 0o600); err != nil {
+			return err
+		}
+		if err := os.WriteFile(filepath.Join(rootOnly, "f"), nil, 0o600); err == nil {
+			t.Error("as the user, a file was created in root's 0700 directory")
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(filepath.Join(theirs, "f"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := fi.Sys().(*syscall.Stat_t); st.Uid != nobody || st.Gid != nobody {
+		t.Errorf("a file made as the user is owned by %d:%d", st.Uid, st.Gid)
+	}
+	if !ActingAsRoot() {
+		t.Error("AsUser did not give root's file-system identity back")
+	}
+	if err := os.WriteFile(filepath.Join(rootOnly, "g"), nil, 0o600); err != nil {
+		t.Errorf("after AsUser, root cannot write its own directory: %v", err)
 	}
 }

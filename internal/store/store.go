@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/cryo-hpc/cryo/internal/privilege"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -56,6 +57,21 @@ type Store struct {
 // An existing non-empty directory that is not a store is refused.
 func Create(dir, createdBy string) (*Store, error) {
 	dir = filepath.Clean(dir)
+	if privilege.ActingAsRoot() {
+		// Root creates a store only where no one else can change it.
+		// (What MkdirAll creates below the nearest existing directory is
+		// root's, made as the store's own.)
+		at := dir
+		for {
+			if _, err := os.Lstat(at); !errors.Is(err, fs.ErrNotExist) || at == filepath.Dir(at) {
+				break
+			}
+			at = filepath.Dir(at)
+		}
+		if err := trustedAsRoot(at); err != nil {
+			return nil, err
+		}
+	}
 	if s, err := Open(dir); err == nil {
 		return s, nil
 	} else if !errors.Is(err, ErrNoStore) {
@@ -82,9 +98,25 @@ func Create(dir, createdBy string) (*Store, error) {
 	return &Store{Dir: dir}, nil
 }
 
+// trustedAsRoot refuses, as root, a store (or the directory to create one
+// in) that someone other than root could change: its files, links or
+// directories could then turn root's reads, writes and deletions, and the
+// images it restores, against root (docs/security.md).
+func trustedAsRoot(dir string) error {
+	if err := privilege.Trusted(dir); err != nil {
+		return fmt.Errorf("as root, cryo uses only stores that root alone can change, and %w; use the store as its owner, without root (cryo runs CRIU unprivileged for users)", err)
+	}
+	return nil
+}
+
 // Open opens an existing store.
 func Open(dir string) (*Store, error) {
 	dir = filepath.Clean(dir)
+	if privilege.ActingAsRoot() {
+		if err := trustedAsRoot(dir); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return nil, err
+		}
+	}
 	st, err := os.Stat(dir)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
