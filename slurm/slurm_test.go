@@ -350,3 +350,39 @@ func TestKillJobOrphans(t *testing.T) {
 		}
 	}
 }
+
+// As root, Requeue runs no scontrol that someone else could change
+// (CRYO_SCONTROL kept by sudo, a user's directory on PATH): one in a
+// user's directory is refused and never runs; root's own runs.
+func TestRequeueAsRootRunsOnlyRootsScontrol(t *testing.T) {
+	if os.Geteuid() != 0 {
+		if os.Getenv("CRYO_NO_SKIP") == "1" {
+			t.Fatal("needs root, and CRYO_NO_SKIP=1 forbids skipping")
+		}
+		t.Skip("needs root")
+	}
+	mark := filepath.Join(t.TempDir(), "ran")
+	script := "#!/bin/sh\necho ran >> " + mark + "\n"
+	users := t.TempDir()
+	if err := os.Chown(users, 65534, 65534); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		dir string
+		ok  bool
+	}{{users, false}, {t.TempDir(), true}} {
+		p := filepath.Join(c.dir, "scontrol")
+		if err := os.WriteFile(p, []byte(script), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		os.Remove(mark)
+		err := Job{ID: "42"}.Requeue(context.Background(), p)
+		_, ran := os.Stat(mark)
+		if c.ok != (err == nil) || c.ok != (ran == nil) {
+			t.Errorf("scontrol in %s (root's: %v): Requeue %v, ran %v", c.dir, c.ok, err, ran == nil)
+		}
+		if !c.ok && (err == nil || !strings.Contains(err.Error(), "root alone can change")) {
+			t.Errorf("scontrol in a user's directory: %v, want a refusal saying why", err)
+		}
+	}
+}
