@@ -79,7 +79,8 @@ type slurmOpts struct {
 // slurmStart starts a cluster and registers its teardown.
 func slurmStart(t *testing.T, criu string, o slurmOpts) *slurmCluster {
 	t.Helper()
-	dir := t.TempDir()
+	// Users' commands (sbatch, scontrol in their jobs) read slurm.conf.
+	dir := slurmJobDir(t)
 	c := &slurmCluster{dir: dir, conf: filepath.Join(dir, "slurm.conf"), criu: criu,
 		name: fmt.Sprintf("cryo%06d", rand.IntN(1000000))}
 	for _, d := range []string{"state", "spool", "log", "etc"} {
@@ -984,5 +985,44 @@ func TestSlurmCorruptCheckpoint(t *testing.T) {
 				t.Logf("output:\n%s", slurmNoSteps(text))
 			}
 		})
+	}
+}
+
+// TestSlurmRequeueAsUser: the sbatch recipe of docs/slurm.md for an HPC
+// user who is not root, with nothing but cryo and its CRIU (no sudo, no
+// daemon): the batch job, the user's, gets SIGUSR1, checkpoints, stops,
+// requeues itself and is restored by its next run, which completes with
+// the result of an uninterrupted run; the restored job runs as the user,
+// and the store is the user's.
+func TestSlurmRequeueAsUser(t *testing.T) {
+	criu := slurmRequire(t)
+	_, u := requireUser(t)
+	c := slurmStart(t, criu, slurmOpts{})
+	memArgs := []string{"-steps", "60", "-mem", "32"}
+	want := reference(t, "memstate", memArgs...)
+	dir := u.dir(t)
+	id := c.sbatch(t, dir, slurmScript("--time=5", "", memArgs), u.name)
+	out := slurmFollow(t, filepath.Join(dir, "job.out"))
+	out.wait(t, `^step 15$`, 60*time.Second)
+	c.must(t, "scancel", "--signal=USR1", "--batch", id)
+	out.wait(t, `^cryo: stopped: checkpointed as generation \d+`, 30*time.Second)
+	out.wait(t, `^cryo: requeued: Slurm job `+id, 30*time.Second)
+	out.wait(t, `^cryo: restored: generation \d+`, 90*time.Second)
+	for _, p := range allMemstates(t) {
+		if got := readUserProcess(t, p); !strings.HasPrefix(got.uids, strconv.Itoa(u.uid)+" ") || got.capEff != "0000000000000000" {
+			t.Errorf("the restored job's pid %d has uids %q, capabilities %s; want the user's own and none", p, got.uids, got.capEff)
+		}
+	}
+	info := c.waitDone(t, id, 90*time.Second)
+	if info["JobState"] != "COMPLETED" || info["ExitCode"] != "0:0" || info["Restarts"] != "1" {
+		t.Errorf("the user's job %s ended as %s, exit code %s, after %s restarts; want COMPLETED, 0:0, 1", id, info["JobState"], info["ExitCode"], info["Restarts"])
+	}
+	p := slurmCheckResult(t, filepath.Join(dir, "job.out"), 60, want)
+	if n := strings.Count(strings.Join(p.other, "\n"), "cryo: started:"); n != 1 {
+		t.Errorf("cryo started the user's job %d times, want once (then restored it): %q", n, p.other)
+	}
+	var s syscall.Stat_t
+	if err := syscall.Stat(filepath.Join(dir, "cryo-"+id, "cryo-store.json"), &s); err != nil || int(s.Uid) != u.uid {
+		t.Errorf("the job's store is not the user's: uid %d, %v", s.Uid, err)
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -45,6 +46,9 @@ type InitSpec struct {
 	Namespaced bool   `json:"namespaced,omitempty"`
 	TmpDir     string `json:"tmpdir,omitempty"`
 	Log        string `json:"log,omitempty"`
+	// SetUp: the namespaces are set up and job-init runs again without the
+	// capabilities it set them up with (jobns.DropAndExec).
+	SetUp bool `json:"set_up,omitempty"`
 }
 
 // InitEvent is one line of job-init's events file.
@@ -78,8 +82,12 @@ const InitEnv = "CRYO_INIT_SPEC"
 // job's own: its descendants are then the namespace's processes.
 func RunInit(spec InitSpec) int {
 	closeInherited()
-	if spec.Namespaced {
-		if err := enterJobNamespaces(spec); err != nil {
+	if spec.Namespaced && !spec.SetUp {
+		err := enterJobNamespaces(spec)
+		if err == nil && jobns.NeedsDrop() {
+			err = dropAndRunAgain(spec) // returns only when it fails
+		}
+		if err != nil {
 			spec.event(InitEvent{Event: "start-failed", Tree: "job-init", Code: 127, Error: err.Error()})
 			return 127
 		}
@@ -95,7 +103,7 @@ func RunInit(spec InitSpec) int {
 		if err != nil {
 			spec.event(InitEvent{Event: "start-failed", Tree: t.Name, Code: 127, Error: err.Error()})
 			if t.Host {
-				endRest(spec.Grace)
+				endRest(spec.Grace, nil)
 				reapAll()
 				return 127
 			}
@@ -114,6 +122,7 @@ func RunInit(spec InitSpec) int {
 		}
 	}()
 	hostCode, hostDone := 0, false
+	var ending endSignals // what endRest has sent the rest of the job
 	ended := func(pid int, ws syscall.WaitStatus) (TreeSpec, bool) {
 		mu.Lock()
 		defer mu.Unlock()
@@ -121,7 +130,12 @@ func RunInit(spec InitSpec) int {
 		delete(roots, pid)
 		if ok {
 			code, sig := exitCode(ws)
-			spec.event(InitEvent{Event: "exited", Tree: t.Name, PID: pid, Code: code, Signal: sig, AfterHost: hostDone})
+			// After the host, a tree's end is job-init's doing only if it
+			// came from what job-init sent: killed by another signal (a
+			// fault, or SIGKILL before job-init sent one) it failed of its
+			// own, whatever order the two were reaped in.
+			ours := hostDone && ending.caused(ws)
+			spec.event(InitEvent{Event: "exited", Tree: t.Name, PID: pid, Code: code, Signal: sig, AfterHost: ours})
 		}
 		return t, ok
 	}
@@ -157,18 +171,21 @@ func RunInit(spec InitSpec) int {
 		mu.Lock()
 		hostDone = true
 		mu.Unlock()
-		go endRest(spec.Grace)
+		go endRest(spec.Grace, &ending)
 	}
 	return hostCode
 }
 
 // endRest ends every process below job-init: SIGTERM, and after grace
 // (default 5 s) SIGKILL, again until none is left. The caller reaps.
-func endRest(grace time.Duration) {
+func endRest(grace time.Duration, sent *endSignals) {
 	if grace <= 0 {
 		grace = 5 * time.Second
 	}
 	self := os.Getpid()
+	if sent != nil {
+		sent.term.Store(true)
+	}
 	if signalBelow(self, syscall.SIGTERM) == 0 {
 		return
 	}
@@ -179,9 +196,29 @@ func endRest(grace time.Duration) {
 			return
 		}
 	}
+	if sent != nil {
+		sent.kill.Store(true)
+	}
 	for signalBelow(self, syscall.SIGKILL) > 0 {
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// endSignals records what endRest has sent the rest of the job.
+type endSignals struct{ term, kill atomic.Bool }
+
+// caused tells whether an end ws follows from what was sent: an exit (the
+// tree's answer to SIGTERM), SIGTERM, or SIGKILL once that was sent.
+func (e *endSignals) caused(ws syscall.WaitStatus) bool {
+	switch {
+	case !e.term.Load():
+		return false
+	case ws.Exited():
+		return true
+	case ws.Signaled():
+		return ws.Signal() == syscall.SIGTERM || (ws.Signal() == syscall.SIGKILL && e.kill.Load())
+	}
+	return false
 }
 
 // below lists job-init's live descendants.
@@ -373,4 +410,20 @@ func closeInherited() {
 			_ = unix.Close(fd)
 		}
 	}
+}
+
+// dropAndRunAgain runs job-init again, set up, with no capability left in
+// any thread (jobns.DropAndExec): the job starts from there.
+func dropAndRunAgain(spec InitSpec) error {
+	spec.SetUp = true
+	b, err := json.Marshal(spec)
+	if err != nil {
+		return err
+	}
+	self, err := os.Executable() // our own /proc: a path of the job's mount namespace
+	if err != nil {
+		return err
+	}
+	env := slices.DeleteFunc(os.Environ(), func(kv string) bool { return strings.HasPrefix(kv, InitEnv+"=") })
+	return jobns.DropAndExec(self, []string{"cryo", "job-init"}, append(env, InitEnv+"="+string(b)))
 }

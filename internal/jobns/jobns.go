@@ -21,6 +21,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"runtime"
 	"strings"
 	"syscall"
 
@@ -54,11 +55,11 @@ func Attr(base syscall.SysProcAttr, user bool) *syscall.SysProcAttr {
 
 // Setup is job-init's first act as PID 1 of the job's namespaces, before
 // it starts any of the job's processes: it keeps the job's mounts to
-// itself, mounts a /proc of the job's PID namespace, an empty tmpfs on
-// /dev/shm and on tmpDir (a directory that exists; "" for none), and, in a
-// user namespace, drops every capability so the job runs with none. A
+// itself, and mounts a /proc of the job's PID namespace and an empty tmpfs
+// on /dev/shm and on tmpDir (a directory that exists; "" for none). A
 // job-init that is not PID 1 of new namespaces does nothing (cryo run
-// without namespaces).
+// without namespaces). In a user namespace (NeedsDrop), job-init must then
+// give up the capabilities it mounted with: DropAndExec.
 func Setup(tmpDir string) error {
 	if os.Getpid() != 1 {
 		return nil
@@ -82,10 +83,25 @@ func Setup(tmpDir string) error {
 			return fmt.Errorf("job namespace: mount %s on %s: %w", m.fstype, m.dir, err)
 		}
 	}
-	if inUserNamespace() {
-		return dropCapabilities()
-	}
 	return nil
+}
+
+// NeedsDrop tells whether job-init holds capabilities the job must not
+// have: those Attr gave it in the job's own user namespace.
+func NeedsDrop() bool { return os.Getpid() == 1 && inUserNamespace() }
+
+// DropAndExec runs path (job-init itself, again) with argv and env, with
+// no capability at all, not even in the job's user namespace, in any
+// thread: capabilities belong to threads, and Go runs on many, so they are
+// dropped on this one, locked, and exec starts the new image from it alone
+// (nothing inheritable, nothing ambient: it gets none). It returns only
+// when that fails.
+func DropAndExec(path string, argv, env []string) error {
+	runtime.LockOSThread()
+	if err := dropCapabilities(); err != nil {
+		return err
+	}
+	return fmt.Errorf("job namespace: exec %s without capabilities: %w", path, syscall.Exec(path, argv, env))
 }
 
 // inUserNamespace tells whether we are in a user namespace other than the
@@ -99,8 +115,7 @@ func inUserNamespace() bool {
 	return !(len(f) == 3 && f[0] == "0" && f[1] == "0" && f[2] == "4294967295")
 }
 
-// dropCapabilities leaves job-init, and so every process it starts, with no
-// capability at all, not even in its own user namespace.
+// dropCapabilities leaves the calling thread with no capability at all.
 func dropCapabilities() error {
 	if err := unix.Prctl(unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0); err != nil {
 		return fmt.Errorf("job namespace: clear ambient capabilities: %w", err)

@@ -27,8 +27,14 @@ type seen struct {
 func TestMain(m *testing.M) {
 	if dir := os.Getenv(jobnsHelper); dir != "" {
 		var s seen
-		if err := Setup(filepath.Join(dir, "tmp")); err != nil {
-			s.Err = err.Error()
+		if os.Getenv(jobnsHelper+"_DROPPED") == "" {
+			if err := Setup(filepath.Join(dir, "tmp")); err != nil {
+				s.Err = err.Error()
+			} else if NeedsDrop() {
+				exe, _ := os.Executable()
+				err := DropAndExec(exe, os.Args, append(os.Environ(), jobnsHelper+"_DROPPED=1"))
+				s.Err = err.Error()
+			}
 		}
 		s.PID, s.UID = os.Getpid(), os.Getuid()
 		s.ProcSelf, _ = os.Readlink("/proc/self")
@@ -36,12 +42,22 @@ func TestMain(m *testing.M) {
 		s.ShmFile = err == nil
 		_, err = os.Stat(filepath.Join(dir, "tmp", "before"))
 		s.TmpFile = err == nil
-		if b, err := os.ReadFile("/proc/self/status"); err == nil {
+		// Capabilities are per thread: the job must hold none in any.
+		tasks, _ := os.ReadDir("/proc/self/task")
+		for _, task := range tasks {
+			b, err := os.ReadFile("/proc/self/task/" + task.Name() + "/status")
+			if err != nil {
+				continue
+			}
 			for _, l := range strings.Split(string(b), "\n") {
-				if v, ok := strings.CutPrefix(l, "CapEff:"); ok {
-					s.CapEff = strings.TrimSpace(v)
+				k, v, _ := strings.Cut(l, ":")
+				if v = strings.TrimSpace(v); strings.HasPrefix(k, "Cap") && k != "CapBnd" && v != "0000000000000000" {
+					s.CapEff = k + " " + v + " in thread " + task.Name()
 				}
 			}
+		}
+		if s.CapEff == "" {
+			s.CapEff = "0000000000000000"
 		}
 		_ = json.NewEncoder(os.Stdout).Encode(s)
 		os.Exit(0)
