@@ -70,11 +70,12 @@ type Image struct {
 	Bytes   int64 // page bytes received
 }
 
-// Sink takes the pages of one image as chunks, in order. Buffer returns an
-// empty buffer of at least max bytes' capacity; Put takes it over.
+// Sink takes the pages of one image as chunks, in order, each with the
+// virtual address of its first byte. Buffer returns an empty buffer of at
+// least max bytes' capacity; Put takes it over.
 type Sink interface {
 	Buffer() []byte
-	Put(img *Image, data []byte) error
+	Put(img *Image, addr uint64, data []byte) error
 }
 
 // Receiver serves one dump's connection.
@@ -237,7 +238,7 @@ func (r *Receiver) flush() error {
 	}
 	b := r.buf
 	r.buf = nil
-	return r.Sink.Put(r.cur, b)
+	return r.Sink.Put(r.cur, r.bufAddr, b)
 }
 
 // PagemapImage encodes img's pagemap the way CRIU writes pagemap-*.img:

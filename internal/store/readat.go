@@ -23,20 +23,23 @@ func (s *Store) ReadAt(m *Manifest, name string, off, n int64) ([]byte, error) {
 	if off < 0 || n < 0 {
 		return nil, fmt.Errorf("%s: bad range %d+%d", name, off, n)
 	}
+	if n > MaxImage {
+		return nil, fmt.Errorf("%s: %d bytes at once, more than the %d a reader takes into memory", name, n, MaxImage)
+	}
 	end := min(off+n, f.Size)
-	var out []byte
+	out := make([]byte, 0, max(end-off, 0))
 	var pos int64
 	for i, c := range f.Chunks {
 		cend := pos + c.Len
 		if cend > off && pos < end {
 			var data []byte
 			if c.Zero {
-				data = make([]byte, c.Len)
+				data = zeros[:c.Len]
 			} else {
 				var err error
-				if data, err = s.readChunk(c, nil, false); err != nil {
+				if data, err = s.readChunk(c, nil, false, m.Format); err != nil {
 					return nil, &CorruptError{Generation: m.Generation, Problems: []Problem{{File: name, Chunk: i,
-						Offset: pos, Hash: c.Hash, Path: s.ChunkPath(c.Hash), Reason: err.Error()}}}
+						Offset: pos, Hash: c.Hash, Path: s.ChunkLocation(c.Hash), Reason: err.Error()}}}
 				}
 			}
 			lo, hi := max(off, pos)-pos, min(end, cend)-pos
