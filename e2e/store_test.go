@@ -33,9 +33,10 @@ func TestCorruptStore(t *testing.T) {
 	m := manifest(t, orig, 1)
 
 	// Damage a chunk that only one file references, so that exactly one
-	// file and chunk are to blame.
+	// file and chunk are to blame. Cutting a pack short loses what follows
+	// the cut, so the chunk cut is the last of its pack.
 	pagesFile, pagesChunk := chunkOnlyIn(t, m, "pages")
-	imageFile, imageChunk := chunkOnlyIn(t, m, "image")
+	lastFile, lastChunk := lastChunkIn(t, orig, m)
 
 	tests := []struct {
 		name   string
@@ -45,24 +46,21 @@ func TestCorruptStore(t *testing.T) {
 		listSees bool
 	}{
 		{"flipped byte in a page chunk", func(t *testing.T, st string) string {
-			p := chunkFile(st, pagesFile, pagesChunk)
-			b := readFile(t, p)
-			b[len(b)/2] ^= 0x20
-			writeFile(t, p, b)
+			flipChunk(t, st, pagesFile, pagesChunk)
 			return pagesFile.Name + ": chunk " + strconv.Itoa(pagesChunk)
 		}, false},
-		{"truncated page chunk", func(t *testing.T, st string) string {
-			p := chunkFile(st, pagesFile, pagesChunk)
-			if err := os.Truncate(p, int64(len(readFile(t, p))/2)); err != nil {
-				t.Fatal(err)
-			}
-			return pagesFile.Name + ": chunk " + strconv.Itoa(pagesChunk)
+		{"pack cut short in its last chunk", func(t *testing.T, st string) string {
+			cutChunk(t, st, lastFile, lastChunk)
+			return lastFile.Name + ": chunk " + strconv.Itoa(lastChunk)
 		}, true},
-		{"deleted image chunk", func(t *testing.T, st string) string {
-			if err := os.Remove(chunkFile(st, imageFile, imageChunk)); err != nil {
-				t.Fatal(err)
+		{"deleted pack", func(t *testing.T, st string) string {
+			packs, _ := filepath.Glob(filepath.Join(st, "packs", "*.pack"))
+			for _, p := range packs {
+				if err := os.Remove(p); err != nil {
+					t.Fatal(err)
+				}
 			}
-			return imageFile.Name + ": chunk " + strconv.Itoa(imageChunk)
+			return "missing"
 		}, true},
 		{"truncated manifest", func(t *testing.T, st string) string {
 			p := filepath.Join(st, "checkpoints", "1", "manifest.json")
