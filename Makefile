@@ -4,19 +4,24 @@
 #   make test    install what is needed (Go modules, CRIU, tools) and run every test
 #   make bench   checkpoint/restore benchmark against raw CRIU (BENCH_MIB=2048)
 #   make fuzz    fuzz the manifest, pagemap and page-stream readers (FUZZTIME=30s each)
+#   make install cryo into PREFIX/bin, and its CRIU (with cap_checkpoint_restore,
+#                so users checkpoint their own jobs) into PREFIX/lib/cryo/criu
 #
 # Everything that needs installing is installed by `make deps` (root, Debian 12).
+# CRIU goes where `make install` puts it, outside the checkout: users run it,
+# and its file capability is safe only in directories root alone can change.
 
 SHELL       := /bin/bash
 GO          ?= go
 BIN         := bin/cryo
-CRIU_PREFIX := $(CURDIR)/.deps/criu
+PREFIX      ?= /usr/local
+CRIU_PREFIX ?= $(PREFIX)/lib/cryo/criu
 CRIU        := $(CRIU_PREFIX)/sbin/criu
 STATICCHECK := $(CURDIR)/.deps/bin/staticcheck
 export CRYO_CRIU ?= $(CRIU)
 export GOFLAGS   ?= -buildvcs=false
 
-.PHONY: all build deps criu tools lint test test-unit demo bench fuzz clean
+.PHONY: all build deps criu tools lint test test-unit test-user demo bench fuzz install clean
 
 all: build
 
@@ -46,9 +51,14 @@ lint: tools
 test-unit:
 	$(GO) test -short ./...
 
+# The unprivileged user the user-mode tier runs cryo as (created if missing).
+test-user:
+	scripts/test-user.sh
+
 # Every tier. As root with CRIU installed nothing may skip (CRYO_NO_SKIP=1):
-# a test that cannot run fails and says why.
-test: deps lint build
+# a test that cannot run fails and says why. The user-mode tier runs cryo as
+# the test user.
+test: deps test-user lint build
 	scripts/run-tests.sh
 
 demo: criu build
@@ -66,6 +76,9 @@ fuzz:
 	$(GO) test ./internal/store -run '^$$' -fuzz '^FuzzManifestFields$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./internal/pageserver -run '^$$' -fuzz '^FuzzParsePagemap$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./internal/pageserver -run '^$$' -fuzz '^FuzzReceiver$$' -fuzztime $(FUZZTIME)
+
+install: build criu
+	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/cryo
 
 clean:
 	rm -rf bin

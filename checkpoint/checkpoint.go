@@ -124,7 +124,12 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 	if err != nil {
 		return nil, err
 	}
-	log.Debug("criu", "path", bin.Path, "via", bin.Source, "version", bin.VersionString())
+	log.Debug("criu", "path", bin.Path, "via", bin.Source, "version", bin.VersionString(), "unprivileged", bin.Unprivileged)
+	if bin.Unprivileged {
+		if err := userModePreflight(append([]int{o.PID}, o.MorePIDs...)); err != nil {
+			return nil, err
+		}
+	}
 
 	st, err := store.Create(o.Store, "cryo "+Version)
 	if err != nil {
@@ -171,11 +176,9 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 	}
 	log.Debug("dumping", "pid", o.PID, "work", work, "estimate", need)
 
-	copts := criu.Options{
-		ImagesDir: images, WorkDir: work, LogFile: "dump.log",
-		Pid: o.PID, LeaveRunning: !o.Kill, LeaveStopped: o.Kill,
-		TCPEstablished: true, ShellJob: true, FileLocks: true, ExtUnixSockets: true,
-	}
+	copts := criu.JobOptions(bin)
+	copts.ImagesDir, copts.WorkDir, copts.LogFile = images, work, "dump.log"
+	copts.Pid, copts.LeaveRunning, copts.LeaveStopped = o.PID, !o.Kill, o.Kill
 	// Offload contexts: lock, then checkpoint, so their device state is in
 	// host memory for CRIU. Until Resume (or the job's end) every failure
 	// path must bring them back, after the tree runs again.

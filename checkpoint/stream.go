@@ -29,7 +29,9 @@ type pageStream struct {
 	files map[*pageserver.Image]*store.FileWriter
 }
 
-func startPageStream(w *store.Writer) (*pageStream, error) {
+// startPageStream starts receiving a dump's pages from CRIU of version
+// criuVersion over a socketpair.
+func startPageStream(w *store.Writer, criuVersion int) (*pageStream, error) {
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("page stream: %w", err)
@@ -46,7 +48,7 @@ func startPageStream(w *store.Writer) (*pageStream, error) {
 		done:   make(chan error, 1),
 		files:  map[*pageserver.Image]*store.FileWriter{},
 	}
-	p.rcv = &pageserver.Receiver{Window: ChunkWindow, Max: ChunkWindow, Sink: p}
+	p.rcv = &pageserver.Receiver{Window: ChunkWindow, Max: ChunkWindow, Sink: p, Wire: pageserver.WireFor(criuVersion)}
 	go func() { p.done <- p.rcv.Serve(p.ours) }()
 	return p, nil
 }

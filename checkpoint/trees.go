@@ -74,7 +74,7 @@ func dumpTree(ctx context.Context, bin criu.Binary, copts criu.Options, w *store
 	var stream *pageStream
 	if !o.NoStream {
 		var err error
-		if stream, err = startPageStream(w); err != nil {
+		if stream, err = startPageStream(w, bin.Version); err != nil {
 			return err
 		}
 		stream.prefix = prefix

@@ -46,6 +46,11 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
+	// The user-mode tier runs these binaries as the test user.
+	if err := os.Chmod(dir, 0o755); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
 	binDir = dir
 	code := m.Run()
 	os.RemoveAll(dir)
@@ -125,7 +130,7 @@ func requireBinaries(t *testing.T) {
 func findCRIU() (string, error) {
 	p, src := os.Getenv("CRYO_CRIU"), "CRYO_CRIU"
 	if p == "" {
-		p, src = filepath.Join(repoRoot(), ".deps", "criu", "sbin", "criu"), "the repository's .deps"
+		p, src = "/usr/local/lib/cryo/criu/sbin/criu", "`make criu`'s default place"
 	}
 	st, err := os.Stat(p)
 	if err != nil || st.IsDir() || st.Mode()&0o111 == 0 {
@@ -206,6 +211,13 @@ type job struct {
 // hold its PID, and kills it at the end of the test if it is still there.
 func startJob(t *testing.T, name, out string, appendOut bool, args ...string) *job {
 	t.Helper()
+	return startJobWith(t, name, out, appendOut, nil, args...)
+}
+
+// startJobWith is startJob with prep applied to the command before it
+// starts (to run it as another user, say).
+func startJobWith(t *testing.T, name, out string, appendOut bool, prep func(*exec.Cmd), args ...string) *job {
+	t.Helper()
 	flags := os.O_WRONLY | os.O_CREATE | os.O_TRUNC
 	if appendOut {
 		flags = os.O_WRONLY | os.O_CREATE | os.O_APPEND
@@ -218,6 +230,9 @@ func startJob(t *testing.T, name, out string, appendOut bool, args ...string) *j
 	cmd := exec.Command(bin(name), args...)
 	cmd.Stdout, cmd.Stderr = f, f // files, not pipes: CRIU cannot dump a pipe to us
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if prep != nil {
+		prep(cmd)
+	}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}

@@ -19,7 +19,6 @@ import (
 	"github.com/cryo-hpc/cryo/internal/criu"
 	"github.com/cryo-hpc/cryo/internal/pageserver"
 	"github.com/cryo-hpc/cryo/internal/store"
-	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -203,14 +202,13 @@ func prepareLazy(ctx context.Context, st *store.Store, m *store.Manifest, images
 			return
 		}
 		defer c.Close()
-		n, err := pageserver.ServeLazy(c, src.pages)
+		n, err := pageserver.ServeLazy(c, pageserver.WireFor(bin.Version), src.pages)
 		sess.sent = n
 		sess.served <- err
 	}()
 	port := sess.ln.Addr().(*net.TCPAddr).Port
-	sess.daemon = exec.Command(bin.Path, "lazy-pages", "--page-server", "--address", "127.0.0.1",
-		"--port", strconv.Itoa(port), "-D", images, "-W", work, "-o", "lazy-pages.log", "-v4")
-	sess.daemon.SysProcAttr = &unix.SysProcAttr{Setsid: true}
+	sess.daemon = criu.LazyPagesDaemon(bin, criu.Options{ImagesDir: images, WorkDir: work,
+		PageServer: &criu.PageServerAddr{Address: "127.0.0.1", Port: int32(port)}})
 	if err := sess.daemon.Start(); err != nil {
 		sess.ln.Close()
 		return nil, fmt.Errorf("lazy restore: start criu lazy-pages: %w", err)

@@ -185,8 +185,17 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 	if wait == 0 {
 		wait = 10 * time.Second
 	}
-	if err := pidsFree(ctx, m, wait, log); err != nil {
-		return nil, err
+	// A job in PID namespaces of its own (cryo run's: its root is PID 1)
+	// comes back in fresh ones, where its PIDs cannot be taken.
+	if !ownPIDNamespace(m) {
+		if err := pidsFree(ctx, m, wait, log); err != nil {
+			return nil, err
+		}
+	}
+	if !bin.Unprivileged {
+		if err := sameOwner(st, m); err != nil {
+			return nil, fmt.Errorf("restore generation %d: %w", gen, err)
+		}
 	}
 	// The job's GPUs (or others that can take its device state) must be
 	// here before anything starts.
@@ -279,12 +288,16 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 	}()
 
 	t1 := time.Now()
-	copts := criu.Options{
-		ImagesDir: images, WorkDir: work, LogFile: "restore.log",
-		RestoreSibling: o.Sibling, RestoreDetached: !o.Sibling,
-		TCPEstablished: m.CRIU.TCPEstablished, ShellJob: m.CRIU.ShellJob,
-		FileLocks: true, ExtUnixSockets: true, LazyPages: o.Lazy,
+	copts := criu.JobOptions(bin)
+	copts.ImagesDir, copts.WorkDir, copts.LogFile = images, work, "restore.log"
+	copts.RestoreSibling, copts.RestoreDetached, copts.LazyPages = o.Sibling, !o.Sibling, o.Lazy
+	// A job is restored as it was dumped.
+	copts.TCPEstablished, copts.ShellJob = m.CRIU.TCPEstablished, m.CRIU.ShellJob
+	names := make([]string, 0, len(m.Files))
+	for _, f := range m.Files {
+		names = append(names, f.Name)
 	}
+	copts.Root = criu.MountNamespaceRoot(names)
 	var pid int
 	if len(m.Job.Trees) > 0 {
 		var pids []int
@@ -416,6 +429,12 @@ func killJob(m *store.Manifest) error {
 // pidsFree checks that every PID and thread ID of the job is free, waiting
 // up to wait for ones held by a dying process (a zombie, or one with
 // SIGKILL pending); a live holder is refused.
+// ownPIDNamespace tells whether the generation's job lives in a PID
+// namespace of its own: its root process is that namespace's PID 1.
+func ownPIDNamespace(m *store.Manifest) bool {
+	return len(m.Job.Processes) > 0 && m.Job.Processes[0].PID == 1
+}
+
 func pidsFree(ctx context.Context, m *store.Manifest, wait time.Duration, log *slog.Logger) error {
 	ctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()

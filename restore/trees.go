@@ -6,11 +6,16 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"sync"
 	"time"
 
 	"github.com/cryo-hpc/cryo/internal/criu"
+	"github.com/cryo-hpc/cryo/internal/store"
 )
+
+// treeName is how checkpoint names the trees of a job without one root.
+var treeName = regexp.MustCompile(`^tree-[0-9]{1,6}$`)
 
 // restoreTrees restores a job that was dumped as several trees, all at
 // once: each tree's CRIU holds at its post-restore point (the tree is
@@ -20,6 +25,13 @@ import (
 // others are abandoned too (CRIU kills what it restored). It returns the
 // root PID of each tree.
 func restoreTrees(ctx context.Context, bin criu.Binary, base criu.Options, images, work string, trees []string) ([]int, error) {
+	for _, t := range trees {
+		// A tree is a directory that checkpoint named: nothing else, and
+		// nowhere outside the work directory ("../x" from a crafted store).
+		if !treeName.MatchString(t) {
+			return nil, fmt.Errorf("%w: the manifest names a tree %q (want tree-N)", store.ErrCorrupt, t)
+		}
+	}
 	n := len(trees)
 	var arrived sync.WaitGroup
 	arrived.Add(n)

@@ -18,6 +18,33 @@ go test -p 1 -count=1 -v -timeout 40m ${TEST_FLAGS:-} ./... 2>&1 | tee "$log" | 
   cont && /^        / && !/^ *step [0-9]+$/ { print; next }
   { cont = 0 }'
 rc=${PIPESTATUS[0]}
+
+# The user-mode tier, part two: the packages that talk to CRIU and set up
+# job namespaces, run as the unprivileged test user (the e2e user tests run
+# cryo as that user from the root test binary). Their binaries are built
+# into a directory the user may enter, with the testdata they read.
+user=${CRYO_TEST_USER:-cryo-test}
+if [ "$(id -u)" = 0 ] && [[ " ${TEST_FLAGS:-} " != *" -short "* ]]; then
+  if ! id "$user" >/dev/null 2>&1; then
+    echo "--- FAIL: user-mode tier: no test user $user (make test-user creates it)" | tee -a "$log"
+    rc=1
+  else
+    ut=$(mktemp -d)
+    chmod 755 "$ut"
+    for pkg in internal/criu internal/jobns; do
+      name=$(basename "$pkg")
+      mkdir -p "$ut/$name"
+      go test -c -o "$ut/$name/$name.test" "./$pkg" || rc=1
+      [ -d "$pkg/testdata" ] && cp -r "$pkg/testdata" "$ut/$name/"
+      echo "user-mode tier: ./$pkg as $user" | tee -a "$log"
+      ( cd "$ut/$name" && runuser -u "$user" -- env -i PATH=/usr/bin:/bin HOME=/tmp \
+          CRYO_CRIU="${CRYO_CRIU:-}" CRYO_NO_SKIP="${CRYO_NO_SKIP:-}" "./$name.test" -test.count=1 -test.v ) 2>&1 |
+        tee -a "$log" | grep -E '^(--- |    --- |ok|FAIL|PASS|panic)|_test\.go:[0-9]+:'
+      [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+    done
+    rm -rf "$ut"
+  fi
+fi
 pass=$(grep -cE '^\s*--- PASS' "$log")
 fail=$(grep -cE '^\s*--- FAIL' "$log")
 skip=$(grep -cE '^\s*--- SKIP' "$log")

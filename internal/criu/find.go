@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"github.com/cryo-hpc/cryo/internal/privilege"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -30,8 +31,10 @@ var (
 	ErrCRIUTooOld = errors.New("criu too old")
 	// ErrCheckFailed means `criu check` did not pass on this kernel.
 	ErrCheckFailed = errors.New("criu check failed")
-	// ErrNotRoot means CRIU cannot work because cryo is not running as root.
-	ErrNotRoot = errors.New("not running as root")
+	// ErrNoCapability means cryo runs as a user who is not root and the
+	// CRIU found lacks the file capability cap_checkpoint_restore, without
+	// which it cannot checkpoint or restore even the user's own processes.
+	ErrNoCapability = errors.New("criu lacks cap_checkpoint_restore")
 )
 
 // Binary is a CRIU executable that passed Vet.
@@ -39,6 +42,10 @@ type Binary struct {
 	Path    string // absolute path
 	Source  string // how it was found: "--criu", "CRYO_CRIU" or "PATH"
 	Version int    // major*10000 + minor*100 + sublevel
+	// Unprivileged: cryo runs as a user who is not root, so CRIU runs as
+	// that user with --unprivileged and its file capability, on that
+	// user's processes only (Vet sets it).
+	Unprivileged bool
 }
 
 // VersionString renders Version as "4.1.1".
@@ -66,11 +73,31 @@ func Locate(explicit string, getenv func(string) string) (Binary, error) {
 	if p := getenv("CRYO_CRIU"); p != "" {
 		return try(p, "CRYO_CRIU")
 	}
+	if p := installed(); p != "" {
+		return try(p, "the cryo installation")
+	}
 	p, err := exec.LookPath("criu")
 	if err != nil {
-		return Binary{}, fmt.Errorf("%w: not given by --criu or CRYO_CRIU and not on PATH; run scripts/install-criu.sh (or `make deps`) to build CRIU 4.1.1", ErrNotFound)
+		return Binary{}, fmt.Errorf("%w: not given by --criu or CRYO_CRIU, not installed with cryo and not on PATH; an admin installs it with `make install` (scripts/install-criu.sh)", ErrNotFound)
 	}
 	return try(p, "PATH")
+}
+
+// InstalledRel is where `make install` puts CRIU, relative to the
+// directory of the cryo binary (PREFIX/bin/cryo, PREFIX/lib/cryo/criu).
+const InstalledRel = "../lib/cryo/criu/sbin/criu"
+
+// installed is the CRIU installed with the running cryo, if there is one.
+func installed() string {
+	self, err := os.Executable()
+	if err != nil {
+		return ""
+	}
+	p := filepath.Join(filepath.Dir(self), InstalledRel)
+	if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() {
+		return p
+	}
+	return ""
 }
 
 var versionRE = regexp.MustCompile(`Version:\s*(\d+)\.(\d+)(?:\.(\d+))?`)
@@ -90,26 +117,52 @@ func ParseVersion(out string) (int, error) {
 	return major*10000 + minor*100 + sub, nil
 }
 
-// Vet checks that b is usable: run as root, version >= MinVersion, and
-// `criu check` passes. A passing `criu check` is remembered with the
-// version per binary (path, size, mtime) and kernel under cacheDir, so that
-// a checkpoint or restore does not pay for either again (CRIU takes 40-50
-// ms just to start); cacheDir "" disables the cache.
+// Vet checks that b is usable: version >= MinVersion and `criu check`
+// passes; run as a user who is not root, also that b has the file
+// capability cap_checkpoint_restore, and then b is Unprivileged. A passing
+// `criu check` is remembered with the version per binary (path, size,
+// mtime), kernel and user under cacheDir, so that a checkpoint or restore
+// does not pay for either again (CRIU takes 40-50 ms just to start);
+// cacheDir "" disables the cache. Check is Vet without trusting the cache.
 func Vet(ctx context.Context, b Binary, cacheDir string) (Binary, error) {
-	if os.Geteuid() != 0 {
-		return b, fmt.Errorf("%w: CRIU needs root to checkpoint or restore processes (found %s via %s)", ErrNotRoot, b.Path, b.Source)
+	return vet(ctx, b, cacheDir, true)
+}
+
+// Check is Vet for `cryo check`: it always runs `criu check`, and records
+// the outcome in cacheDir (a pass, or forgetting an old pass), so that
+// checkpoints never use a pass that `cryo check` would not give now.
+func Check(ctx context.Context, b Binary, cacheDir string) (Binary, error) {
+	return vet(ctx, b, cacheDir, false)
+}
+
+func vet(ctx context.Context, b Binary, cacheDir string, useCache bool) (Binary, error) {
+	b.Unprivileged = !privilege.Root()
+	if !b.Unprivileged {
+		// Root runs only a CRIU that no one else can change, wherever it
+		// was found (a flag, CRYO_CRIU kept by sudo, PATH).
+		if err := privilege.Trusted(b.Path); err != nil {
+			return b, fmt.Errorf("as root, cryo runs only a CRIU that root alone can change; %s (via %s): %w", b.Path, b.Source, err)
+		}
+	}
+	if b.Unprivileged {
+		if err := capable(b.Path); err != nil {
+			return b, fmt.Errorf("%w: %s (via %s): %v", ErrNoCapability, b.Path, b.Source, err)
+		}
 	}
 	stamp := ""
 	if cacheDir != "" {
 		stamp = checkStamp(b.Path, cacheDir)
 	}
-	if stamp != "" {
+	if stamp != "" && useCache {
 		if rec, err := os.ReadFile(stamp); err == nil {
 			if v, err := ParseVersion(string(rec)); err == nil && v >= MinVersion {
 				b.Version = v
 				return b, nil
 			}
 		}
+	}
+	if stamp != "" {
+		_ = os.Remove(stamp) // a pass is remembered only once it is seen again
 	}
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
@@ -126,7 +179,11 @@ func Vet(ctx context.Context, b Binary, cacheDir string) (Binary, error) {
 		return b, fmt.Errorf("%w: %s (via %s) is CRIU %s; cryo needs >= 4.0 (CRIU 3.x fails on current kernels); run scripts/install-criu.sh", ErrCRIUTooOld, b.Path, b.Source, b.VersionString())
 	}
 	var buf bytes.Buffer
-	cmd := exec.CommandContext(ctx, b.Path, "check")
+	args := []string{"check"}
+	if b.Unprivileged {
+		args = append(args, "--unprivileged")
+	}
+	cmd := exec.CommandContext(ctx, b.Path, args...)
 	cmd.Stdout, cmd.Stderr = &buf, &buf
 	if err := cmd.Run(); err != nil || !strings.Contains(buf.String(), "Looks good") {
 		return b, fmt.Errorf("%w: %s (via %s, CRIU %s) on this kernel: %s", ErrCheckFailed, b.Path, b.Source, b.VersionString(), lastLines(buf.String(), 3))
@@ -148,8 +205,8 @@ func checkStamp(path, dir string) string {
 	var u unix.Utsname
 	_ = unix.Uname(&u)
 	h := sha256.New()
-	fmt.Fprintf(h, "%s\x00%d\x00%d\x00%s\x00%s", path, st.Size(), st.ModTime().UnixNano(),
-		unix.ByteSliceToString(u.Release[:]), unix.ByteSliceToString(u.Version[:]))
+	fmt.Fprintf(h, "%s\x00%d\x00%d\x00%s\x00%s\x00%d", path, st.Size(), st.ModTime().UnixNano(),
+		unix.ByteSliceToString(u.Release[:]), unix.ByteSliceToString(u.Version[:]), os.Geteuid())
 	return filepath.Join(dir, "criu-check-"+hex.EncodeToString(h.Sum(nil))[:24])
 }
 
@@ -176,7 +233,11 @@ func Probe(ctx context.Context, b Binary) Features {
 	has := func(feature string) bool {
 		ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		defer cancel()
-		return exec.CommandContext(ctx, b.Path, "check", "--feature", feature).Run() == nil
+		args := []string{"check", "--feature", feature}
+		if b.Unprivileged {
+			args = append(args, "--unprivileged")
+		}
+		return exec.CommandContext(ctx, b.Path, args...).Run() == nil
 	}
 	return Features{DirtyTracking: has("mem_dirty_track"), LazyPages: has("uffd-noncoop")}
 }

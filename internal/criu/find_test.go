@@ -1,6 +1,7 @@
 package criu
 
 import (
+	"encoding/binary"
 	"errors"
 	"os"
 	"path/filepath"
@@ -148,13 +149,15 @@ func TestVet(t *testing.T) {
 		return Binary{Path: p, Source: "--criu"}, calls
 	}
 	if os.Geteuid() != 0 {
+		// A script cannot carry a file capability: as a user, Vet refuses
+		// it before running it, and says what an admin runs.
 		b, calls := fake(t, "4.1.1", "echo Looks good.")
 		_, err := Vet(t.Context(), b, "")
-		if !errors.Is(err, ErrNotRoot) || !strings.Contains(err.Error(), b.Path) {
-			t.Errorf("Vet as a normal user: %v, want ErrNotRoot naming %s", err, b.Path)
+		if !errors.Is(err, ErrNoCapability) || !strings.Contains(err.Error(), b.Path) || !strings.Contains(err.Error(), AdminFix(b.Path)) {
+			t.Errorf("Vet as a user of a CRIU without the capability: %v, want ErrNoCapability naming %s and %q", err, b.Path, AdminFix(b.Path))
 		}
 		if _, serr := os.Stat(calls); serr == nil {
-			t.Error("Vet ran `criu check` without root")
+			t.Error("Vet ran `criu check` of a CRIU that cannot work for this user")
 		}
 		return
 	}
@@ -241,6 +244,42 @@ func TestVet(t *testing.T) {
 			t.Errorf("criu check ran %d times for 2 Vets of a failing CRIU, want 2", n)
 		}
 	})
+}
+
+// TestHasCap reads security.capability values as the kernel lays them
+// out (include/uapi/linux/capability.h).
+func TestHasCap(t *testing.T) {
+	attr := func(magic uint32, words ...uint32) []byte {
+		b := binary.LittleEndian.AppendUint32(nil, magic)
+		for _, w := range words {
+			b = binary.LittleEndian.AppendUint32(b, w)
+		}
+		return b
+	}
+	const eff = 1
+	bit40 := uint32(1) << (40 - 32)
+	tests := []struct {
+		name    string
+		b       []byte
+		want    bool
+		wantErr bool
+	}{
+		{"v2 cap_checkpoint_restore=eip", attr(0x02000000|eff, 0, 0, bit40, 0), true, false},
+		{"v3 (namespaced) too", attr(0x03000000|eff, 0, 0, bit40, bit40, 1000), true, false},
+		{"permitted but not effective", attr(0x02000000, 0, 0, bit40, 0), false, false},
+		{"only inheritable", attr(0x02000000|eff, 0, 0, 0, bit40), false, false},
+		{"another capability (cap_sys_ptrace=ep)", attr(0x02000000|eff, 1<<19, 0, 0, 0), false, false},
+		{"v1 has no capability 40", attr(0x01000000|eff, 0xffffffff, 0), false, false},
+		{"unknown revision", attr(0x07000000|eff, 0, 0, bit40, 0), false, true},
+		{"truncated", attr(0x02000000|eff, 0, 0), false, true},
+		{"empty", nil, false, true},
+	}
+	for _, tc := range tests {
+		got, err := hasCap(tc.b, capCheckpointRestore)
+		if got != tc.want || (err != nil) != tc.wantErr {
+			t.Errorf("%s: hasCap = %v, %v; want %v, error %v", tc.name, got, err, tc.want, tc.wantErr)
+		}
+	}
 }
 
 func readOrEmpty(p string) []byte {

@@ -2,6 +2,7 @@ package criu
 
 import (
 	"fmt"
+	"github.com/cryo-hpc/cryo/internal/pageserver"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -141,7 +142,7 @@ func PageRuns(dir string) (map[string][]PageRun, error) {
 			if !present {
 				continue
 			}
-			run := PageRun{Vaddr: pe.GetVaddr(), Offset: off, Pages: uint64(pe.GetNrPages())}
+			run := PageRun{Vaddr: pe.GetVaddr(), Offset: off, Pages: pageserver.EntryPages(pe)}
 			off += int64(run.Pages * PageSize)
 			// CRIU splits one mapping into runs of a few hundred pages, and
 			// where it splits depends on what came before: merge runs that

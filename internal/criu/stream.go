@@ -64,7 +64,9 @@ func RestoreStreamed(ctx context.Context, b Binary, o Options, src ImageSource) 
 
 	pidfile := filepath.Join(work, "restore.pid")
 	_ = os.Remove(pidfile)
-	args, extra := o.cliRestoreArgs(pidfile)
+	b.fit(&o)
+	args, extra := o.cmdline("restore")
+	args = append(args, "--stream", "--pidfile", pidfile)
 	cmd := exec.Command(b.Path, args...)
 	cmd.ExtraFiles = extra
 	var stderr limitedBuffer
@@ -141,48 +143,6 @@ func waitCRIU(ctx context.Context, cmd *exec.Cmd, exited chan error) error {
 		_ = cmd.Process.Kill()
 		return <-exited
 	}
-}
-
-// cliRestoreArgs is rpcOpts for the command line: the same choices, as
-// `criu restore` flags. Inherited files become fds 3, 4, ...
-func (o Options) cliRestoreArgs(pidfile string) ([]string, []*os.File) {
-	level := o.LogLevel
-	if level == 0 {
-		level = 4
-	}
-	work := o.WorkDir
-	if work == "" {
-		work = o.ImagesDir
-	}
-	a := []string{"restore", "--stream", "-D", o.ImagesDir, "-W", work,
-		"-o", o.LogFile, "-v" + strconv.Itoa(level), "--pidfile", pidfile,
-		// The tree is restored detached: CRIU returns once it runs. With
-		// --restore-sibling its root is our child, as with RstSibling.
-		"--restore-detached",
-		// As in rpcOpts: the restored job joins our cgroups.
-		"--manage-cgroups=ignore",
-	}
-	if o.RestoreSibling {
-		a = append(a, "--restore-sibling")
-	}
-	for _, f := range []struct {
-		on   bool
-		flag string
-	}{{o.TCPEstablished, "--tcp-established"}, {o.ShellJob, "--shell-job"},
-		{o.FileLocks, "--file-locks"}, {o.ExtUnixSockets, "--ext-unix-sk"}} {
-		if f.on {
-			a = append(a, f.flag)
-		}
-	}
-	for _, e := range o.External {
-		a = append(a, "--external", e)
-	}
-	var extra []*os.File
-	for key, f := range o.InheritFds {
-		a = append(a, "--inherit-fd", fmt.Sprintf("fd[%d]:%s", 3+len(extra), key))
-		extra = append(extra, f)
-	}
-	return a, extra
 }
 
 // serveImages answers CRIU's image requests on ln until CRIU says it needs
@@ -343,4 +303,20 @@ func recvFile(c *net.UnixConn, name string) (*os.File, error) {
 	}
 	unix.CloseOnExec(fds[0])
 	return os.NewFile(uintptr(fds[0]), "criu-image-"+name), nil
+}
+
+// LazyPagesDaemon is `criu lazy-pages` for a restore with o.LazyPages: it
+// listens in o.WorkDir for the restore's userfaultfds and asks the page
+// server at o.PageServer for every page. The caller starts and stops it.
+func LazyPagesDaemon(b Binary, o Options) *exec.Cmd {
+	o.LazyPages = false // the daemon serves them; the flag is the restore's
+	b.fit(&o)
+	if o.LogFile == "" {
+		o.LogFile = "lazy-pages.log"
+	}
+	args, extra := o.cmdline("lazy-pages")
+	cmd := exec.Command(b.Path, args...)
+	cmd.ExtraFiles = extra
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	return cmd
 }

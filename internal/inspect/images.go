@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"github.com/cryo-hpc/cryo/internal/pageserver"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -149,7 +150,7 @@ func (p *Process) readMemory(st *store.Store, m *store.Manifest, base, tree stri
 		if !present {
 			continue
 		}
-		r := run{vaddr: pe.GetVaddr(), off: off, pages: int64(pe.GetNrPages())}
+		r := run{vaddr: pe.GetVaddr(), off: off, pages: int64(pageserver.EntryPages(pe))}
 		off += r.pages * pageSize
 		runs = append(runs, r)
 		p.Memory.Pages += r.pages

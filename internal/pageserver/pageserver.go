@@ -14,7 +14,9 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"google.golang.org/protobuf/encoding/protowire"
 	"io"
+	"math"
 
 	"github.com/checkpoint-restore/go-criu/v7/crit/images/pagemap"
 	"google.golang.org/protobuf/proto"
@@ -85,6 +87,8 @@ type Receiver struct {
 	// Max is the largest chunk.
 	Max  int
 	Sink Sink
+	// Wire is the header layout of the CRIU that dumps (WireFor).
+	Wire Wire
 
 	images  []*Image
 	nextID  uint32
@@ -103,25 +107,68 @@ type iov struct {
 	dstID   uint64
 }
 
+// Wire is the layout of the protocol's request header, which depends on
+// the CRIU at the other end: {u32 cmd; u32 nr_pages; u64 vaddr; u64 dst}
+// (24 bytes) before CRIU 4.2, and with a u64 nr_pages after 4 bytes of
+// padding (32 bytes) since. The zero value is the older layout.
+type Wire struct{ wide bool }
+
+// WireFor returns the layout spoken by CRIU of version v (major*10000 +
+// minor*100 + sublevel, as criu.Binary.Version).
+func WireFor(v int) Wire { return Wire{wide: v >= 40200} }
+
+func (w Wire) size() int {
+	if w.wide {
+		return 32
+	}
+	return 24
+}
+
+// decode reads a header of w.size() bytes. A page count that does not fit
+// in 32 bits is refused: no one mapping sent to cryo is that large.
+func (w Wire) decode(b []byte) (iov, error) {
+	if !w.wide {
+		return iov{cmd: binary.LittleEndian.Uint32(b[0:]), nrPages: binary.LittleEndian.Uint32(b[4:]),
+			vaddr: binary.LittleEndian.Uint64(b[8:]), dstID: binary.LittleEndian.Uint64(b[16:])}, nil
+	}
+	n := binary.LittleEndian.Uint64(b[8:])
+	if n > math.MaxUint32 {
+		return iov{}, fmt.Errorf("pageserver: a request for %d pages", n)
+	}
+	return iov{cmd: binary.LittleEndian.Uint32(b[0:]), nrPages: uint32(n),
+		vaddr: binary.LittleEndian.Uint64(b[16:]), dstID: binary.LittleEndian.Uint64(b[24:])}, nil
+}
+
+// encode appends pi's header to b.
+func (w Wire) encode(b []byte, pi iov) []byte {
+	b = binary.LittleEndian.AppendUint32(b, pi.cmd)
+	if w.wide {
+		b = binary.LittleEndian.AppendUint32(b, 0)
+		b = binary.LittleEndian.AppendUint64(b, uint64(pi.nrPages))
+	} else {
+		b = binary.LittleEndian.AppendUint32(b, pi.nrPages)
+	}
+	b = binary.LittleEndian.AppendUint64(b, pi.vaddr)
+	return binary.LittleEndian.AppendUint64(b, pi.dstID)
+}
+
 // Serve reads the dump's requests from c until it closes the stream, and
 // answers them. It returns nil when CRIU said the transfer is complete.
 func (r *Receiver) Serve(c io.ReadWriter) error {
 	if r.Window == 0 || r.Max == 0 || r.Sink == nil {
 		return errors.New("pageserver: receiver not configured")
 	}
-	var hdr [24]byte
+	hdr := make([]byte, r.Wire.size())
 	for {
-		if _, err := io.ReadFull(c, hdr[:]); err != nil {
+		if _, err := io.ReadFull(c, hdr); err != nil {
 			if errors.Is(err, io.EOF) {
 				return errors.New("pageserver: CRIU closed the stream without finishing it")
 			}
 			return fmt.Errorf("pageserver: read request: %w", err)
 		}
-		pi := iov{
-			cmd:     binary.LittleEndian.Uint32(hdr[0:]),
-			nrPages: binary.LittleEndian.Uint32(hdr[4:]),
-			vaddr:   binary.LittleEndian.Uint64(hdr[8:]),
-			dstID:   binary.LittleEndian.Uint64(hdr[16:]),
+		pi, err := r.Wire.decode(hdr)
+		if err != nil {
+			return err
 		}
 		cmd, flags := pi.cmd&(1<<cmdBits-1), pi.cmd>>cmdBits
 		switch cmd {
@@ -299,7 +346,11 @@ func ParsePagemap(b []byte) (pagesID uint32, entries []Entry, err error) {
 				flags = PEParent
 			}
 		}
-		entries = append(entries, Entry{Vaddr: pe.GetVaddr(), NrPages: pe.GetNrPages(), Flags: flags})
+		pages := EntryPages(&pe)
+		if pages > math.MaxUint32 {
+			return 0, nil, fmt.Errorf("pagemap entry at %#x: %d pages", pe.GetVaddr(), pages)
+		}
+		entries = append(entries, Entry{Vaddr: pe.GetVaddr(), NrPages: uint32(pages), Flags: flags})
 	}
 	return head.GetPagesId(), entries, nil
 }
@@ -324,4 +375,37 @@ func ImageEntries(b []byte, magic uint32) ([][]byte, error) {
 		b = b[4+n:]
 	}
 	return out, nil
+}
+
+// pagemapNrPagesField is where CRIU >= 4.2 keeps a pagemap entry's page
+// count (uint64 nr_pages = 5), leaving 0 in the old required field 2
+// (compat_nr_pages), the one go-criu v7's generated type knows as NrPages.
+const pagemapNrPagesField = 5
+
+// EntryPages is the number of pages a CRIU pagemap entry covers, whichever
+// CRIU wrote it: field 5 when present (read from the fields go-criu does not
+// know), else the old field 2. cryo writes field 2, which CRIU 4.2 falls back
+// to when field 5 is absent.
+func EntryPages(pe *pagemap.PagemapEntry) uint64 {
+	b := pe.ProtoReflect().GetUnknown()
+	for len(b) > 0 {
+		num, typ, n := protowire.ConsumeTag(b)
+		if n < 0 {
+			break
+		}
+		b = b[n:]
+		if num == pagemapNrPagesField && typ == protowire.VarintType {
+			v, m := protowire.ConsumeVarint(b)
+			if m < 0 {
+				break
+			}
+			return v
+		}
+		m := protowire.ConsumeFieldValue(num, typ, b)
+		if m < 0 {
+			break
+		}
+		b = b[m:]
+	}
+	return uint64(pe.GetNrPages())
 }

@@ -11,6 +11,8 @@ import (
 
 	"github.com/checkpoint-restore/go-criu/v7/crit"
 	"github.com/checkpoint-restore/go-criu/v7/crit/images/pagemap"
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
 )
 
 // sink collects chunks per pages image.
@@ -28,18 +30,28 @@ func (s *sink) Put(img *Image, _ uint64, b []byte) error {
 type dumpSide struct {
 	t *testing.T
 	c net.Conn
+	w Wire
 }
 
+// psi writes a request header as CRIU lays it out: by hand, as the C
+// struct is, so that Wire.decode is checked against it rather than itself.
 func (d dumpSide) psi(cmd, nr uint32, vaddr, dst uint64) {
-	var b [24]byte
-	binary.LittleEndian.PutUint32(b[0:], cmd)
-	binary.LittleEndian.PutUint32(b[4:], nr)
-	binary.LittleEndian.PutUint64(b[8:], vaddr)
-	binary.LittleEndian.PutUint64(b[16:], dst)
-	if _, err := d.c.Write(b[:]); err != nil {
+	b := binary.LittleEndian.AppendUint32(nil, cmd)
+	if d.w.wide {
+		b = binary.LittleEndian.AppendUint32(b, 0) // padding before the u64
+		b = binary.LittleEndian.AppendUint64(b, uint64(nr))
+	} else {
+		b = binary.LittleEndian.AppendUint32(b, nr)
+	}
+	b = binary.LittleEndian.AppendUint64(b, vaddr)
+	b = binary.LittleEndian.AppendUint64(b, dst)
+	if _, err := d.c.Write(b); err != nil {
 		d.t.Fatal(err)
 	}
 }
+
+// wires are both header layouts, by the CRIU that speaks them.
+var wires = map[string]Wire{"criu-4.1": WireFor(40101), "criu-4.2": WireFor(40201)}
 
 func (d dumpSide) expect(n int) []byte {
 	b := make([]byte, n)
@@ -58,13 +70,19 @@ func pages(seed byte, n int) []byte {
 }
 
 func TestReceiverCutsByAddressAndRebuildsPagemap(t *testing.T) {
+	for name, w := range wires {
+		t.Run(name, func(t *testing.T) { testReceiverCuts(t, w) })
+	}
+}
+
+func testReceiverCuts(t *testing.T, w Wire) {
 	a, b := net.Pipe()
 	s := &sink{chunks: map[string][][]byte{}}
-	r := &Receiver{Window: 4 * PageSize, Max: 4 * PageSize, Sink: s}
+	r := &Receiver{Window: 4 * PageSize, Max: 4 * PageSize, Sink: s, Wire: w}
 	done := make(chan error, 1)
 	go func() { done <- r.Serve(b) }()
 
-	d := dumpSide{t, a}
+	d := dumpSide{t, a, w}
 	pid := uint64(42)<<typeBits | typePID
 	d.psi(cmdOpen2, 0, 0, pid)
 	if got := d.expect(1); got[0] != 0 {
@@ -158,7 +176,7 @@ func TestReceiverRefusesTruncatedStream(t *testing.T) {
 	r := &Receiver{Window: 4 * PageSize, Max: 4 * PageSize, Sink: &sink{chunks: map[string][][]byte{}}}
 	done := make(chan error, 1)
 	go func() { done <- r.Serve(b) }()
-	d := dumpSide{t, a}
+	d := dumpSide{t, a, Wire{}}
 	pid := uint64(1)<<typeBits | typePID
 	d.psi(cmdOpen2, 0, 0, pid)
 	d.expect(1)
@@ -175,8 +193,31 @@ func TestReceiverRefusesUnknownCommand(t *testing.T) {
 	r := &Receiver{Window: PageSize, Max: PageSize, Sink: &sink{chunks: map[string][][]byte{}}}
 	done := make(chan error, 1)
 	go func() { done <- r.Serve(b) }()
-	dumpSide{t, a}.psi(0x99, 0, 0, 0)
+	dumpSide{t, a, Wire{}}.psi(0x99, 0, 0, 0)
 	if err := <-done; err == nil {
 		t.Fatal("unknown command accepted")
+	}
+}
+
+// TestEntryPages reads a pagemap entry's page count as CRIU 4.2 writes it
+// (uint64 field 5, with 0 in the old field 2) and as older CRIU and cryo
+// write it (field 2 only).
+func TestEntryPages(t *testing.T) {
+	old := &pagemap.PagemapEntry{Vaddr: proto.Uint64(0x1000), NrPages: proto.Uint32(7)}
+	if got := EntryPages(old); got != 7 {
+		t.Errorf("field 2 only: %d pages, want 7", got)
+	}
+	b, err := proto.Marshal(&pagemap.PagemapEntry{Vaddr: proto.Uint64(0x1000), NrPages: proto.Uint32(0), Flags: proto.Uint32(PEPresent)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b = protowire.AppendTag(b, 5, protowire.VarintType)
+	b = protowire.AppendVarint(b, 1<<33)
+	var v42 pagemap.PagemapEntry
+	if err := proto.Unmarshal(b, &v42); err != nil {
+		t.Fatal(err)
+	}
+	if got := EntryPages(&v42); got != 1<<33 {
+		t.Errorf("field 5: %d pages, want %d", got, uint64(1)<<33)
 	}
 }
