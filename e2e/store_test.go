@@ -42,17 +42,18 @@ func TestCorruptStore(t *testing.T) {
 		name   string
 		damage func(t *testing.T, st string) string // returns what the messages must name
 		// listSees: list (which checks presence and sizes only) calls the
-		// generation broken.
-		listSees bool
+		// generation broken, naming the damaged file unless listAny (the
+		// cut loses CRIU's log after it too, and list may name that).
+		listSees, listAny bool
 	}{
 		{"flipped byte in a page chunk", func(t *testing.T, st string) string {
 			flipChunk(t, st, pagesFile, pagesChunk)
 			return pagesFile.Name + ": chunk " + strconv.Itoa(pagesChunk)
-		}, false},
+		}, false, false},
 		{"pack cut short in its last chunk", func(t *testing.T, st string) string {
 			cutChunk(t, st, lastFile, lastChunk)
 			return lastFile.Name + ": chunk " + strconv.Itoa(lastChunk)
-		}, true},
+		}, true, true},
 		{"deleted pack", func(t *testing.T, st string) string {
 			packs, _ := filepath.Glob(filepath.Join(st, "packs", "*.pack"))
 			for _, p := range packs {
@@ -61,13 +62,13 @@ func TestCorruptStore(t *testing.T) {
 				}
 			}
 			return "missing"
-		}, true},
+		}, true, false},
 		{"truncated manifest", func(t *testing.T, st string) string {
 			p := filepath.Join(st, "checkpoints", "1", "manifest.json")
 			b := readFile(t, p)
 			writeFile(t, p, b[:len(b)/2])
 			return p
-		}, true},
+		}, true, false},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -88,7 +89,7 @@ func TestCorruptStore(t *testing.T) {
 			if err := json.Unmarshal([]byte(r.stdout), &gens); err != nil || r.code != 0 || len(gens) != 1 {
 				t.Fatalf("list --json: %v\n%s", err, r)
 			}
-			if gens[0].Intact == tc.listSees || (tc.listSees && !strings.Contains(gens[0].Problem, strings.SplitN(names, ": chunk", 2)[0])) {
+			if gens[0].Intact == tc.listSees || (tc.listSees && !tc.listAny && !strings.Contains(gens[0].Problem, strings.SplitN(names, ": chunk", 2)[0])) {
 				t.Errorf("list --json says intact=%v, problem %q; want intact=%v naming %q", gens[0].Intact, gens[0].Problem, !tc.listSees, names)
 			}
 

@@ -91,19 +91,19 @@ type CRIUInfo struct {
 
 // Stats are the costs of taking the checkpoint.
 type Stats struct {
-	FrozenMS     int64 `json:"frozen_ms"`     // the job could not run (CRIU freezing + frozen)
-	DumpMS       int64 `json:"dump_ms"`       // the CRIU dump call
-	DurableMS    int64 `json:"durable_ms"`    // start of checkpoint until committed
-	FreezingMS   int64 `json:"freezing_ms"`   // from CRIU's stats-dump
-	MemdumpMS    int64 `json:"memdump_ms"`    // from CRIU's stats-dump
-	MemwriteMS   int64 `json:"memwrite_ms"`   // from CRIU's stats-dump
-	PagesScanned int64 `json:"pages_scanned"` // from CRIU's stats-dump
-	PagesWritten int64 `json:"pages_written"` // from CRIU's stats-dump
-	RawBytes     int64 `json:"raw_bytes"`     // image bytes before compression
-	StoredBytes  int64 `json:"stored_bytes"`  // compressed bytes of all chunks referenced
-	NewBytes     int64 `json:"new_bytes"`     // compressed bytes this generation added
-	Chunks       int   `json:"chunks"`        // chunks referenced
-	NewChunks    int   `json:"new_chunks"`    // chunks this generation added
+	FrozenMS     int64 `json:"frozen_ms"`              // the job could not run (CRIU freezing + frozen)
+	DumpMS       int64 `json:"dump_ms"`                // the CRIU dump call
+	DurableMS    int64 `json:"durable_ms"`             // start of checkpoint until committed
+	FreezingMS   int64 `json:"freezing_ms"`            // from CRIU's stats-dump
+	MemdumpMS    int64 `json:"memdump_ms"`             // from CRIU's stats-dump
+	MemwriteMS   int64 `json:"memwrite_ms"`            // from CRIU's stats-dump
+	PagesScanned int64 `json:"pages_scanned"`          // from CRIU's stats-dump
+	PagesWritten int64 `json:"pages_written"`          // from CRIU's stats-dump
+	RawBytes     int64 `json:"raw_bytes"`              // image bytes before compression
+	StoredBytes  int64 `json:"stored_bytes"`           // compressed bytes of all chunks referenced
+	NewBytes     int64 `json:"new_bytes"`              // compressed bytes this generation added
+	Chunks       int   `json:"chunks"`                 // chunks referenced
+	NewChunks    int   `json:"new_chunks"`             // chunks this generation added
 	DeltaChunks  int   `json:"delta_chunks,omitempty"` // new chunks stored as page deltas
 	Packs        int   `json:"packs,omitempty"`        // pack files this generation added
 }

@@ -2,6 +2,7 @@ package store
 
 import (
 	"fmt"
+	"io"
 )
 
 // ReadAt returns n bytes at offset off of the generation's file name,
@@ -51,4 +52,55 @@ func (s *Store) ReadAt(m *Manifest, name string, off, n int64) ([]byte, error) {
 		pos = cend
 	}
 	return out, nil
+}
+
+// FileReader reads one file of a generation from its start, a chunk at a
+// time, verifying each: a reader of a large image (a pagemap) holds one
+// chunk, not the file.
+type FileReader struct {
+	s    *Store
+	m    *Manifest
+	f    *File
+	next int    // chunk to read next
+	off  int64  // offset of that chunk
+	buf  []byte // the rest of the current chunk
+	own  []byte
+}
+
+// OpenFile returns a reader of the generation's file name.
+func (s *Store) OpenFile(m *Manifest, name string) (*FileReader, error) {
+	for i := range m.Files {
+		if m.Files[i].Name == name {
+			return &FileReader{s: s, m: m, f: &m.Files[i]}, nil
+		}
+	}
+	return nil, fmt.Errorf("generation %d has no file %s", m.Generation, name)
+}
+
+// Size is the file's size.
+func (r *FileReader) Size() int64 { return r.f.Size }
+
+// Read implements io.Reader; a damaged chunk is a *CorruptError.
+func (r *FileReader) Read(p []byte) (int, error) {
+	for len(r.buf) == 0 {
+		if r.next >= len(r.f.Chunks) {
+			return 0, io.EOF
+		}
+		c := r.f.Chunks[r.next]
+		if c.Zero {
+			r.buf = zeros[:c.Len]
+		} else {
+			data, err := r.s.readChunk(c, r.own[:0], false, r.m.Format)
+			if err != nil {
+				return 0, &CorruptError{Generation: r.m.Generation, Problems: []Problem{{File: r.f.Name, Chunk: r.next,
+					Offset: r.off, Hash: c.Hash, Path: r.s.ChunkLocation(c.Hash), Reason: err.Error()}}}
+			}
+			r.own, r.buf = data, data
+		}
+		r.next++
+		r.off += c.Len
+	}
+	n := copy(p, r.buf)
+	r.buf = r.buf[n:]
+	return n, nil
 }
