@@ -17,7 +17,10 @@
 // -digest, which proves after a restore that the memory came back intact.
 // On SIGUSR2 it first changes about 5% of its memory (four contiguous
 // stretches, as a solver that advanced a few subdomains) and then does the
-// same. SIGTERM or SIGINT end it.
+// same. On SIGWINCH it changes one word in each of 0.1% of its pages,
+// scattered at random (as a job that updates a few values here and there),
+// writes those pages, as they are now, to -digest + ".changed" (for the
+// bench to compress), and then does the same. SIGTERM or SIGINT end it.
 package main
 
 import (
@@ -52,7 +55,7 @@ func main() {
 	}
 	// Ask for the signals before the (long) fill, so an early one is not fatal.
 	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGTERM, syscall.SIGINT)
+	signal.Notify(sigs, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH, syscall.SIGTERM, syscall.SIGINT)
 
 	mem, err := unix.Mmap(-1, 0, *mib*segment, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
 	if err != nil {
@@ -78,6 +81,15 @@ func main() {
 			case syscall.SIGUSR2:
 				round++
 				mutate(mem, round)
+				fallthrough
+			case syscall.SIGWINCH:
+				if s == syscall.SIGWINCH {
+					round++
+					if err := os.WriteFile(*digest+".changed", scatter(mem, round), 0o600); err != nil {
+						fmt.Fprintln(os.Stderr, "mixed:", err)
+						os.Exit(1)
+					}
+				}
 				fallthrough
 			case syscall.SIGUSR1:
 				if err := writeDigest(*digest, hash(mem)); err != nil {
@@ -153,6 +165,31 @@ func mutate(mem []byte, round int) {
 			binary.LittleEndian.PutUint64(part[i:], w+0x0101010101010101*uint64(round))
 		}
 	}
+}
+
+// scatter changes one 8-byte word in each of 0.1% of mem's pages, chosen
+// at random (the same ones for the same round), and returns those pages.
+func scatter(mem []byte, round int) []byte {
+	const page = 4096
+	pages := len(mem) / page
+	n := max(pages/1000, 1)
+	rng := uint64(round)*0x9E3779B97F4A7C15 | 1
+	seen := map[int]bool{}
+	var out []byte
+	for len(seen) < n {
+		rng ^= rng << 13
+		rng ^= rng >> 7
+		rng ^= rng << 17
+		p := int(rng % uint64(pages))
+		if seen[p] {
+			continue
+		}
+		seen[p] = true
+		w := p*page + int(rng>>40)%(page/8)*8
+		binary.LittleEndian.PutUint64(mem[w:], binary.LittleEndian.Uint64(mem[w:])^(rng|1))
+		out = append(out, mem[p*page:(p+1)*page]...)
+	}
+	return out
 }
 
 func hash(mem []byte) string {
