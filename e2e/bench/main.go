@@ -1077,7 +1077,7 @@ func running(exe string) []int {
 }
 
 // timed runs one tool command and returns its wall time, its stdout and
-// its peak resident memory (KiB, from wait4's rusage). Its stderr goes to
+// its peak resident memory (KiB). Its stderr goes to
 // a log in logDir, whose end is shown when it fails.
 func (b *bench) timed(logDir, name, bin string, args ...string) (time.Duration, []byte, int64, error) {
 	ctx, cancel := context.WithTimeout(b.ctx, b.fillTimeout()+5*time.Minute)
@@ -1095,20 +1095,56 @@ func (b *bench) timed(logDir, name, bin string, args ...string) (time.Duration, 
 	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
 	cmd.WaitDelay = 15 * time.Second
 	t0 := time.Now()
-	err = cmd.Run()
-	d := time.Since(t0)
-	var rss int64
-	if cmd.ProcessState != nil {
-		if ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
-			rss = ru.Maxrss
-		}
+	if err = cmd.Start(); err != nil {
+		return 0, nil, 0, err
 	}
+	// The tool's own peak resident memory: its VmHWM, read until it exits
+	// (wait4's ru_maxrss would count the bench's own high-water mark,
+	// which an exec'd child inherits, and the tool's children).
+	stop := make(chan struct{})
+	hwm := make(chan int64, 1)
+	go func() {
+		var peak int64
+		tick := time.NewTicker(5 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			if v := vmHWM(cmd.Process.Pid); v > peak {
+				peak = v
+			}
+			select {
+			case <-stop:
+				hwm <- peak
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	err = cmd.Wait()
+	d := time.Since(t0)
+	close(stop)
+	rss := <-hwm
 	if err != nil {
 		log, _ := os.ReadFile(logPath)
 		return d, nil, rss, fmt.Errorf("%s %s: %w\n--- stdout:\n%s--- end of its log (%s):\n%s", filepath.Base(bin),
 			strings.Join(args, " "), err, stdout.String(), logPath, tail(string(log), 3000))
 	}
 	return d, stdout.Bytes(), rss, nil
+}
+
+// vmHWM is the peak resident memory (KiB) of a running process, 0 when it
+// cannot be read (the process is gone).
+func vmHWM(pid int) int64 {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			n, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			return n
+		}
+	}
+	return 0
 }
 
 // condition is how every timed step of one half of the bench starts.

@@ -39,7 +39,7 @@ func FuzzParseManifest(f *testing.F) {
 	f.Add(seed)
 	f.Add(seed[:len(seed)/2])
 	f.Add([]byte("{}"))
-	f.Add(bytes.Replace(seed, []byte(`"n": 8192`), []byte(`"n": 8193`), 1))
+	f.Add(bytes.Replace(seed, []byte(`"n":8192`), []byte(`"n":8193`), 1))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		m, err := parseManifest(b)
 		if err != nil {

@@ -217,7 +217,9 @@ func (m *Manifest) seal() ([]byte, error) {
 	}
 	sum := sha256.Sum256(body)
 	m.Checksum = hex.EncodeToString(sum[:])
-	return json.MarshalIndent(m, "", " ")
+	// Compact: a manifest lists every chunk, and is written anew by every
+	// generation (indented, a 2 GiB job's took 15% more).
+	return json.Marshal(m)
 }
 
 // parseManifest decodes and checks a manifest's own checksum.

@@ -441,7 +441,7 @@ func TestManifestDamage(t *testing.T) {
 		}, 1, "not valid JSON"},
 		{"empty", func(t *testing.T, _ *Store, p string) { writeFile(t, p, nil) }, 1, "not valid JSON"},
 		{"edited field", func(t *testing.T, _ *Store, p string) {
-			b := strings.Replace(string(readFile(t, p)), `"root_pid": 4242`, `"root_pid": 4243`, 1)
+			b := strings.Replace(string(readFile(t, p)), `"root_pid":4242`, `"root_pid":4243`, 1)
 			writeFile(t, p, []byte(b))
 		}, 1, "does not match its checksum"},
 		{"edited chunk list", func(t *testing.T, _ *Store, p string) {
@@ -767,7 +767,11 @@ func writeSpecs(t *testing.T, dir string, files map[string][]byte) []FileSpec {
 		p := filepath.Join(dir, name)
 		mkdir(t, filepath.Dir(p))
 		writeFile(t, p, b)
-		specs = append(specs, FileSpec{Path: p, Name: name, Kind: "image"})
+		kind := "image"
+		if strings.HasPrefix(filepath.Base(name), "pages-") {
+			kind = "pages"
+		}
+		specs = append(specs, FileSpec{Path: p, Name: name, Kind: kind})
 	}
 	slices.SortFunc(specs, func(a, b FileSpec) int { return strings.Compare(a.Name, b.Name) })
 	return specs

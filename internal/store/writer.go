@@ -306,6 +306,9 @@ func (w *Writer) work() {
 	}
 	if cd != nil {
 		cd.enc.Close()
+		if cd.better != nil {
+			cd.better.Close()
+		}
 	}
 }
 
@@ -385,7 +388,7 @@ func splitPoints(size int64, cuts []int64) []int64 {
 
 // coder is one worker's encoder and buffers.
 type coder struct {
-	enc                     *zstd.Encoder
+	enc, better             *zstd.Encoder
 	zbuf, probe, sbuf, dbuf []byte
 	table                   []byte
 }
@@ -412,6 +415,24 @@ func newCoder() (*coder, error) {
 // call reuses.
 func (cd *coder) compress(b []byte) []byte {
 	cd.zbuf, cd.probe = compressChunk(cd.enc, b, cd.zbuf, cd.probe, cd.sbuf)
+	return cd.zbuf
+}
+
+// compressSmall compresses a chunk of an image other than memory (CRIU's
+// metadata, its log: kilobytes to a few megabytes a generation, written
+// anew by most generations) harder, with entropy coding: it costs little
+// time and, for the log, most of what a generation after a small change
+// stores besides the pages.
+func (cd *coder) compressSmall(b []byte) []byte {
+	if cd.better == nil {
+		enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedBetterCompression),
+			zstd.WithEncoderConcurrency(1), zstd.WithEncoderCRC(false), zstd.WithWindowSize(MaxChunk))
+		if err != nil {
+			return cd.compress(b)
+		}
+		cd.better = enc
+	}
+	cd.zbuf = cd.better.EncodeAll(b, cd.zbuf[:0])
 	return cd.zbuf
 }
 
@@ -468,11 +489,13 @@ func (w *Writer) storeChunk(cd *coder, x *hasher, c Chunk, j chunkJob) (Chunk, b
 			return w.appendRec(c, r, z, nil)
 		}
 	}
-	z := cd.compress(b)
-	var table []byte
+	var z, table []byte
 	if j.f.file.Kind == "pages" {
+		z = cd.compress(b)
 		cd.table = x.table(cd.table)
 		table = cd.table
+	} else {
+		z = cd.compressSmall(b)
 	}
 	return w.appendRec(c, record{kind: kindFull, hash: hb, n: uint32(len(b))}, z, table)
 }

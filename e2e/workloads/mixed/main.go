@@ -33,6 +33,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"syscall"
 	"time"
@@ -63,6 +64,7 @@ func main() {
 		os.Exit(1)
 	}
 	fill(mem)
+	scatterPicked = make([]int32, 0, max(len(mem)/4096/1000, 1))
 	sum := hash(mem)
 	if err := writeDigest(*digest, sum); err != nil {
 		fmt.Fprintln(os.Stderr, "mixed:", err)
@@ -85,7 +87,7 @@ func main() {
 			case syscall.SIGWINCH:
 				if s == syscall.SIGWINCH {
 					round++
-					if err := os.WriteFile(*digest+".changed", scatter(mem, round), 0o600); err != nil {
+					if err := scatter(mem, round, *digest+".changed"); err != nil {
 						fmt.Fprintln(os.Stderr, "mixed:", err)
 						os.Exit(1)
 					}
@@ -168,29 +170,43 @@ func mutate(mem []byte, round int) {
 }
 
 // scatter changes one 8-byte word in each of 0.1% of mem's pages, chosen
-// at random (the same ones for the same round), and returns those pages.
-func scatter(mem []byte, round int) []byte {
+// at random (the same ones for the same round), and writes those pages to
+// path. It keeps no copy of them and allocates nothing: a job that changes
+// a few words does not grow its heap by as much as it changed, and the
+// bench measures what the change costs, not this.
+func scatter(mem []byte, round int, path string) error {
 	const page = 4096
 	pages := len(mem) / page
-	n := max(pages/1000, 1)
+	picked := scatterPicked[:0]
 	rng := uint64(round)*0x9E3779B97F4A7C15 | 1
-	seen := map[int]bool{}
-	var out []byte
-	for len(seen) < n {
+	for len(picked) < cap(picked) {
 		rng ^= rng << 13
 		rng ^= rng >> 7
 		rng ^= rng << 17
-		p := int(rng % uint64(pages))
-		if seen[p] {
+		p := int32(rng % uint64(pages))
+		if slices.Contains(picked, p) {
 			continue
 		}
-		seen[p] = true
-		w := p*page + int(rng>>40)%(page/8)*8
+		picked = append(picked, p)
+		w := int(p)*page + int(rng>>40)%(page/8)*8
 		binary.LittleEndian.PutUint64(mem[w:], binary.LittleEndian.Uint64(mem[w:])^(rng|1))
-		out = append(out, mem[p*page:(p+1)*page]...)
 	}
-	return out
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	for _, p := range picked {
+		if _, err := f.Write(mem[int(p)*page : int(p+1)*page]); err != nil {
+			f.Close()
+			return err
+		}
+	}
+	return f.Close()
 }
+
+// scatterPicked holds the pages scatter picks (0.1% of them), allocated
+// once when the memory is filled.
+var scatterPicked []int32
 
 func hash(mem []byte) string {
 	h := sha256.Sum256(mem)
