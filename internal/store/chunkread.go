@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"sync"
 )
 
 // ReadChunk reads, decompresses and verifies one chunk of generation m
@@ -173,14 +172,9 @@ func (s *Store) verifier(format int) func(data []byte, hash string) bool {
 	}
 	key := s.pageKey()
 	return func(data []byte, hash string) bool {
-		x := hashers.Get().(*hasher)
-		defer hashers.Put(x)
-		x.key = key
-		return x.digest(data) == hash
+		return newHasher(key).name(data) == hash
 	}
 }
-
-var hashers = sync.Pool{New: func() any { return newHasher([32]byte{}) }}
 
 // currentIndex is the index as last loaded (loading it if it never was).
 func (s *Store) currentIndex() (*packIndex, error) {

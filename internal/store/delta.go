@@ -13,12 +13,12 @@ package store
 // A delta holds every page that differs from its base, not only those
 // changed since the previous generation, so it grows as the job writes
 // more of the chunk; past half of the pages the chunk is stored whole
-// again and becomes the base of the next ones. The pages that differ are
-// found without reading the base: a full pages chunk is stored with its
-// digest table (digest.go), and the new content's page digests are
-// compared with it. Where the kernel tracks written pages (soft-dirty,
-// PAGEMAP_SCAN) that could spare hashing unchanged pages (see
-// DirtyTracking); the digests are what decides here.
+// again and becomes the base of the next ones. A chunk that is unchanged
+// is found by its name and costs nothing more; one that changed is
+// compared with its base, read back from the store, page by page. Where
+// the kernel tracks written pages (soft-dirty, see DirtyTracking) CRIU
+// could send only those; these kernels lack it, and the comparison is what
+// decides, which needs no digest of any page to be trusted.
 
 import (
 	"errors"
@@ -69,10 +69,11 @@ func applyDelta(out, payload []byte) error {
 
 // DirtyTracking says how the kernel can tell which pages a process wrote
 // since a point: "soft-dirty" (/proc/PID/clear_refs and the pagemap's bit
-// 55), or "" when it cannot (this cryo then finds changed pages by their
-// digests, which needs every page hashed but nothing more). PAGEMAP_SCAN's
-// written bit needs the pages registered with userfaultfd write-protection
-// inside the job, which only CRIU's parasite could do; it is not probed.
+// 55), or "" when it cannot; either way this cryo finds the changed pages
+// of a changed chunk by comparing it with its base (the kernel's bits
+// would only spare naming unchanged chunks). PAGEMAP_SCAN's written bit
+// needs the pages registered with userfaultfd write-protection inside the
+// job, which only CRIU's parasite could do; it is not probed.
 func DirtyTracking() string {
 	if softDirty() {
 		return "soft-dirty"

@@ -109,8 +109,7 @@ func (s *Store) GCWith(o GCOptions) (GCResult, error) {
 	// by name.
 	packs := ix.list()
 	slices.SortFunc(packs, func(a, b *packFile) int { return strings.Compare(a.name, b.name) })
-	keep := map[[32]byte]blobLoc{}    // chunk -> its copy
-	keepTab := map[[32]byte]blobLoc{} // chunk -> its digest table
+	keep := map[[32]byte]blobLoc{} // chunk -> its copy
 	type use struct{ live, total int64 }
 	usage := map[*packFile]*use{}
 	for _, p := range packs {
@@ -121,17 +120,13 @@ func (s *Store) GCWith(o GCOptions) (GCResult, error) {
 			if _, ok := live[l.hash]; !ok {
 				continue
 			}
-			dst := keep
-			if l.kind == kindTable {
-				dst = keepTab
-			}
-			if prev, dup := dst[l.hash]; dup {
+			if prev, dup := keep[l.hash]; dup {
 				if s.blobChecks(prev) || !s.blobChecks(l) {
 					continue
 				}
 				usage[prev.p].live -= recHeader + int64(prev.z)
 			}
-			dst[l.hash] = l
+			keep[l.hash] = l
 			usage[p].live += recHeader + int64(l.z)
 		}
 	}
@@ -179,18 +174,14 @@ func (s *Store) GCWith(o GCOptions) (GCResult, error) {
 			return err
 		}); err != nil {
 			failed[l.p] = true
-			if l.kind != kindTable {
-				res.Damaged++
-			}
+			res.Damaged++
 			return
 		}
 		copied++
 	}
-	for _, m := range []map[[32]byte]blobLoc{keep, keepTab} {
-		for _, l := range m {
-			if rewrite[l.p] {
-				copyBlob(l)
-			}
+	for _, l := range keep {
+		if rewrite[l.p] {
+			copyBlob(l)
 		}
 	}
 	if o.Repack {
@@ -226,7 +217,7 @@ func (s *Store) GCWith(o GCOptions) (GCResult, error) {
 			continue
 		}
 		for _, l := range p.entries {
-			if _, ok := live[l.hash]; !ok && l.kind != kindTable {
+			if _, ok := live[l.hash]; !ok {
 				res.Chunks++
 			}
 		}

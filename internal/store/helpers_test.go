@@ -55,9 +55,7 @@ func replaceBlob(t *testing.T, s *Store, hash string, z []byte) {
 	}
 	var old blobLoc
 	for _, l := range ix.lookup([32]byte(hb)) {
-		if l.kind != kindTable {
-			old = l
-		}
+		old = l
 	}
 	pw := s.newPackWriter()
 	r := old.record

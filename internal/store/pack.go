@@ -9,8 +9,7 @@ package store
 //	footer     32 bytes: magic, entry count, where the index starts, CRCs
 //
 // A blob is what a chunk file held in store format 1 (a zstd frame, maybe
-// behind a filter frame), a delta (delta.go) or a digest table
-// (digest.go). Readers load the index of every pack (one read of its end)
+// behind a filter frame), or a delta (delta.go). Readers load the index of every pack (one read of its end)
 // and read blobs by offset, with O_DIRECT where the file system takes it.
 // A pack whose end is damaged or cut short is read record by record from
 // its start instead (each header carries its own CRC), so that damage
@@ -49,7 +48,6 @@ const (
 
 	kindFull  = 1 // a chunk's content, compressed
 	kindDelta = 2 // a chunk as the pages that differ from its base
-	kindTable = 3 // the digest table of a full chunk of the same name
 
 	flagZeroBase = 1 // a delta on a zero chunk (no blob)
 
@@ -100,13 +98,11 @@ func decodeRecord(b []byte) (record, error) {
 	r.z = binary.LittleEndian.Uint32(b[76:])
 	r.check = binary.LittleEndian.Uint64(b[80:])
 	switch {
-	case r.kind != kindFull && r.kind != kindDelta && r.kind != kindTable:
+	case r.kind != kindFull && r.kind != kindDelta:
 		return r, fmt.Errorf("record of unknown kind %d", r.kind)
 	case r.z > maxStored:
 		return r, fmt.Errorf("record of %d bytes, more than any blob", r.z)
-	case r.kind == kindTable && (r.n > uint32(pagesOf(MaxChunk)) || r.z != r.n*tableDigest):
-		return r, fmt.Errorf("digest table of %d pages in %d bytes", r.n, r.z)
-	case r.kind != kindTable && r.n > MaxChunk:
+	case r.n > MaxChunk:
 		return r, fmt.Errorf("chunk of %d bytes, more than %d", r.n, MaxChunk)
 	}
 	return r, nil
@@ -171,10 +167,9 @@ func newPackID() string {
 
 // packIndex is every finished pack's index, loaded from the packs.
 type packIndex struct {
-	mu     sync.Mutex
-	packs  map[string]*packFile
-	blobs  map[[32]byte][]blobLoc // chunks (full and delta)
-	tables map[[32]byte][]blobLoc
+	mu    sync.Mutex
+	packs map[string]*packFile
+	blobs map[[32]byte][]blobLoc // chunks (full and delta)
 }
 
 // index loads the index of every pack that is new since the last call and
@@ -236,7 +231,6 @@ func (s *Store) index() (*packIndex, error) {
 
 func (ix *packIndex) rebuild() {
 	ix.blobs = map[[32]byte][]blobLoc{}
-	ix.tables = map[[32]byte][]blobLoc{}
 	for _, p := range ix.packs {
 		ix.addLocked(p)
 	}
@@ -244,11 +238,7 @@ func (ix *packIndex) rebuild() {
 
 func (ix *packIndex) addLocked(p *packFile) {
 	for _, l := range p.entries {
-		if l.kind == kindTable {
-			ix.tables[l.hash] = append(ix.tables[l.hash], l)
-		} else {
-			ix.blobs[l.hash] = append(ix.blobs[l.hash], l)
-		}
+		ix.blobs[l.hash] = append(ix.blobs[l.hash], l)
 	}
 }
 
@@ -275,12 +265,6 @@ func (ix *packIndex) lookup(h [32]byte) []blobLoc {
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
 	return ix.blobs[h]
-}
-
-func (ix *packIndex) table(h [32]byte) []blobLoc {
-	ix.mu.Lock()
-	defer ix.mu.Unlock()
-	return ix.tables[h]
 }
 
 func (ix *packIndex) list() []*packFile {
@@ -752,7 +736,7 @@ type PackInfo struct {
 
 // PackRecord is one blob of a pack.
 type PackRecord struct {
-	Kind   string `json:"kind"` // "chunk", "delta" or "digests"
+	Kind   string `json:"kind"` // "chunk" or "delta"
 	Hash   string `json:"hash"`
 	Base   string `json:"base,omitempty"` // a delta's base ("zero" for a zero chunk)
 	Offset int64  `json:"offset"`         // of the record's header in the pack
@@ -769,7 +753,7 @@ func (s *Store) Packs() ([]PackInfo, error) {
 	for _, p := range ix.list() {
 		pi := PackInfo{Name: p.name, Path: s.r.pathOf(p.rel()), Size: p.size, Scanned: p.scanned}
 		for _, l := range p.entries {
-			r := PackRecord{Kind: map[uint8]string{kindFull: "chunk", kindDelta: "delta", kindTable: "digests"}[l.kind],
+			r := PackRecord{Kind: map[uint8]string{kindFull: "chunk", kindDelta: "delta"}[l.kind],
 				Hash: hex.EncodeToString(l.hash[:]), Offset: l.off - recHeader, Len: recHeader + int64(l.z)}
 			if l.kind == kindDelta {
 				r.Base = hex.EncodeToString(l.base[:])

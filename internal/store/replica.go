@@ -129,9 +129,7 @@ func (r *replicaWriter) put(rec record, z []byte) {
 		r.fail(err)
 		return
 	}
-	if rec.kind != kindTable {
-		r.count(int64(len(z)))
-	}
+	r.count(int64(len(z)))
 }
 
 // have makes sure the replica holds a chunk that the primary already had:
@@ -155,7 +153,7 @@ func (r *replicaWriter) have(c Chunk) bool {
 		return false
 	}
 	for _, b := range dst {
-		if b.rec.kind != kindTable && b.rec.hash != hb && len(r.ix.lookup(b.rec.hash)) > 0 {
+		if b.rec.hash != hb && len(r.ix.lookup(b.rec.hash)) > 0 {
 			continue // a base the replica has
 		}
 		r.put(b.rec, b.z)
@@ -169,8 +167,7 @@ type blobRec struct {
 }
 
 // exportChunk finds a copy of chunk c that checks out and calls fn with
-// the records that make it: for a delta its base (and the base's digest
-// table) first, for a full chunk its digest table after it.
+// the records that make it: for a delta its base first.
 func (s *Store) exportChunk(c Chunk, format int, fn func(rec record, z []byte) error) error {
 	hb, ok := hashBytes(c.Hash)
 	if !ok {
@@ -221,13 +218,6 @@ func (s *Store) exportChunk(c Chunk, format int, fn func(rec record, z []byte) e
 		if err := s.exportBlob(l, fn); err != nil {
 			errs = append(errs, err)
 			continue
-		}
-		if l.kind == kindFull {
-			for _, t := range ix.table(hb) {
-				if s.exportBlob(t, fn) == nil {
-					break
-				}
-			}
 		}
 		return nil
 	}

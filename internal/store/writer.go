@@ -1,6 +1,7 @@
 package store
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -388,9 +389,9 @@ func splitPoints(size int64, cuts []int64) []int64 {
 
 // coder is one worker's encoder and buffers.
 type coder struct {
-	enc, better             *zstd.Encoder
-	zbuf, probe, sbuf, dbuf []byte
-	table                   []byte
+	enc, better                   *zstd.Encoder
+	zbuf, probe, sbuf, dbuf, bbuf []byte
+	pages                         []int
 }
 
 func newCoder() (*coder, error) {
@@ -408,7 +409,7 @@ func newCoder() (*coder, error) {
 		return nil, err
 	}
 	return &coder{enc: enc, zbuf: make([]byte, 0, MaxChunk+64<<10), probe: make([]byte, probeLen+64),
-		sbuf: make([]byte, MaxChunk), dbuf: make([]byte, 0, MaxChunk+PageSize), table: make([]byte, 0, pagesOf(MaxChunk)*tableDigest)}, nil
+		sbuf: make([]byte, MaxChunk), dbuf: make([]byte, 0, MaxChunk+PageSize), bbuf: make([]byte, 0, MaxChunk)}, nil
 }
 
 // compress returns b compressed (compressChunk), in a buffer that the next
@@ -446,7 +447,7 @@ func (w *Writer) putChunk(cd *coder, x *hasher, j chunkJob) (Chunk, bool, error)
 		// says so and restore leaves a hole.
 		return Chunk{Len: int64(len(b)), Zero: true}, false, nil
 	}
-	hash := x.digest(b)
+	hash := x.name(b)
 	c := Chunk{Hash: hash, Len: int64(len(b))}
 	// The same content twice in one generation is written once: later
 	// comers wait for the first.
@@ -457,7 +458,7 @@ func (w *Writer) putChunk(cd *coder, x *hasher, j chunkJob) (Chunk, bool, error)
 		return p.c, false, p.err
 	}
 	defer close(st.done)
-	c, fresh, err := w.storeChunk(cd, x, c, j)
+	c, fresh, err := w.storeChunk(cd, c, j)
 	st.c, st.err = c, err
 	return c, fresh, err
 }
@@ -468,7 +469,7 @@ type inflight struct {
 	err  error
 }
 
-func (w *Writer) storeChunk(cd *coder, x *hasher, c Chunk, j chunkJob) (Chunk, bool, error) {
+func (w *Writer) storeChunk(cd *coder, c Chunk, j chunkJob) (Chunk, bool, error) {
 	b := j.data
 	hb, _ := hashBytes(c.Hash)
 	if locs := w.ix.lookup(hb); len(locs) > 0 {
@@ -482,27 +483,19 @@ func (w *Writer) storeChunk(cd *coder, x *hasher, c Chunk, j chunkJob) (Chunk, b
 		// The store's copy is damaged (the replica's copy showed it): both
 		// get a fresh one, which heals the store too.
 	}
-	if r, payload, ok := w.delta(x, b, j); ok {
-		r.hash, r.n = hb, uint32(len(b))
-		z := cd.compress(payload)
-		if len(z) < len(b)/2 {
-			return w.appendRec(c, r, z, nil)
-		}
-	}
-	var z, table []byte
 	if j.f.file.Kind == "pages" {
-		z = cd.compress(b)
-		cd.table = x.table(cd.table)
-		table = cd.table
-	} else {
-		z = cd.compressSmall(b)
+		if r, payload, ok := w.delta(cd, b, j); ok {
+			r.hash, r.n = hb, uint32(len(b))
+			return w.appendRec(c, r, cd.compress(payload))
+		}
+		return w.appendRec(c, record{kind: kindFull, hash: hb, n: uint32(len(b))}, cd.compress(b))
 	}
-	return w.appendRec(c, record{kind: kindFull, hash: hb, n: uint32(len(b))}, z, table)
+	return w.appendRec(c, record{kind: kindFull, hash: hb, n: uint32(len(b))}, cd.compressSmall(b))
 }
 
-// appendRec appends a chunk's record (and a full chunk's digest table) to
-// the store's pack and the replica's.
-func (w *Writer) appendRec(c Chunk, r record, z, table []byte) (Chunk, bool, error) {
+// appendRec appends a chunk's record to the store's pack and the
+// replica's.
+func (w *Writer) appendRec(c Chunk, r record, z []byte) (Chunk, bool, error) {
 	loc, err := w.pw.append(r, z)
 	if err != nil {
 		return c, false, err
@@ -510,15 +503,6 @@ func (w *Writer) appendRec(c Chunk, r record, z, table []byte) (Chunk, bool, err
 	c.Stored, c.Check = int64(loc.z), checkString(loc.check)
 	n := int64(len(z))
 	w.rep.put(loc.record, z)
-	if table != nil {
-		tr := record{kind: kindTable, hash: r.hash, n: uint32(len(table) / tableDigest)}
-		tl, err := w.pw.append(tr, table)
-		if err != nil {
-			return c, false, err
-		}
-		w.rep.put(tl.record, table)
-		n += int64(len(table))
-	}
 	w.mu.Lock()
 	w.newBytes += n
 	if r.kind == kindDelta {
@@ -530,60 +514,53 @@ func (w *Writer) appendRec(c Chunk, r record, z, table []byte) (Chunk, bool, err
 
 // delta returns the record and payload of b as a delta on the base of the
 // chunk's previous version, when there is one and at most half of b's
-// pages differ from it.
-func (w *Writer) delta(x *hasher, b []byte, j chunkJob) (record, []byte, bool) {
+// pages differ from it. The base is read from the store and compared page
+// by page: only a chunk that changed pays for it (an unchanged one has its
+// name already), and nothing but the content itself decides what changed.
+func (w *Writer) delta(cd *coder, b []byte, j chunkJob) (record, []byte, bool) {
 	var r record
 	pc, ok := w.prev()[j.place]
 	if !ok || pc.Len != int64(len(b)) {
 		return r, nil, false
 	}
-	var table []byte
 	r.kind = kindDelta
+	var base []byte
 	if pc.Zero {
-		r.zeroBase = true
-		table = x.zeroTable(len(b))
+		r.zeroBase, base = true, zeros[:len(b)]
 	} else {
-		base, ok := hashBytes(pc.Hash)
+		h, ok := hashBytes(pc.Hash)
 		if !ok {
 			return r, nil, false
 		}
-		if locs := w.ix.lookup(base); len(locs) > 0 && locs[0].kind == kindDelta {
-			base, r.zeroBase = locs[0].base, locs[0].zeroBase
+		if locs := w.ix.lookup(h); len(locs) > 0 && locs[0].kind == kindDelta {
+			h, r.zeroBase = locs[0].base, locs[0].zeroBase
 		}
-		r.base = base
+		r.base = h
 		if r.zeroBase {
-			table = x.zeroTable(len(b))
-		} else if table = w.readTable(base, pagesOf(len(b))); table == nil {
-			return r, nil, false
-		}
-	}
-	// x.digs still holds b's page digests (putChunk).
-	changed := x.changedPages(table)
-	if len(changed) == 0 || 2*len(changed) > pagesOf(len(b)) {
-		return r, nil, false
-	}
-	return r, encodeDelta(nil, b, changed), true
-}
-
-// readTable reads the digest table of full chunk h, of pages pages.
-func (w *Writer) readTable(h [32]byte, pages int) []byte {
-	for _, l := range w.ix.table(h) {
-		if int(l.n) != pages {
-			continue
-		}
-		var out []byte
-		err := w.s.readBlob(l, func(z []byte) error {
-			if fileCheckBits(z) != l.check {
-				return errors.New("damaged")
+			base = zeros[:len(b)]
+		} else {
+			var err error
+			if cd.bbuf, err = w.s.readBase(h, len(b), cd.bbuf[:0]); err != nil {
+				return r, nil, false // stored whole, which needs no base
 			}
-			out = append(out, z...)
-			return nil
-		})
-		if err == nil {
-			return out
+			base = cd.bbuf
 		}
 	}
-	return nil
+	np := pagesOf(len(b))
+	cd.pages = cd.pages[:0]
+	for p := range np {
+		lo, hi := p*PageSize, min((p+1)*PageSize, len(b))
+		if !bytes.Equal(b[lo:hi], base[lo:hi]) {
+			if cd.pages = append(cd.pages, p); 2*len(cd.pages) > np {
+				return r, nil, false
+			}
+		}
+	}
+	if len(cd.pages) == 0 {
+		return r, nil, false // the same content as its base: named alike, stored already
+	}
+	cd.dbuf = encodeDelta(cd.dbuf, b, cd.pages)
+	return r, cd.dbuf, true
 }
 
 // newestChunks indexes the chunks of the newest generation whose manifest
