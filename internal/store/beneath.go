@@ -381,14 +381,6 @@ func (r *root) syncDir(rel string) error {
 	return r.wrap("fsync", rel, unix.Fsync(fd))
 }
 
-// syncFS flushes the file system the root is on.
-func (r *root) syncFS() error {
-	if err := unix.Syncfs(r.fd); err != nil {
-		return fmt.Errorf("syncfs %s: %w", r.path, err)
-	}
-	return nil
-}
-
 func sortEntries(ents []fs.DirEntry) {
 	slices.SortFunc(ents, func(a, b fs.DirEntry) int { return strings.Compare(a.Name(), b.Name()) })
 }

@@ -108,14 +108,6 @@ func decodeRecord(b []byte) (record, error) {
 	return r, nil
 }
 
-func checkBits(check string) uint64 {
-	b, err := hex.DecodeString(check)
-	if err != nil || len(b) != 8 {
-		return 0
-	}
-	return binary.BigEndian.Uint64(b)
-}
-
 func checkString(c uint64) string {
 	var b [8]byte
 	binary.BigEndian.PutUint64(b[:], c)
@@ -710,16 +702,6 @@ func (pw *packWriter) abort() {
 	for _, p := range pw.finished {
 		pw.s.idx.add(p)
 	}
-}
-
-// written returns the bytes and records appended so far.
-func (pw *packWriter) written() (int64, int) {
-	if pw == nil {
-		return 0, 0
-	}
-	pw.mu.Lock()
-	defer pw.mu.Unlock()
-	return pw.bytes, pw.records
 }
 
 // PackInfo describes one pack file (for inspect, and for tests that damage

@@ -200,14 +200,6 @@ func TestReplicaHealsPrimaryOnWrite(t *testing.T) {
 	}
 }
 
-// flipByte damages a file in its middle.
-func flipByte(t *testing.T, p string) {
-	t.Helper()
-	b := readFile(t, p)
-	b[len(b)/2] ^= 0x40
-	writeFile(t, p, b)
-}
-
 // TestRepair heals flipped, missing and truncated chunks and a damaged
 // manifest from the replica, reports each, and leaves the generation
 // verifying; what the replica cannot supply stays reported as broken.

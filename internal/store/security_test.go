@@ -214,12 +214,12 @@ func TestAttackGCLinks(t *testing.T) {
 func TestAttackGenerationLink(t *testing.T) {
 	bothResolvers(t, func(t *testing.T) {
 		s, _ := storeWithGen(t)
-		v, before := victim(t)
+		v, _ := victim(t)
 		// A generation directory replaced by a link to a directory with a
 		// manifest-looking file: not a generation, and retention removes
 		// the link, not what it points to.
 		writeFile(t, filepath.Join(v, "manifest.json"), readFile(t, filepath.Join(s.GenDir(1), "manifest.json")))
-		before = tree(t, v)
+		before := tree(t, v)
 		plant(t, filepath.Join(s.Dir, "checkpoints", "2"), v)
 		gens, err := s.Generations()
 		if err != nil || len(gens) != 1 {
