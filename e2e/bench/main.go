@@ -734,6 +734,12 @@ func (b *bench) summarise(cond condition) half {
 	raw := row("  cryo raw image bytes", "bytes", pick("cryo", func(r run) int64 { return r.RawBytes }))
 	files := row("gen 1: files (packs, manifest)", "count", pick("cryo", func(r run) int64 { return int64(r.Files) }))
 	rss := row("cryo peak memory (checkpoint, restore)", "kib", pick("cryo", func(r run) int64 { return max(r.CheckpointRSS, r.RestoreRSS) }))
+	if lr := incs("contiguous", func(x incremental) int64 { return x.MaxRSS }); len(lr) == len(rss.Values) {
+		for i := range lr {
+			rss.Values[i] = max(rss.Values[i], lr[i])
+		}
+		rss = row("cryo peak memory (any checkpoint, restore)", "kib", rss.Values)
+	}
 	scGrowth := row("gen 2 (0.1% scattered): store growth", "bytes", incs("scattered", func(x incremental) int64 { return x.StoreGrowth }))
 	scZstd := row("  the changed pages, zstd", "bytes", incs("scattered", func(x incremental) int64 { return x.ChangedZstd }))
 	coNew := row("gen 3 (5% contiguous): new bytes", "bytes", incs("contiguous", func(x incremental) int64 { return x.NewBytes }))

@@ -124,7 +124,7 @@ type WriterOptions struct {
 
 // DefaultWriterMemory is the chunk buffers a writer holds at most, unless
 // WriterOptions.MaxMemory says otherwise.
-const DefaultWriterMemory = 160 << 20
+const DefaultWriterMemory = 128 << 20
 
 // NewWriter starts a generation.
 func (s *Store) NewWriter() (*Writer, error) { return s.NewWriterOpts(WriterOptions{}) }
@@ -307,9 +307,6 @@ func (w *Writer) work() {
 	}
 	if cd != nil {
 		cd.enc.Close()
-		if cd.better != nil {
-			cd.better.Close()
-		}
 	}
 }
 
@@ -389,7 +386,7 @@ func splitPoints(size int64, cuts []int64) []int64 {
 
 // coder is one worker's encoder and buffers.
 type coder struct {
-	enc, better                   *zstd.Encoder
+	enc                           *zstd.Encoder
 	zbuf, probe, sbuf, dbuf, bbuf []byte
 	pages                         []int
 }
@@ -424,18 +421,26 @@ func (cd *coder) compress(b []byte) []byte {
 // anew by most generations) harder, with entropy coding: it costs little
 // time and, for the log, most of what a generation after a small change
 // stores besides the pages.
+// One encoder for them all, made when first needed: its tables are
+// megabytes, one per worker would be a good part of the writer's memory,
+// and the chunks it compresses are a few per generation.
 func (cd *coder) compressSmall(b []byte) []byte {
-	if cd.better == nil {
-		enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedBetterCompression),
-			zstd.WithEncoderConcurrency(1), zstd.WithEncoderCRC(false), zstd.WithWindowSize(MaxChunk))
-		if err != nil {
-			return cd.compress(b)
-		}
-		cd.better = enc
+	enc := betterEncoder()
+	if enc == nil {
+		return cd.compress(b)
 	}
-	cd.zbuf = cd.better.EncodeAll(b, cd.zbuf[:0])
+	cd.zbuf = enc.EncodeAll(b, cd.zbuf[:0])
 	return cd.zbuf
 }
+
+var betterEncoder = sync.OnceValue(func() *zstd.Encoder {
+	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedBetterCompression), zstd.WithLowerEncoderMem(true),
+		zstd.WithEncoderConcurrency(1), zstd.WithEncoderCRC(false), zstd.WithWindowSize(MaxChunk))
+	if err != nil {
+		return nil
+	}
+	return enc
+})
 
 // putChunk stores a chunk unless the store has it already: whole, or as a
 // delta on its previous version's base (delta.go).
