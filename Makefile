@@ -61,7 +61,7 @@ test-user:
 test: deps test-user lint build
 	scripts/run-tests.sh
 
-demo: criu build
+demo: criu build test-user
 	scripts/demo.sh
 
 bench: criu build

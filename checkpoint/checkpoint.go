@@ -77,6 +77,11 @@ type Options struct {
 	// Progress, when set, counts the image bytes stored so far.
 	Progress *store.Progress
 	Logger   *slog.Logger
+	// Accept, when set, is called just before the commit with what the
+	// generation holds; an error refuses it: nothing is committed,
+	// retention does not run, a Kill job is resumed, and Take returns an
+	// error matching ErrRefused (see accept.go).
+	Accept func(Dumped) error
 }
 
 // Result describes a committed checkpoint.
@@ -213,6 +218,7 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 			err = errors.Join(err, w.Abort())
 		}
 	}()
+	outs := scanOutputs(o)
 	dumpStart := time.Now()
 	trees, derr := dumpJob(ctx, bin, copts, w, o, images, work, log)
 	if err := derr; err != nil {
@@ -250,6 +256,7 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 	if err != nil {
 		return nil, err
 	}
+	specs = append(specs, outputsSpec(outs, images, work, trees)...)
 	if err := w.AddFiles(ctx, specs); err != nil {
 		return nil, fmt.Errorf("store images: %w", err)
 	}
@@ -272,6 +279,9 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 	for _, t := range tasks {
 		m.Job.Processes = append(m.Job.Processes, store.Process{PID: t.PID, PPID: t.PPID, PGID: t.PGID,
 			SID: t.SID, Threads: t.Threads, TIDs: t.TIDs, Comm: t.Comm})
+	}
+	if err := accept(o, m); err != nil {
+		return nil, err
 	}
 	gen, err := w.Commit(m)
 	if err != nil {

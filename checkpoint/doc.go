@@ -7,7 +7,9 @@
 // so device state is in host memory) -> CRIU dump into a private RAM-backed
 // work directory -> the job resumes, its offload contexts restored and
 // unlocked (or, with Kill, it stays stopped) -> persist: chunk, hash and
-// compress the images into the store in parallel -> commit (syncfs,
+// compress the images into the store in parallel, with a record of the
+// job's output files and their sizes at the freeze (outputs.json) -> the
+// caller's Accept, which may refuse the generation -> commit (syncfs,
 // manifest, atomic rename) -> retention. Every step is undone if a later
 // one fails: a failed checkpoint leaves the job running as it was (its
 // offload contexts unlocked) and older generations intact.

@@ -96,7 +96,6 @@ func newApp(e *env) *ucli.App {
 			gpusCommand(e),
 			recoverCommand(e),
 			runCommand(e),
-			monitorCommand(e),
 			ctlCommand(e),
 			swapCommand(e, "swap-out"),
 			swapCommand(e, "swap-in"),

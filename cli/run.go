@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -11,6 +12,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -40,8 +42,7 @@ type runOpts struct {
 	stderr       string
 	workDir      string
 	replica      string
-	monitorSock  string
-	name         string
+	restartExit  bool
 	// Slurm and signals (cli/slurm.go).
 	storeRoot  string
 	requeue    bool
@@ -58,8 +59,18 @@ func runCommand(e *env) *ucli.Command {
 		Description: `The job's trees run under one job-init process, so one checkpoint captures
 all of them with the channels between them. SIGUSR1 checkpoints now;
 SIGTERM or SIGINT checkpoints and stops the job (exit 143). When the job
-fails, cryo terminates what is left and restores the newest good checkpoint.
-Run again with the same store to resume an unfinished job.
+crashes (a signal kills the host tree or job-init), a link between its trees
+breaks, or it hangs, cryo ends every process of the job and restores the
+newest checkpoint taken before the failure began. A plain non-zero exit of
+the host tree is the job's answer: cryo exits with it at once (unless
+--restart-on-exit). Run again with the same store to resume an unfinished job.
+
+The host's stdout goes to cryo's stdout when that is a file of its own, else
+to STORE/run/host.out, relayed to cryo's stdout. Its stderr goes to
+STORE/run/host.err (or --stderr), and is relayed to cryo's stderr with each
+line prefixed "host: ", so that cryo's own messages ("cryo: ...") stand apart.
+After a restore these files, and the files the job writes itself, are cut
+back to where they were at the checkpoint, so the output appears once.
 
 In a Slurm batch job --store defaults to STORE-ROOT/cryo-$SLURM_JOB_ID, which
 survives requeues. With --requeue, the checkpoint signal (sbatch
@@ -80,12 +91,11 @@ that the signal reaches it (docs/slurm.md).`,
 			&ucli.StringFlag{Name: "control", Usage: "control socket path (default: STORE/run/control.sock)", Destination: &o.control},
 			&ucli.StringFlag{Name: "metrics-addr", Usage: "serve Prometheus metrics on this address (e.g. 127.0.0.1:9400)", Destination: &o.metricsAddr},
 			&ucli.BoolFlag{Name: "fresh", Usage: "start from scratch even if the store holds a checkpoint of an unfinished run", Destination: &o.fresh},
-			&ucli.StringFlag{Name: "stdout", Usage: "file the host tree's stdout is appended to (default: cryo's stdout if it is a file, else STORE/run/host.out relayed to cryo's stdout)", Destination: &o.stdout},
-			&ucli.StringFlag{Name: "stderr", Usage: "file the host tree's stderr is appended to (default like --stdout)", Destination: &o.stderr},
+			&ucli.StringFlag{Name: "stdout", Usage: "file the host tree's stdout is appended to (default: cryo's stdout if it is a file of its own, else STORE/run/host.out relayed to cryo's stdout)", Destination: &o.stdout},
+			&ucli.StringFlag{Name: "stderr", Usage: "file the host tree's stderr is appended to (default: STORE/run/host.err, relayed to cryo's stderr as lines prefixed \"host: \")", Destination: &o.stderr},
 			&ucli.StringFlag{Name: "work-dir", Usage: "where images wait between CRIU and the store", Destination: &o.workDir, EnvVars: []string{"CRYO_WORK_DIR"}},
 			&ucli.StringFlag{Name: "replica", Usage: "copy every checkpoint to this second store too, and heal damaged chunks from it on restore (a failing replica is logged, the checkpoint kept)", Destination: &o.replica, EnvVars: []string{"CRYO_REPLICA"}},
-			&ucli.StringFlag{Name: "monitor", Usage: "hand the job to the node daemon (cryo monitor) at this socket instead of supervising it here (no root needed)", Destination: &o.monitorSock, EnvVars: []string{"CRYO_MONITOR_SOCKET"}},
-			&ucli.StringFlag{Name: "name", Usage: "job name for the node daemon (default: derived from the store)", Destination: &o.name},
+			&ucli.BoolFlag{Name: "restart-on-exit", Usage: "take a non-zero exit of the host tree for a failure and restore the job (default: the exit code is the job's answer and passes through)", Destination: &o.restartExit, EnvVars: []string{"CRYO_RESTART_ON_EXIT"}},
 			&ucli.StringFlag{Name: "store-root", Usage: "in a Slurm job without --store: where the per-job store cryo-$SLURM_JOB_ID goes (default: $SLURM_SUBMIT_DIR)", Destination: &o.storeRoot, EnvVars: []string{"CRYO_STORE_ROOT"}},
 			&ucli.StringFlag{Name: "checkpoint-signal", Usage: "signal that checkpoints the job now (with --requeue: checkpoints, stops and requeues it); when another is named, SIGUSR1 still takes a plain checkpoint", Value: "USR1", Destination: &o.ckptSignal, EnvVars: []string{"CRYO_CHECKPOINT_SIGNAL"}},
 			&ucli.BoolFlag{Name: "requeue", Usage: "in a Slurm batch job: on the checkpoint signal, checkpoint, stop and requeue the job (scontrol requeue); when it runs again it resumes (see docs/slurm.md)", Destination: &o.requeue, EnvVars: []string{"CRYO_REQUEUE"}},
@@ -95,137 +105,203 @@ that the signal reaches it (docs/slurm.md).`,
 			if c.NArg() == 0 {
 				return usagef("run needs the host command after --")
 			}
+			cfg, err := o.config(c, e)
+			if err != nil {
+				return err
+			}
 			sigplan, err := o.slurmSetup(e)
 			if err != nil {
 				return err
 			}
-			cfg := monitor.Config{
-				Name: "job", Store: o.store, MaxRestarts: o.maxRestarts, HeartbeatTimeout: o.heartbeat,
-				HangTimeout: o.hang, ChannelGrace: o.channelGrace, Grace: o.grace, Keep: o.keep,
-				Fresh: o.fresh, CheckCache: checkCache, WorkDir: o.workDir, Replica: o.replica, Logger: o.logger(e),
-				Metrics: &monitor.Metrics{},
-			}
-			switch {
-			case o.interval == "auto":
-				if o.mtbf <= 0 {
-					return usagef("--interval auto needs --mtbf (e.g. --mtbf 24h)")
-				}
-				cfg.AutoInterval, cfg.MTBF = true, o.mtbf
-				// Until a checkpoint has been measured, assume it costs 1 s.
-				cfg.Interval = monitor.DalyInterval(time.Second, o.mtbf)
-			default:
-				d, err := time.ParseDuration(o.interval)
-				if err != nil && o.interval != "0" {
-					return usagef("--interval: %q is not a duration or 'auto'", o.interval)
-				}
-				if d < 0 {
-					return usagef("--interval must not be negative")
-				}
-				cfg.Interval = d
-			}
-			if o.maxRestarts < 0 || o.keep < 0 {
-				return usagef("--max-restarts and --keep must be >= 0")
-			}
-			if o.keep == 1 {
-				// With one generation kept, a checkpoint that does not restore
-				// leaves nothing to fall back on.
-				fmt.Fprintln(e.stderr, "cryo: warning: --keep 1 leaves no older checkpoint to fall back on")
-			}
-			if o.monitorSock != "" {
-				return o.viaDaemon(c, e, cfg)
-			}
-			bin, err := o.locateCRIU(e)
-			if err != nil {
-				return err
-			}
-			cfg.CRIU = bin
-			abs, err := filepath.Abs(o.store)
-			if err != nil {
-				return err
-			}
-			cfg.Store = abs
-			if _, err := store.Create(abs, "cryo "+checkpoint.Version); err != nil {
-				return err
-			}
-			run := monitor.RunDir(abs)
-			if err := os.MkdirAll(run, 0o700); err != nil {
-				return err
-			}
-			hostOut, relayOut := outputFor(o.stdout, os.Stdout, filepath.Join(run, "host.out"))
-			hostErr, relayErr := outputFor(o.stderr, os.Stderr, filepath.Join(run, "host.err"))
-			cfg.Trees = []monitor.TreeSpec{{Name: "host", Argv: c.Args().Slice(), Host: true, Stdout: hostOut, Stderr: hostErr, Dir: mustGetwd()}}
-			for i, cmd := range o.offload.Value() {
-				argv, err := splitCommand(cmd)
-				if err != nil || len(argv) == 0 {
-					return usagef("--offload %q: %v", cmd, err)
-				}
-				name := fmt.Sprintf("offload-%d", i+1)
-				cfg.Trees = append(cfg.Trees, monitor.TreeSpec{Name: name, Argv: argv, Dir: mustGetwd(),
-					Stdout: filepath.Join(run, name+".out"), Stderr: filepath.Join(run, name+".err")})
-			}
-			jsonEvents := o.json
-			cfg.OnEvent = func(ev monitor.Event) {
-				if jsonEvents {
-					fmt.Fprintf(e.stderr, "%s\n", mustJSON(ev))
-				} else {
-					fmt.Fprintf(e.stderr, "cryo: %s: %s\n", ev.Kind, ev.Detail)
-				}
-			}
-			if err := o.startOverCheck(c.Context, e, &cfg); err != nil {
-				return err
-			}
-			// GPU health: Xid errors on the job's GPUs are failures. A node
-			// without NVML has no GPUs to watch.
-			health, closeHealth := gpuHealth(context.WithoutCancel(c.Context), cfg.Logger)
-			defer closeHealth()
-			cfg.Health = health
-			sup, err := monitor.New(cfg)
-			if err != nil {
-				return usagef("%v", err)
-			}
-
-			// Signals are ours to interpret: the job must outlive a SIGTERM
-			// long enough to be checkpointed.
-			ctx, cancel := context.WithCancel(context.WithoutCancel(c.Context))
-			defer cancel()
-			sigs := make(chan os.Signal, 4)
-			signal.Notify(sigs, sigplan.notify()...)
-			defer signal.Stop(sigs)
-			go func() {
-				for s := range sigs {
-					op := sigplan.op(s)
-					go func() {
-						if _, err := sup.Request(ctx, op); err != nil {
-							sigplan.failed(e, s, op, err)
-						}
-					}()
-				}
-			}()
-			reg := &monitor.Registry{}
-			reg.Add(sup, os.Getuid())
-			ctl := o.control
-			if ctl == "" {
-				ctl = filepath.Join(run, "control.sock")
-			}
-			go reg.Serve(ctx, ctl, cfg.Logger)
-			stopMetrics, err := serveMetrics(o.metricsAddr, cfg.Metrics)
-			if err != nil {
-				return err
-			}
-			defer stopMetrics()
-			stopRelay := relay(ctx, relayOut, e.stdout, relayErr, e.stderr)
-			code, err := sup.Run(ctx)
-			stopRelay()
-			code, err = sigplan.afterRun(ctx, e, sup, code, err)
-			if err != nil {
-				return exitError{code: max(code, 1), err: err}
-			}
-			if code != 0 {
-				return exitError{code: code}
-			}
-			return nil
+			return o.run(c, e, cfg, sigplan)
 		},
 	}
+}
+
+// config turns the flags into the job's definition. Every flag is
+// honoured; one that cannot be is refused, never dropped.
+func (o *runOpts) config(c *ucli.Context, e *env) (monitor.Config, error) {
+	cfg := monitor.Config{
+		Name: "job", MaxRestarts: o.maxRestarts, RestartOnExit: o.restartExit, HeartbeatTimeout: o.heartbeat,
+		HangTimeout: o.hang, ChannelGrace: o.channelGrace, Grace: o.grace, Keep: o.keep,
+		Fresh: o.fresh, CheckCache: checkCache, WorkDir: o.workDir, Replica: o.replica, Logger: o.logger(e),
+		Metrics: &monitor.Metrics{},
+	}
+	switch {
+	case o.interval == "auto":
+		if o.mtbf <= 0 {
+			return cfg, usagef("--interval auto needs --mtbf (e.g. --mtbf 24h)")
+		}
+		cfg.AutoInterval, cfg.MTBF = true, o.mtbf
+		// Until a checkpoint has been measured, assume it costs 1 s.
+		cfg.Interval = monitor.DalyInterval(time.Second, o.mtbf)
+	default:
+		d, err := time.ParseDuration(o.interval)
+		if err != nil && o.interval != "0" {
+			return cfg, usagef("--interval: %q is not a duration or 'auto'", o.interval)
+		}
+		if d < 0 {
+			return cfg, usagef("--interval must not be negative")
+		}
+		if c.IsSet("mtbf") {
+			return cfg, usagef("--mtbf is for --interval auto")
+		}
+		cfg.Interval = d
+	}
+	switch {
+	case o.maxRestarts < 0 || o.keep < 0:
+		return cfg, usagef("--max-restarts and --keep must be >= 0")
+	case o.heartbeat < 0 || o.hang < 0 || o.grace < 0:
+		return cfg, usagef("--heartbeat-timeout, --hang-timeout and --grace must be >= 0")
+	case o.hang > 0 && len(o.offload.Value()) == 0:
+		return cfg, usagef("--hang-timeout watches offload trees: the job has none (--offload)")
+	case c.IsSet("channel-grace") && len(o.offload.Value()) == 0:
+		return cfg, usagef("--channel-grace watches channels between the job's trees: the job has one (--offload adds more)")
+	}
+	if o.keep == 1 {
+		// With one generation kept, a checkpoint that does not restore
+		// leaves nothing to fall back on.
+		fmt.Fprintln(e.stderr, "cryo: warning: --keep 1 leaves no older checkpoint to fall back on")
+	}
+	return cfg, nil
+}
+
+// run supervises the job here until it ends, and exits with its code.
+func (o *runOpts) run(c *ucli.Context, e *env, cfg monitor.Config, sigplan *runSignals) error {
+	bin, err := o.locateCRIU(e)
+	if err != nil {
+		return err
+	}
+	cfg.CRIU = bin
+	abs, err := filepath.Abs(o.store)
+	if err != nil {
+		return err
+	}
+	cfg.Store = abs
+	if _, err := store.Create(abs, "cryo "+checkpoint.Version); err != nil {
+		return err
+	}
+	run := monitor.RunDir(abs)
+	if err := os.MkdirAll(run, 0o700); err != nil {
+		return err
+	}
+	hostOut, relayOut := stdoutFor(o.stdout, os.Stdout, os.Stderr, filepath.Join(run, "host.out"))
+	hostErr, relayErr := filepath.Join(run, "host.err"), filepath.Join(run, "host.err")
+	if o.stderr != "" {
+		hostErr, _ = filepath.Abs(o.stderr)
+		relayErr = ""
+	}
+	cfg.Trees = []monitor.TreeSpec{{Name: "host", Argv: c.Args().Slice(), Host: true, Stdout: hostOut, Stderr: hostErr, Dir: mustGetwd()}}
+	for i, cmd := range o.offload.Value() {
+		argv, err := splitCommand(cmd)
+		if err != nil || len(argv) == 0 {
+			return usagef("--offload %q: %v", cmd, err)
+		}
+		name := fmt.Sprintf("offload-%d", i+1)
+		cfg.Trees = append(cfg.Trees, monitor.TreeSpec{Name: name, Argv: argv, Dir: mustGetwd(),
+			Stdout: filepath.Join(run, name+".out"), Stderr: filepath.Join(run, name+".err")})
+	}
+	var msgs sync.Mutex // cryo's messages and the relayed stderr, a line at a time
+	jsonEvents := o.json
+	cfg.OnEvent = func(ev monitor.Event) {
+		msgs.Lock()
+		defer msgs.Unlock()
+		if jsonEvents {
+			fmt.Fprintf(e.stderr, "%s\n", mustJSON(ev))
+			return
+		}
+		if line := eventLine(ev); line != "" {
+			fmt.Fprintf(e.stderr, "cryo: %s\n", line)
+		}
+	}
+	if err := o.startOverCheck(c.Context, e, &cfg); err != nil {
+		return err
+	}
+	// GPU health: Xid errors on the job's GPUs are failures. A node
+	// without NVML has no GPUs to watch.
+	health, closeHealth := gpuHealth(context.WithoutCancel(c.Context), cfg.Logger)
+	defer closeHealth()
+	cfg.Health = health
+	sup, err := monitor.New(cfg)
+	if err != nil {
+		return usagef("%v", err)
+	}
+
+	// Signals are ours to interpret: the job must outlive a SIGTERM
+	// long enough to be checkpointed.
+	ctx, cancel := context.WithCancel(context.WithoutCancel(c.Context))
+	defer cancel()
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, sigplan.notify()...)
+	defer signal.Stop(sigs)
+	go func() {
+		for s := range sigs {
+			op := sigplan.op(s)
+			go func() {
+				if _, err := sup.Request(ctx, op); err != nil {
+					sigplan.failed(e, s, op, err)
+				}
+			}()
+		}
+	}()
+	ctl := o.control
+	if ctl == "" {
+		ctl = filepath.Join(run, "control.sock")
+	}
+	ctlCtx, stopCtl := context.WithCancel(ctx)
+	ctlDone := make(chan struct{})
+	go func() {
+		defer close(ctlDone)
+		if err := monitor.ServeControl(ctlCtx, ctl, sup, cfg.Logger); err != nil {
+			msgs.Lock()
+			fmt.Fprintf(e.stderr, "cryo: warning: no control socket: %v\n", err)
+			msgs.Unlock()
+		}
+	}()
+	defer func() { stopCtl(); <-ctlDone }() // it removes the socket
+	stopMetrics, err := serveMetrics(o.metricsAddr, cfg.Metrics)
+	if err != nil {
+		return err
+	}
+	defer stopMetrics()
+	stopRelay := relay(ctx, relayOut, e.stdout, relayErr, lockedWriter{&msgs, e.stderr})
+	code, err := sup.Run(ctx)
+	stopRelay()
+	code, err = sigplan.afterRun(ctx, e, sup, code, err)
+	if err != nil {
+		return exitError{code: max(code, 1), err: err}
+	}
+	if code != 0 {
+		return exitError{code: code}
+	}
+	return nil
+}
+
+// eventLine is how cryo run reports an event (after "cryo: "), or "" for
+// one it does not print: the give-up is the error cryo exits with.
+func eventLine(ev monitor.Event) string {
+	switch ev.Kind {
+	case "gave-up":
+		return ""
+	case "checkpoint":
+		if r := ev.Checkpoint; r != nil {
+			return fmt.Sprintf("checkpoint: generation %d: %d processes, %s of images, %s new in the store; frozen %s, durable after %s",
+				r.Generation, r.Processes, human(r.RawBytes), human(r.NewBytes), r.Frozen.Round(time.Millisecond), r.Durable.Round(time.Millisecond))
+		}
+	}
+	return ev.Kind + ": " + ev.Detail
+}
+
+// lockedWriter writes to w under mu.
+type lockedWriter struct {
+	mu *sync.Mutex
+	w  io.Writer
+}
+
+func (l lockedWriter) Write(b []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(b)
 }
 
 // exitError carries the job's own exit code out of `cryo run`.
@@ -241,24 +317,31 @@ func (e exitError) Error() string {
 	return e.err.Error()
 }
 
-// outputFor decides where a host stream goes: an explicit file; cryo's own
-// stream when that is a regular file (a batch job's output file, which the
-// restored job then keeps appending to); else a file in the store that cryo
+// stdoutFor decides where the host's stdout goes: an explicit file; cryo's
+// own stdout when that is a regular file of its own (a batch job's output,
+// which the restored job then keeps appending to), not shared with cryo's
+// stderr (a restore cuts the job's output back to the checkpoint, and must
+// not cut cryo's messages with it); else a file in the store that cryo
 // relays. It returns the path for the job and the path to relay ("" none).
-func outputFor(explicit string, own *os.File, fallback string) (string, string) {
+func stdoutFor(explicit string, own, ownErr *os.File, fallback string) (string, string) {
 	if explicit != "" {
 		abs, _ := filepath.Abs(explicit)
 		return abs, ""
 	}
-	if st, err := own.Stat(); err == nil && st.Mode().IsRegular() {
-		if p, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", own.Fd())); err == nil && filepath.IsAbs(p) && !strings.HasSuffix(p, " (deleted)") {
+	var st, est syscall.Stat_t
+	if syscall.Fstat(int(own.Fd()), &st) == nil && st.Mode&syscall.S_IFMT == syscall.S_IFREG {
+		shared := syscall.Fstat(int(ownErr.Fd()), &est) == nil && est.Dev == st.Dev && est.Ino == st.Ino
+		if p, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", own.Fd())); err == nil && !shared && filepath.IsAbs(p) && !strings.HasSuffix(p, " (deleted)") {
 			return p, ""
 		}
 	}
 	return fallback, fallback
 }
 
-// relay copies what the job appends to the files to cryo's own streams.
+// relay copies what the job appends to its output files to cryo's own
+// streams: stdout as it is, stderr a line at a time, each line prefixed
+// "host: ". After a restore has cut a file back, what the restored job
+// writes again up to where the relay had got is not relayed twice.
 func relay(ctx context.Context, outPath string, out io.Writer, errPath string, errw io.Writer) func() {
 	ctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
@@ -271,8 +354,24 @@ func relay(ctx context.Context, outPath string, out io.Writer, errPath string, e
 		if errPath != "" {
 			offs[errPath], _ = fileSizeOf(errPath)
 		}
-		pump := func() {
-			for p, w := range map[string]io.Writer{outPath: out, errPath: errw} {
+		var partial []byte // of stderr: the line not yet ended
+		lines := func(b []byte, flush bool) {
+			partial = append(partial, b...)
+			for {
+				i := bytes.IndexByte(partial, '\n')
+				if i < 0 {
+					break
+				}
+				fmt.Fprintf(errw, "host: %s\n", partial[:i])
+				partial = partial[i+1:]
+			}
+			if flush && len(partial) > 0 {
+				fmt.Fprintf(errw, "host: %s\n", partial)
+				partial = nil
+			}
+		}
+		pump := func(flush bool) {
+			for _, p := range []string{outPath, errPath} {
 				if p == "" {
 					continue
 				}
@@ -280,11 +379,17 @@ func relay(ctx context.Context, outPath string, out io.Writer, errPath string, e
 				if err != nil {
 					continue
 				}
+				var b []byte
 				if _, err := f.Seek(offs[p], io.SeekStart); err == nil {
-					n, _ := io.Copy(w, f)
-					offs[p] += n
+					b, _ = io.ReadAll(io.LimitReader(f, 16<<20))
+					offs[p] += int64(len(b))
 				}
 				f.Close()
+				if p == outPath {
+					out.Write(b)
+				} else {
+					lines(b, flush)
+				}
 			}
 		}
 		t := time.NewTicker(100 * time.Millisecond)
@@ -292,10 +397,10 @@ func relay(ctx context.Context, outPath string, out io.Writer, errPath string, e
 		for {
 			select {
 			case <-ctx.Done():
-				pump()
+				pump(true)
 				return
 			case <-t.C:
-				pump()
+				pump(false)
 			}
 		}
 	}()
@@ -359,68 +464,6 @@ func splitCommand(s string) ([]string, error) {
 		out = append(out, cur.String())
 	}
 	return out, nil
-}
-
-// viaDaemon submits the job to a node daemon and follows it until it ends,
-// relaying its output and forwarding SIGUSR1 (checkpoint) and SIGTERM/SIGINT
-// (checkpoint and stop). It returns the job's exit code.
-func (o *runOpts) viaDaemon(c *ucli.Context, e *env, cfg monitor.Config) error {
-	abs, err := filepath.Abs(o.store)
-	if err != nil {
-		return err
-	}
-	name := o.name
-	if name == "" {
-		name = filepath.Base(abs)
-	}
-	run := monitor.RunDir(abs)
-	spec := monitor.JobSpec{Store: abs, Interval: cfg.Interval, MaxRestarts: cfg.MaxRestarts, Keep: cfg.Keep, Fresh: cfg.Fresh}
-	spec.Trees = []monitor.TreeSpec{{Name: "host", Argv: c.Args().Slice(), Host: true, Dir: mustGetwd()}}
-	for i, cmd := range o.offload.Value() {
-		argv, err := splitCommand(cmd)
-		if err != nil || len(argv) == 0 {
-			return usagef("--offload %q: %v", cmd, err)
-		}
-		spec.Trees = append(spec.Trees, monitor.TreeSpec{Name: fmt.Sprintf("offload-%d", i+1), Argv: argv, Dir: mustGetwd()})
-	}
-	ctx := context.WithoutCancel(c.Context)
-	if _, err := monitor.Call(ctx, o.monitorSock, monitor.Request{Op: "run", Job: name, Run: &spec}); err != nil {
-		return fmt.Errorf("submit to %s: %w", o.monitorSock, err)
-	}
-	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGUSR1, syscall.SIGTERM, syscall.SIGINT)
-	defer signal.Stop(sigs)
-	stopRelay := relay(ctx, filepath.Join(run, "host.out"), e.stdout, filepath.Join(run, "host.err"), e.stderr)
-	defer stopRelay()
-	for {
-		select {
-		case s := <-sigs:
-			op := "stop"
-			if s == syscall.SIGUSR1 {
-				op = "checkpoint"
-			}
-			if _, err := monitor.Call(ctx, o.monitorSock, monitor.Request{Op: op, Job: name}); err != nil {
-				fmt.Fprintf(e.stderr, "cryo: %s: %v\n", op, err)
-			}
-		case <-time.After(300 * time.Millisecond):
-		}
-		resp, err := monitor.Call(ctx, o.monitorSock, monitor.Request{Op: "status", Job: name})
-		if err != nil {
-			return fmt.Errorf("lost the node daemon: %w", err)
-		}
-		st := resp.Jobs[0]
-		switch st.State {
-		case monitor.StateCompleted, monitor.StateFailed, monitor.StateStopped:
-			code := 1
-			if st.ExitCode != nil {
-				code = *st.ExitCode
-			}
-			if code != 0 {
-				return exitError{code: code, err: fmt.Errorf("job %s %s (exit code %d) %s", name, st.State, code, st.LastFailure)}
-			}
-			return nil
-		}
-	}
 }
 
 // serveMetrics serves Prometheus metrics on addr ("" serves nothing) and

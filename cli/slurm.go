@@ -202,9 +202,6 @@ func (o *runOpts) slurmSetup(e *env) (*runSignals, error) {
 	case !errors.Is(err, cryo.ErrNotSlurm) || e.getenv("SLURM_JOB_ID") != "":
 		return nil, err
 	}
-	if o.requeue && o.monitorSock != "" {
-		return nil, usagef("--requeue does not work with --monitor yet: the node daemon's job is not part of the Slurm job")
-	}
 	if o.requeue && r.job == nil {
 		return nil, usagef("--requeue needs a Slurm batch job (SLURM_JOB_ID is not set)")
 	}

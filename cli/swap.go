@@ -20,8 +20,8 @@ type swapOpts struct {
 }
 
 // swapCommand is swap-out (checkpoint and terminate, freeing the job's
-// devices) or swap-in (bring it back). A job supervised by cryo run or
-// cryo monitor is swapped through its control socket, and stays supervised;
+// devices) or swap-in (bring it back). A job supervised by cryo run is
+// swapped through its control socket, and stays supervised;
 // otherwise JOB is the PID of the tree to swap out.
 func swapCommand(e *env, op string) *ucli.Command {
 	o := &swapOpts{}

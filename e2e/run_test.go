@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -72,21 +71,35 @@ type runJob struct {
 
 func startRun(t *testing.T, criu string, args ...string) *runJob {
 	t.Helper()
+	return startRunWith(t, criu, false, args...)
+}
+
+// startRunWith is startRun; with pipe, cryo's stdout is a pipe (as on a
+// terminal), so the host writes STORE/run/host.out and cryo relays it: out
+// is then what cryo's stdout showed.
+func startRunWith(t *testing.T, criu string, pipe bool, args ...string) *runJob {
+	t.Helper()
 	dir := t.TempDir()
 	r := &runJob{out: filepath.Join(dir, "job.out"), err: filepath.Join(dir, "cryo.err"), done: make(chan struct{})}
 	outf, _ := os.Create(r.out)
 	errf, _ := os.Create(r.err)
 	r.cmd = exec.Command(bin("cryo"), append([]string{"run"}, args...)...)
 	r.cmd.Stdout, r.cmd.Stderr = outf, errf
+	if pipe {
+		r.cmd.Stdout = &syncFile{f: outf} // not an *os.File: exec copies it through a pipe
+	}
 	r.cmd.Env = append(os.Environ(), "CRYO_CRIU="+criu)
 	r.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := r.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	outf.Close()
+	if !pipe {
+		outf.Close()
+	}
 	errf.Close()
 	go func() {
-		err := r.cmd.Wait()
+		err := r.cmd.Wait() // with pipe, after the copy is done
+		outf.Close()
 		var ee *exec.ExitError
 		if errors.As(err, &ee) {
 			r.code = ee.ExitCode()
@@ -111,6 +124,18 @@ func startRun(t *testing.T, criu string, args ...string) *runJob {
 }
 
 var jobInitRE = regexp.MustCompile(`job-init pid (\d+)`)
+
+// syncFile writes to f, hiding that it is a file.
+type syncFile struct {
+	mu sync.Mutex
+	f  *os.File
+}
+
+func (s *syncFile) Write(b []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.f.Write(b)
+}
 
 // killTree kills pid and its descendants, if pid is still a cryo job-init.
 func killTree(pid int) {
@@ -198,7 +223,7 @@ func TestRunRecoversFromOffloadFailures(t *testing.T) {
 		workerFlags []string
 		kind        string // the failure cryo must report
 	}{
-		{name: "worker killed", fault: "kill", kind: "failure: exit"},
+		{name: "worker killed", fault: "kill", kind: "failure: tree-exit: offload tree offload-1 (pid"},
 		{name: "worker exits", fault: "exit", hostFlags: []string{"-patient"}, kind: "failure: tree-exit: offload tree offload-1"},
 		{name: "channel closed", fault: "close", hostFlags: []string{"-patient"}, flags: []string{"--channel-grace", "1s"}, kind: "failure: channel: unix channel between"},
 		{name: "worker hangs", fault: "hang", workerFlags: []string{"-work", "5ms"}, flags: []string{"--hang-timeout", "3s"}, kind: "failure: hang: offload tree offload-1 made no CPU progress"},
@@ -372,44 +397,6 @@ func TestRunControlSocketAndMetrics(t *testing.T) {
 	}
 	if code := r.wait(t, 30*time.Second); code != 143 {
 		t.Errorf("cryo run after ctl stop exited %d, want 143", code)
-	}
-}
-
-func TestMonitorDaemonRunsSubmittedJobs(t *testing.T) {
-	criu := requireCRIU(t)
-	buildOffload(t)
-	const items = 80
-	want := offloadReference(t, items)
-	dir := t.TempDir()
-	msock := filepath.Join(dir, "monitor.sock")
-	ctx, cancel := context.WithCancel(context.Background())
-	d := exec.CommandContext(ctx, bin("cryo"), "monitor", "--socket", msock)
-	d.Env = append(os.Environ(), "CRYO_CRIU="+criu)
-	var dlog strings.Builder
-	d.Stderr = &dlog
-	if err := d.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { d.Process.Signal(syscall.SIGTERM); time.AfterFunc(20*time.Second, cancel); d.Wait(); cancel() })
-	for i := 0; i < 100; i++ {
-		if _, err := os.Stat(msock); err == nil {
-			break
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	store, sock, ff := filepath.Join(dir, "store"), filepath.Join(dir, "w.sock"), filepath.Join(dir, "ff")
-	worker := fmt.Sprintf("%s -role worker -addr %s -fault kill -fault-at 50 -fault-file %s", bin("offload"), sock, ff)
-	args := append([]string{"--monitor", msock, "--interval", "1s", "--offload", worker}, offloadArgs(store, sock, items)...)
-	r := startRun(t, criu, args...)
-	if code := r.wait(t, 90*time.Second); code != 0 {
-		t.Fatalf("job through the daemon exited %d\n%s\ndaemon: %s", code, r.messages(t), dlog.String())
-	}
-	if _, err := os.Stat(ff); err != nil {
-		t.Fatal("the fault never struck")
-	}
-	checkOffloadResult(t, r, items, want)
-	if !strings.Contains(dlog.String(), "store: restored: generation") {
-		t.Errorf("the daemon did not restore the job:\n%s", dlog.String())
 	}
 }
 

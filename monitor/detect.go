@@ -3,7 +3,6 @@ package monitor
 import (
 	"fmt"
 	"os"
-	"path/filepath"
 	"sort"
 	"strings"
 	"time"
@@ -22,21 +21,22 @@ func (s *Supervisor) detect() failure {
 	trees := s.treePIDs()
 	if s.cfg.ChannelGrace > 0 {
 		if d, onset := s.chans.check(trees, s.alive); d != "" {
-			return failure{"channel", d, onset}
+			return failure{kind: kindChannel, detail: d, onset: onset}
 		}
 	}
 	if s.cfg.HeartbeatTimeout > 0 {
-		s.readBeat()
-		// The timeout runs from the last beat (or the job's start),
-		// stopped while a checkpoint held the job still; the failure
-		// began at the last beat all the same.
-		if age := s.quietFor(s.beat); age > s.cfg.HeartbeatTimeout {
-			return failure{"heartbeat", fmt.Sprintf("no heartbeat from the job for %s (timeout %s)", time.Since(s.beat).Round(time.Second), s.cfg.HeartbeatTimeout), s.beat}
+		s.beat.look(time.Now())
+		// The timeout runs from when the beat was last seen to change (or
+		// the job's start), stopped while a checkpoint held the job
+		// still; the failure may have begun right after the look before.
+		if age := s.quietFor(s.beat.seen); age > s.cfg.HeartbeatTimeout {
+			return failure{kind: kindBeat, onset: s.beat.well,
+				detail: fmt.Sprintf("no heartbeat from the job for %s (timeout %s)", time.Since(s.beat.seen).Round(time.Second), s.cfg.HeartbeatTimeout)}
 		}
 	}
 	if s.cfg.HangTimeout > 0 {
-		if d, onset := s.checkHang(trees); d != "" {
-			return failure{"hang", d, onset}
+		if d, tree, onset := s.checkHang(trees); d != "" {
+			return failure{kind: kindHang, tree: tree, detail: d, onset: onset}
 		}
 	}
 	if s.cfg.Health != nil {
@@ -45,7 +45,7 @@ func (s *Supervisor) detect() failure {
 			all = append(all, ps...)
 		}
 		if errs := s.cfg.Health.Critical(all); len(errs) > 0 {
-			return failure{"gpu-xid", strings.Join(errs, "; "), time.Now().Add(-time.Second)}
+			return failure{kind: kindGPU, detail: strings.Join(errs, "; "), onset: time.Now().Add(-time.Second)}
 		}
 	}
 	s.watchMemory(trees)
@@ -54,15 +54,54 @@ func (s *Supervisor) detect() failure {
 
 func (s *Supervisor) alive(pid int) bool { return proc.Live(pid) }
 
-// treePIDs lists the processes of each tree of the job.
+// treePIDs lists the processes of each tree of the job, from one reading
+// of /proc, and remembers every process of the job it sees (and its
+// session), so that the job can be ended whole even after job-init is
+// gone (see endJob).
 func (s *Supervisor) treePIDs() map[string][]int {
 	out := map[string][]int{}
+	t, err := proc.All()
+	if err != nil {
+		return out
+	}
+	for _, p := range proc.Descendants(t, s.initPID) {
+		st := t[p]
+		s.seen[p] = st.StartTime
+		s.sessions[st.SID] = true
+	}
 	for root, name := range s.roots {
-		if ps, err := proc.Tree(root); err == nil {
+		if ps := proc.Descendants(t, root); len(ps) > 0 {
 			out[name] = ps
 		}
 	}
 	return out
+}
+
+// beatWatch follows the job's heartbeat file by the supervisor's own
+// clock: only whether its modification time changed is read, never the
+// time itself (on a shared file system that is the file server's clock).
+type beatWatch struct {
+	path  string
+	mtime time.Time // the file's modification time at the last look
+	last  time.Time // the last look
+	seen  time.Time // when a look first saw the current mtime (or the start)
+	well  time.Time // the look before that: the beat came after it
+}
+
+func (b *beatWatch) reset(path string, now time.Time) {
+	*b = beatWatch{path: path, last: now, seen: now, well: now}
+	if st, err := os.Stat(path); err == nil {
+		b.mtime = st.ModTime()
+	}
+}
+
+// look reads the file; a changed modification time is a beat.
+func (b *beatWatch) look(now time.Time) {
+	if st, err := os.Stat(b.path); err == nil && !st.ModTime().Equal(b.mtime) {
+		b.mtime = st.ModTime()
+		b.well, b.seen = b.last, now
+	}
+	b.last = now
 }
 
 type hangMark struct {
@@ -94,15 +133,6 @@ func (s *Supervisor) rebaseHang() {
 	}
 }
 
-// readBeat takes the time of the job's last heartbeat from the file's
-// modification time.
-func (s *Supervisor) readBeat() {
-	hb := filepath.Join(RunDir(s.cfg.Store), "heartbeat")
-	if st, err := os.Stat(hb); err == nil && st.ModTime().After(s.beat) {
-		s.beat = st.ModTime()
-	}
-}
-
 // sampleHang records the CPU time each offload tree has used so far.
 func (s *Supervisor) sampleHang(trees map[string][]int) {
 	for name, pids := range trees {
@@ -129,18 +159,23 @@ func (s *Supervisor) sampleHang(trees map[string][]int) {
 
 // checkHang reports an offload tree that used no CPU for HangTimeout, and
 // when it last did.
-func (s *Supervisor) checkHang(trees map[string][]int) (string, time.Time) {
+func (s *Supervisor) checkHang(trees map[string][]int) (string, string, time.Time) {
 	s.sampleHang(trees)
+	names := make([]string, 0, len(trees))
 	for name := range trees {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	for _, name := range names {
 		m, ok := s.hang[name]
 		if !ok {
 			continue // the host tree
 		}
 		if idle := s.quietFor(m.since); idle > s.cfg.HangTimeout {
-			return fmt.Sprintf("offload tree %s made no CPU progress for %s (timeout %s)", name, time.Since(m.since).Round(time.Second), s.cfg.HangTimeout), m.progress
+			return fmt.Sprintf("offload tree %s made no CPU progress for %s (timeout %s)", name, time.Since(m.since).Round(time.Second), s.cfg.HangTimeout), name, m.progress
 		}
 	}
-	return "", time.Time{}
+	return "", "", time.Time{}
 }
 
 func later(a, b time.Time) time.Time {
@@ -186,7 +221,7 @@ func (s *Supervisor) watchMemory(trees map[string][]int) {
 	// Steady (a good linear fit) and material (>1 MiB/s or >2%/min).
 	if r2 > 0.9 && slope > 0 && (slope > 1<<20 || slope*60 > 0.02*float64(rss)) && time.Since(w.warned) > 10*time.Minute {
 		w.warned = time.Now()
-		s.emit("warning", fmt.Sprintf("memory grows steadily: %.1f MiB/min (now %.1f MiB, fit R²=%.2f); a leak?", slope*60/(1<<20), float64(rss)/(1<<20), r2), 0)
+		s.event("warning", fmt.Sprintf("memory grows steadily: %.1f MiB/min (now %.1f MiB, fit R²=%.2f); a leak?", slope*60/(1<<20), float64(rss)/(1<<20), r2), 0)
 	}
 }
 

@@ -2,6 +2,7 @@ package monitor
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/signal"
@@ -11,29 +12,29 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cryo-hpc/cryo/internal/proc"
 	"golang.org/x/sys/unix"
 )
 
 // TreeSpec is one process tree of a job.
 type TreeSpec struct {
-	Name   string   `json:"name"` // "host", "offload-1", ...
-	Argv   []string `json:"argv"`
-	Dir    string   `json:"dir,omitempty"`
-	Env    []string `json:"env,omitempty"`
-	Stdout string   `json:"stdout"` // appended to (O_APPEND: a job's log may grow after a checkpoint)
-	Stderr string   `json:"stderr"`
-	Host   bool     `json:"host,omitempty"` // the job ends when the host tree ends
-	// UID and GID the tree runs as, when job-init runs as root for another
-	// user (a node daemon's job); 0 keeps job-init's own.
-	UID int `json:"uid,omitempty"`
-	GID int `json:"gid,omitempty"`
+	Name string   `json:"name"` // "host", "offload-1", ...
+	Argv []string `json:"argv"`
+	Dir  string   `json:"dir,omitempty"`
+	Env  []string `json:"env,omitempty"`
+	// Stdout and Stderr are appended to (O_APPEND: a restore cuts them back
+	// to their size at the checkpoint, see internal/outputs), created 0600
+	// if missing; a symbolic link is refused, but for /dev and /proc paths.
+	Stdout string `json:"stdout"`
+	Stderr string `json:"stderr"`
+	Host   bool   `json:"host,omitempty"` // the job ends when the host tree ends
 }
 
 // InitSpec is what job-init is told to run.
 type InitSpec struct {
 	Trees  []TreeSpec    `json:"trees"`
 	Events string        `json:"events"` // file job-init appends its events to
-	Grace  time.Duration `json:"grace"`  // SIGTERM -> SIGKILL for the other trees when the host ends
+	Grace  time.Duration `json:"grace"`  // SIGTERM -> SIGKILL for the rest of the job when the host ends
 }
 
 // InitEvent is one line of job-init's events file.
@@ -45,30 +46,40 @@ type InitEvent struct {
 	Code   int       `json:"code"`             // exit code, or 128+signal
 	Signal string    `json:"signal,omitempty"` // when killed by a signal
 	Error  string    `json:"error,omitempty"`
+	// AfterHost is set on a tree that ended after the host tree had ended
+	// (job-init ends the rest then): its end is no failure of the job.
+	AfterHost bool `json:"after_host,omitempty"`
 }
 
 // InitEnv names the environment variable that carries the InitSpec.
 const InitEnv = "CRYO_INIT_SPEC"
 
 // RunInit is job-init: it starts every tree of spec in a session of its
-// own, reaps everything below it, records each tree's start and exit in
-// the events file (opened per write, so no descriptor of it is part of a
-// checkpoint), and when the host tree ends, ends the others and exits with
-// the host's code. It returns the exit code.
+// own and records each tree's start and end in the events file (opened per
+// write, so no descriptor of it is part of a checkpoint). It is the child
+// subreaper of everything below it, so every process of the job stays its
+// descendant, and it never exits while one lives: when the host tree ends
+// it asks the rest of the job to end (SIGTERM), kills what is left after
+// the grace period (SIGKILL), reaps everything, and exits with the host's
+// code, which it returns. Signals it gets (SIGTERM, SIGINT, SIGHUP) are
+// passed on to the trees' process groups.
+//
+// The same holds when job-init is the init of a PID namespace of the
+// job's own: its descendants are then the namespace's processes.
 func RunInit(spec InitSpec) int {
-	// Orphans of the job stay below us, inside the checkpointed tree.
 	_ = unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 
 	roots := map[int]TreeSpec{}
 	var mu sync.Mutex
-	hostCode, hostDone := 0, false
 	for _, t := range spec.Trees {
 		pid, err := startTree(t)
 		if err != nil {
 			spec.event(InitEvent{Event: "start-failed", Tree: t.Name, Code: 127, Error: err.Error()})
 			if t.Host {
+				endRest(spec.Grace)
+				reapAll()
 				return 127
 			}
 			continue
@@ -85,66 +96,104 @@ func RunInit(spec InitSpec) int {
 			mu.Unlock()
 		}
 	}()
-	var deadline <-chan time.Time
+	hostCode, hostDone := 0, false
+	ended := func(pid int, ws syscall.WaitStatus) (TreeSpec, bool) {
+		mu.Lock()
+		defer mu.Unlock()
+		t, ok := roots[pid]
+		delete(roots, pid)
+		if ok {
+			code, sig := exitCode(ws)
+			spec.event(InitEvent{Event: "exited", Tree: t.Name, PID: pid, Code: code, Signal: sig, AfterHost: hostDone})
+		}
+		return t, ok
+	}
 	for {
 		var ws syscall.WaitStatus
 		pid, err := syscall.Wait4(-1, &ws, 0, nil)
-		if err == syscall.EINTR {
+		if errors.Is(err, syscall.EINTR) {
 			continue
 		}
-		if err == syscall.ECHILD {
-			break
+		if errors.Is(err, syscall.ECHILD) {
+			break // nothing of the job is left
 		}
 		if err != nil {
 			time.Sleep(10 * time.Millisecond)
 			continue
 		}
+		t, isRoot := ended(pid, ws)
+		if !isRoot || !t.Host || hostDone {
+			continue // a reaped orphan, or a tree
+		}
+		hostCode, _ = exitCode(ws)
+		// Trees already dead when the host's end is seen ended with it or
+		// before it (an offload tree whose death made the host fail): they
+		// are reported as such, before the host counts as done.
+		for {
+			var ws syscall.WaitStatus
+			p, _ := syscall.Wait4(-1, &ws, syscall.WNOHANG, nil)
+			if p <= 0 {
+				break
+			}
+			ended(p, ws)
+		}
 		mu.Lock()
-		t, isRoot := roots[pid]
-		if isRoot {
-			delete(roots, pid)
-		}
-		left := len(roots)
+		hostDone = true
 		mu.Unlock()
-		if !isRoot {
-			continue // a reaped orphan
-		}
-		code, sig := exitCode(ws)
-		spec.event(InitEvent{Event: "exited", Tree: t.Name, PID: pid, Code: code, Signal: sig})
-		if t.Host && !hostDone {
-			hostDone, hostCode = true, code
-			// The host is done: ask the other trees to end, then insist.
-			mu.Lock()
-			for p := range roots {
-				_ = syscall.Kill(-p, syscall.SIGTERM)
-			}
-			mu.Unlock()
-			grace := spec.Grace
-			if grace <= 0 {
-				grace = 5 * time.Second
-			}
-			deadline = time.After(grace)
-			go func() {
-				<-deadline
-				mu.Lock()
-				for p := range roots {
-					_ = syscall.Kill(-p, syscall.SIGKILL)
-					_ = syscall.Kill(p, syscall.SIGKILL)
-				}
-				mu.Unlock()
-			}()
-		}
-		if hostDone && left == 0 {
-			// Reap whatever orphans remain, without blocking on them forever.
-			for {
-				if p, _ := syscall.Wait4(-1, &ws, syscall.WNOHANG, nil); p <= 0 {
-					break
-				}
-			}
-			break
-		}
+		go endRest(spec.Grace)
 	}
 	return hostCode
+}
+
+// endRest ends every process below job-init: SIGTERM, and after grace
+// (default 5 s) SIGKILL, again until none is left. The caller reaps.
+func endRest(grace time.Duration) {
+	if grace <= 0 {
+		grace = 5 * time.Second
+	}
+	self := os.Getpid()
+	if signalBelow(self, syscall.SIGTERM) == 0 {
+		return
+	}
+	deadline := time.Now().Add(grace)
+	for time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+		if len(below(self)) == 0 {
+			return
+		}
+	}
+	for signalBelow(self, syscall.SIGKILL) > 0 {
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// below lists job-init's live descendants.
+func below(self int) []int {
+	t, err := proc.All()
+	if err != nil {
+		return nil
+	}
+	var out []int
+	ps := proc.Descendants(t, self)
+	if len(ps) == 0 || !procIsOurs() {
+		return nil
+	}
+	for _, p := range ps[1:] {
+		if st := t[p]; st.State != 'Z' && st.State != 'X' {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// reapAll waits for every child until none is left.
+func reapAll() {
+	for {
+		var ws syscall.WaitStatus
+		if _, err := syscall.Wait4(-1, &ws, 0, nil); errors.Is(err, syscall.ECHILD) {
+			return
+		}
+	}
 }
 
 func startTree(t TreeSpec) (int, error) {
@@ -159,13 +208,11 @@ func startTree(t TreeSpec) (int, error) {
 		if p == "" {
 			p = os.DevNull
 		}
-		// A tree run for another user gets files the daemon created as
-		// that user (monitor.Daemon); job-init never creates them for it.
-		flags := syscall.O_WRONLY | syscall.O_APPEND | syscall.O_CLOEXEC
-		if t.UID == 0 && t.GID == 0 {
-			flags |= syscall.O_CREAT
+		flags := syscall.O_WRONLY | syscall.O_APPEND | syscall.O_CLOEXEC | syscall.O_CREAT
+		if !strings.HasPrefix(p, "/dev/") && !strings.HasPrefix(p, "/proc/") {
+			flags |= syscall.O_NOFOLLOW
 		}
-		return syscall.Open(p, flags, 0o644)
+		return syscall.Open(p, flags, 0o600)
 	}
 	in, err := syscall.Open(os.DevNull, syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
 	if err != nil {
@@ -199,16 +246,8 @@ func startTree(t TreeSpec) (int, error) {
 		Dir:   t.Dir,
 		Env:   env,
 		Files: []uintptr{uintptr(in), uintptr(out), uintptr(errfd)},
-		Sys:   sysAttr(t),
+		Sys:   &syscall.SysProcAttr{Setsid: true},
 	})
-}
-
-func sysAttr(t TreeSpec) *syscall.SysProcAttr {
-	a := &syscall.SysProcAttr{Setsid: true}
-	if t.UID != 0 || t.GID != 0 {
-		a.Credential = &syscall.Credential{Uid: uint32(t.UID), Gid: uint32(t.GID), NoSetGroups: true}
-	}
-	return a
 }
 
 // lookPath resolves a command name on the PATH of env.
@@ -261,7 +300,7 @@ func (s InitSpec) event(e InitEvent) {
 	}
 	e.Time = time.Now().UTC()
 	b, _ := json.Marshal(e)
-	f, err := os.OpenFile(s.Events, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	f, err := os.OpenFile(s.Events, os.O_WRONLY|os.O_APPEND|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
 	if err != nil {
 		return
 	}

@@ -96,62 +96,56 @@ func TestMetricsExposition(t *testing.T) {
 	nilM.Checkpoint("x", 0, 0, 0, 0) // a nil *Metrics records nothing, and does not panic
 }
 
-func TestRegistryAuthorises(t *testing.T) {
+func TestControlAnswers(t *testing.T) {
 	s, err := New(Config{Name: "j", Store: t.TempDir(), Trees: []TreeSpec{{Name: "host", Argv: []string{"true"}, Host: true}}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := &Registry{}
-	r.Add(s, 1000)
 	ctx := context.Background()
-	if resp := r.answer(ctx, Request{Op: "status"}, 1000, 1000); !resp.OK {
-		t.Errorf("owner refused: %+v", resp)
+	if resp := answer(ctx, s, Request{Op: "status"}); !resp.OK || len(resp.Jobs) != 1 || resp.Jobs[0].Name != "j" {
+		t.Errorf("status: %+v", resp)
 	}
-	if resp := r.answer(ctx, Request{Op: "status"}, 0, 0); !resp.OK {
-		t.Errorf("root refused: %+v", resp)
+	if resp := answer(ctx, s, Request{Op: "status", Job: "other"}); resp.OK {
+		t.Errorf("status of another job: %+v", resp)
 	}
-	resp := r.answer(ctx, Request{Op: "stop"}, 1001, 1001)
-	if resp.OK || !strings.Contains(resp.Error, "belongs to uid 1000") {
-		t.Errorf("another user could stop the job: %+v", resp)
-	}
-	if resp := r.answer(ctx, Request{Op: "list"}, 1001, 1001); !resp.OK || len(resp.Jobs) != 0 {
-		t.Errorf("another user sees the job in list: %+v", resp)
-	}
-	if resp := r.answer(ctx, Request{Op: "run", Job: "x", Run: &JobSpec{}}, 0, 0); resp.OK {
-		t.Errorf("a single-job registry accepted a submission")
-	}
-	if resp := r.answer(ctx, Request{Op: "reboot"}, 0, 0); resp.OK || !strings.Contains(resp.Error, "unknown op") {
-		t.Errorf("unknown op: %+v", resp)
+	if resp := answer(ctx, s, Request{Op: "run"}); resp.OK || !strings.Contains(resp.Error, "unknown op") {
+		t.Errorf("a job submission (no daemon any more): %+v", resp)
 	}
 }
 
-// The control socket identifies its peer by SO_PEERCRED: here, ourselves.
-func TestControlSocketPeerCredentials(t *testing.T) {
+// The control socket is the owner's and root's: 0600, and each peer is
+// checked by SO_PEERCRED (here, ourselves).
+func TestControlSocketIsTheOwners(t *testing.T) {
 	s, err := New(Config{Name: "j", Store: t.TempDir(), Trees: []TreeSpec{{Name: "host", Argv: []string{"true"}, Host: true}}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := &Registry{}
-	r.Add(s, os.Getuid()+1) // owned by someone else
 	path := filepath.Join(t.TempDir(), "c.sock")
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go r.Serve(ctx, path, nil)
+	go ServeControl(ctx, path, s, nil)
 	for i := 0; i < 100; i++ {
-		if _, err := os.Stat(path); err == nil {
+		if st, err := os.Stat(path); err == nil && st.Mode().Perm() == 0o600 {
 			break
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	resp, err := Call(ctx, path, Request{Op: "status"})
-	if os.Getuid() == 0 {
-		if err != nil || !resp.OK {
-			t.Fatalf("root refused: %v", err)
-		}
-		return
+	st, err := os.Stat(path)
+	if err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("control socket: %v, mode %v; want 0600", err, st.Mode())
 	}
-	if err == nil || !strings.Contains(err.Error(), "belongs to uid") {
-		t.Fatalf("a stranger got the status: %v %+v", err, resp)
+	resp, err := Call(ctx, path, Request{Op: "status"})
+	if err != nil || !resp.OK {
+		t.Fatalf("the owner was refused: %v", err)
+	}
+	// A file in the socket's place that is not a socket is left alone.
+	other := filepath.Join(t.TempDir(), "not-a-socket")
+	os.WriteFile(other, []byte("x"), 0o600)
+	if err := ServeControl(ctx, other, s, nil); err == nil {
+		t.Error("ServeControl replaced a regular file")
+	}
+	if b, _ := os.ReadFile(other); string(b) != "x" {
+		t.Error("the file was changed")
 	}
 }
 
@@ -238,26 +232,28 @@ func TestUnwellJudgesFreshReadings(t *testing.T) {
 		}
 	}
 	stale := time.Now().Add(-1500 * time.Millisecond)
-	s := &Supervisor{cfg: Config{Store: store, HeartbeatTimeout: 2 * time.Second, HangTimeout: 3 * time.Second}}
-	s.beat = stale
+	s := &Supervisor{cfg: Config{Store: store, HeartbeatTimeout: 2 * time.Second, HangTimeout: 3 * time.Second}, seen: map[int]uint64{}, sessions: map[int]bool{}}
+	s.beat.reset(hb, stale)
+	// The job beats after the last look, 1.5 s ago.
+	beat := time.Now().Add(time.Second)
+	if err := os.Chtimes(hb, beat, beat); err != nil {
+		t.Fatal(err)
+	}
 	s.roots = map[int]string{busy: "busy"}
 	s.hang = map[string]hangMark{"busy": {pids: []int{busy}, since: stale, progress: stale, sampled: stale}}
 	if why := s.unwell(); why != "" {
 		t.Errorf("a job that beat just now and computes: unwell says %q", why)
 	}
 
-	// Really late: the file is as old as the last look.
-	if err := os.Chtimes(hb, stale, stale); err != nil {
-		t.Fatal(err)
-	}
-	s.beat = stale
+	// Really late: the file has not changed since a look 1.5 s ago.
+	s.beat.reset(hb, stale)
 	if why := s.unwell(); why != "the heartbeat is late" {
 		t.Errorf("heartbeat 1.5 s old with a 2 s timeout: unwell says %q, want the heartbeat is late", why)
 	}
 
 	// Really idle: an offload tree whose CPU time has not moved.
-	now := time.Now()
-	if err := os.Chtimes(hb, now, now); err != nil {
+	beat = beat.Add(time.Second)
+	if err := os.Chtimes(hb, beat, beat); err != nil {
 		t.Fatal(err)
 	}
 	s.roots = map[int]string{idle: "idle"}

@@ -1,9 +1,12 @@
 // Package restore brings a job back from a committed generation.
 //
 // Restore runs: pick the generation -> preflight (CRIU vetted, every PID
-// and thread ID of the job free, or held only by a dying process that we
-// wait for; the job's offload contexts placed: the recorded GPUs, else
-// same-model ones with room, or a device map, refused when none fits) ->
+// and thread ID of the job free: no process, process group or session
+// holds it, or only a dying one that we wait for; a live holder is refused
+// and never signalled; the job's offload contexts placed: the recorded
+// GPUs, else same-model ones with room, or a device map, refused when none
+// fits) -> with TruncateOutputs, the job's output files cut back to their
+// sizes at the checkpoint (only files that are still the recorded inode) ->
 // materialize the images into a private RAM-backed work directory,
 // verifying every chunk's checksum before any process starts -> CRIU
 // restore (detached in its own session, or as a child of the caller) ->
@@ -13,5 +16,6 @@
 // root PID.
 //
 // It reads the store under a shared lock (so retention and GC wait) and
-// never modifies a generation.
+// never modifies a generation. Outside the store it changes no file but
+// the output files TruncateOutputs cuts.
 package restore

@@ -8,21 +8,17 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"syscall"
 	"time"
 
 	"github.com/cryo-hpc/cryo/internal/criu"
+	"github.com/cryo-hpc/cryo/internal/outputs"
 	"github.com/cryo-hpc/cryo/internal/proc"
 	"github.com/cryo-hpc/cryo/internal/store"
 	"github.com/cryo-hpc/cryo/internal/workdir"
 	"github.com/cryo-hpc/cryo/offload"
 	"github.com/cryo-hpc/cryo/offload/drivers"
 )
-
-// ErrPIDInUse means a PID the job needs is held by a live process.
-var ErrPIDInUse = errors.New("pid in use")
 
 // Options are the choices for one restore.
 type Options struct {
@@ -71,6 +67,10 @@ type Options struct {
 	// CRIU's lazy-pages daemon, and the rest in the background. The caller
 	// must call Result.Wait to see every page home.
 	Lazy bool
+	// TruncateOutputs cuts the files the job had open for writing back to
+	// their sizes at the checkpoint before it runs again (see outputs.go):
+	// for a supervisor that restores a job whose output must not repeat.
+	TruncateOutputs bool
 }
 
 // Result describes a restored job.
@@ -101,6 +101,10 @@ type Result struct {
 	LazyBytes  int64         `json:"lazy_bytes,omitempty"`
 	LazyServed int64         `json:"lazy_served,omitempty"`
 	LazyDone   time.Duration `json:"lazy_done_ns,omitempty"`
+	// Truncated are the output files cut back (TruncateOutputs), and
+	// TruncateError why others could not be.
+	Truncated     []outputs.Cut `json:"truncated,omitempty"`
+	TruncateError string        `json:"truncate_error,omitempty"`
 
 	finish func(context.Context) error // a lazy restore's page service
 }
@@ -205,6 +209,13 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 		return nil, fmt.Errorf("restore generation %d: %w", gen, err)
 	}
 
+	cuts, cutErr := o.cutOutputs(st, m)
+	if cutErr != nil {
+		log.Warn("output files not cut back to the checkpoint", "err", cutErr)
+	}
+	for _, c := range cuts {
+		log.Info("output file cut back to the checkpoint", "file", c.Path, "from", c.From, "to", c.To)
+	}
 	stream := o.streamed(st, m, rep != nil, log)
 	need := m.RawBytes() + 16<<20
 	if stream {
@@ -253,6 +264,10 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 	res := &Result{Generation: gen, Processes: len(m.Job.Processes), Materialize: time.Since(t0), Healed: append(healed, fixed...), Streamed: stream}
 	if zs != nil {
 		res.ZeroLeftOut = zs.bytes
+	}
+	res.Truncated = cuts
+	if cutErr != nil {
+		res.TruncateError = cutErr.Error()
 	}
 	var lazy *lazySession
 	if o.Lazy && len(m.Job.Trees) > 0 {
@@ -426,60 +441,8 @@ func killJob(m *store.Manifest) error {
 	return errors.Join(errs...)
 }
 
-// pidsFree checks that every PID and thread ID of the job is free, waiting
-// up to wait for ones held by a dying process (a zombie, or one with
-// SIGKILL pending); a live holder is refused.
 // ownPIDNamespace tells whether the generation's job lives in a PID
 // namespace of its own: its root process is that namespace's PID 1.
 func ownPIDNamespace(m *store.Manifest) bool {
 	return len(m.Job.Processes) > 0 && m.Job.Processes[0].PID == 1
-}
-
-func pidsFree(ctx context.Context, m *store.Manifest, wait time.Duration, log *slog.Logger) error {
-	ctx, cancel := context.WithTimeout(ctx, wait)
-	defer cancel()
-	for _, p := range m.Job.Processes {
-		ids := append([]int{p.PID}, p.TIDs...)
-		for _, id := range ids {
-			if !proc.Exists(id) {
-				continue
-			}
-			if !dying(id) {
-				st, _ := proc.ReadStat(id)
-				return fmt.Errorf("%w: pid %d, which the checkpointed %q needs, is held by a live process %q (is the job still running?)",
-					ErrPIDInUse, id, p.Comm, st.Comm)
-			}
-			log.Debug("waiting for a dying process to release its pid", "pid", id)
-			if err := proc.WaitGone(ctx, id); err != nil {
-				return fmt.Errorf("%w: pid %d is still held by a dying process after %s", ErrPIDInUse, id, wait)
-			}
-		}
-	}
-	return nil
-}
-
-// dying reports whether id is a zombie, dead, or has SIGKILL pending.
-func dying(id int) bool {
-	st, err := proc.ReadStat(id)
-	if err != nil {
-		return true
-	}
-	if st.State == 'Z' || st.State == 'X' {
-		return true
-	}
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(id) + "/status")
-	if err != nil {
-		return true
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		k, v, ok := strings.Cut(line, ":")
-		if !ok || (k != "SigPnd" && k != "ShdPnd") {
-			continue
-		}
-		mask, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
-		if err == nil && mask&(1<<8) != 0 { // SIGKILL is signal 9: bit 8
-			return true
-		}
-	}
-	return false
 }

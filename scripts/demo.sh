@@ -6,7 +6,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cryo=$PWD/bin/cryo
 work=$(mktemp -d /tmp/cryo-demo.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+udir=
+# What the demo's user made, the user removes: root deletes nothing in a
+# directory a user can write.
+cleanup() {
+  [ -n "$udir" ] && [ -d "$udir" ] && as find "$udir" -xdev -mindepth 1 -delete
+  rm -rf "$work"
+}
+trap cleanup EXIT
 go build -o "$work/memstate" ./e2e/workloads/memstate
 go build -o "$work/offload" ./e2e/workloads/offload
 
@@ -15,6 +22,7 @@ args=(-steps 80 -mem 64 -delay 50ms)
 
 say "reference: the job run straight through (no pauses)"
 want=$("$work/memstate" -steps 80 -mem 64 -delay 0 | tail -n 1)
+want1=$want
 echo "$want"
 
 say "start the job (80 steps, 64 MiB of state) in the background"
@@ -76,4 +84,54 @@ if [ "$rc" = 0 ] && [ "$got" = "$want" ] && [ "$(grep -c '^step 1$' "$work/run.o
   say "same result: cryo restored the job after its offload worker died, and it finished right"
 else
   say "MISMATCH"; exit 1
+fi
+
+# Part three: the same, as an HPC user who is not root. cryo runs CRIU as
+# the user (unprivileged, with the file capability `make install` gives
+# it), so the user needs no sudo and no daemon; the kernel, not cryo,
+# decides what the restored job may do. Run as root, the demo does this
+# part as the test user (scripts/test-user.sh); run as a user, as you.
+if [ "$(id -u)" = 0 ]; then
+  user=${CRYO_TEST_USER:-cryo-test}
+  id "$user" >/dev/null 2>&1 || scripts/test-user.sh
+  as() { runuser -u "$user" -- env -i PATH=/usr/bin:/bin HOME=/tmp CRYO_CRIU="${CRYO_CRIU:-}" "$@"; }
+else
+  user=$(id -un)
+  as() { "$@"; }
+fi
+chmod 755 "$work"
+cp "$cryo" "$work/cryo"
+udir=$work/user
+mkdir "$udir"
+[ "$(id -u)" = 0 ] && chown "$user" "$udir"
+ucryo=$work/cryo
+
+say "as $user (uid $(id -u "$user")): cryo check"
+as "$ucryo" check | grep -E '^(criu|mode|criu check|job namespaces):'
+
+say "as $user: start the job, cryo checkpoint --kill, cryo restore"
+# The user's own shell makes the job's output file, as at a login.
+as bash -c 'setsid -f "$0" "$@" >"'"$udir"'/job.out" 2>&1 </dev/null' "$work/memstate" "${args[@]}"
+sleep 1.5
+upid=$(pgrep -n -u "$user" -f "^$work/memstate")
+as "$ucryo" checkpoint --store "$udir/store" --kill "$upid"
+while kill -0 "$upid" 2>/dev/null; do sleep 0.1; done
+urpid=$(as "$ucryo" restore --store "$udir/store")
+echo "restored as pid $urpid, running as $(ps -o user= -p "$urpid"), capabilities $(awk '/^CapEff/ {print $2}' /proc/"$urpid"/status)"
+while kill -0 "$urpid" 2>/dev/null; do sleep 0.2; done
+got=$(tail -n 1 "$udir/job.out")
+echo "restored run: $got"
+[ "$got" = "$want1" ] || { say "MISMATCH"; exit 1; }
+
+say "as $user: cryo run, the worker dies at item 100"
+rc=0
+as bash -c 'exec "$0" "$@" >"'"$udir"'/run.out" 2>"'"$udir"'/run.err"' "$ucryo" run --store "$udir/runstore" --interval 1s \
+  --offload "$work/offload -role worker -addr $udir/job.sock -fault kill -fault-at 100 -fault-file $udir/fault-done" \
+  -- "$work/offload" -role host -addr "$udir/job.sock" -items 160 -delay 25ms || rc=$?
+cat "$udir/run.err"
+got=$(tail -n 1 "$udir/run.out")
+if [ "$rc" = 0 ] && [ "$got" = "$want" ] && [ -f "$udir/fault-done" ]; then
+  say "same results, as $user: no root, no daemon, no sudo"
+else
+  say "MISMATCH (exit $rc, $got)"; exit 1
 fi

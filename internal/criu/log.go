@@ -2,6 +2,7 @@ package criu
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -133,4 +134,109 @@ func LogErrors(path string, ctx int) string {
 		out = append(out[:20], fmt.Sprintf("  ... (%d more lines)", len(out)-20))
 	}
 	return "CRIU log errors:\n" + strings.Join(out, "\n")
+}
+
+// ErrRecurring marks a CRIU failure that happens again however often the
+// same images are dumped or restored the same way: a file the images need
+// is missing or changed, a limit of CRIU's was reached, or the job holds
+// something CRIU cannot checkpoint. Retrying does not help; something must
+// change first. An *Error matches it when its log says so (see recurring).
+var ErrRecurring = errors.New("the failure recurs")
+
+// recurring are the CRIU log lines of failures that recur, each with what
+// it means for the user.
+var recurring = []struct{ match, what string }{
+	{"on restore: No such file or directory", "a file the job had open is gone"},
+	{"on restore: Permission denied", "a file the job had open may no longer be opened"},
+	{"has bad size", "a file the job had open changed size"},
+	{"has bad mode", "a file the job had open changed mode"},
+	{"has bad build-ID", "a file the job had open was replaced"},
+	{"increase limit", "a CRIU limit was reached"},
+	{"doesn't live in IPC ns", "the job uses SysV IPC outside an IPC namespace of its own"},
+	{"Unsupported proto", "the job holds a socket CRIU cannot checkpoint"},
+	{"Can't dump half of stream unix connection", "the job is connected to a process outside it"},
+	{"consider using --tcp-established", "the job holds a TCP connection CRIU may not checkpoint"},
+}
+
+// consequences are Error lines CRIU logs because of an earlier one.
+var consequences = []string{"FAILED.", "Killing processes because of failure", "exited, status=",
+	"Can't wait or restore", "killed by signal", "aborting"}
+
+// Is makes an *Error whose log shows a recurring failure match ErrRecurring.
+func (e *Error) Is(target error) bool {
+	if target != ErrRecurring {
+		return false
+	}
+	_, what := e.classify()
+	return what != ""
+}
+
+// Reason is the one line of CRIU's log that says why it failed (without
+// its timestamp), or the RPC error when the log says nothing.
+func (e *Error) Reason() string {
+	r, _ := e.classify()
+	if r == "" {
+		return e.Err.Error()
+	}
+	return r
+}
+
+// Brief is a one-line account of the failure for a user: the reason, what
+// it means when CRIU's log shows a recurring failure, and where the full
+// log is.
+func (e *Error) Brief() string {
+	r, what := e.classify()
+	if r == "" {
+		r = e.Err.Error()
+	}
+	if what != "" {
+		r = what + ": " + r
+	}
+	return r + " (CRIU's log: " + e.Log + ")"
+}
+
+// classify finds the reason in CRIU's log: the first Error line that is
+// neither benign nor a consequence of an earlier one; and, when it shows a
+// failure that recurs, what that means.
+func (e *Error) classify() (reason, what string) {
+	b, err := os.ReadFile(e.Log)
+	if err != nil {
+		return "", ""
+	}
+	if len(b) > 16<<20 {
+		b = b[len(b)-16<<20:]
+	}
+	var first, last string
+	for _, line := range strings.Split(string(b), "\n") {
+		i := strings.Index(line, "Error (")
+		if i < 0 || benign(line) {
+			continue
+		}
+		line = line[i:]
+		if j := strings.Index(line, "): "); j >= 0 {
+			line = line[j+3:] // the source location is CRIU's, not the user's
+		}
+		consequence := false
+		for _, c := range consequences {
+			consequence = consequence || strings.Contains(line, c)
+		}
+		if consequence {
+			if last == "" {
+				last = line
+			}
+			continue
+		}
+		if first == "" {
+			first = line
+		}
+		for _, r := range recurring {
+			if strings.Contains(line, r.match) {
+				return line, r.what
+			}
+		}
+	}
+	if first == "" {
+		first = last
+	}
+	return first, ""
 }
