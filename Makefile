@@ -77,6 +77,7 @@ FUZZTIME ?= 30s
 fuzz:
 	$(GO) test ./internal/store -run '^$$' -fuzz '^FuzzParseManifest$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./internal/store -run '^$$' -fuzz '^FuzzManifestFields$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./internal/store -run '^$$' -fuzz '^FuzzManifestMeaning$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./internal/pageserver -run '^$$' -fuzz '^FuzzParsePagemap$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./internal/pageserver -run '^$$' -fuzz '^FuzzReceiver$$' -fuzztime $(FUZZTIME)
 

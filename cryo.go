@@ -371,16 +371,18 @@ type GCOptions struct {
 	Store string
 	// Keep, when above 0, first removes all but the newest Keep generations.
 	Keep int
+	// Repack rewrites every pack holding unused bytes, merges small packs,
+	// and packs the chunk files of a store an older cryo wrote (converting
+	// it); without it GC repacks only mostly unused packs (store.GCOptions).
+	Repack bool
 	// LockWait bounds the wait for a checkpoint or restore using the store
 	// (default 5 min).
 	LockWait time.Duration
 }
 
-// GCResult says what GC removed.
+// GCResult says what GC removed and repacked.
 type GCResult struct {
-	Chunks             int   `json:"chunks"` // unreferenced chunks removed
-	Bytes              int64 `json:"bytes"`  // their size
-	Kept               int   `json:"kept"`   // chunks in use
+	store.GCResult
 	RemovedGenerations []int `json:"removed_generations,omitempty"`
 }
 
@@ -411,11 +413,11 @@ func GC(ctx context.Context, o GCOptions) (*GCResult, error) {
 	if err != nil {
 		return nil, err
 	}
-	res, err := st.GC()
+	res, err := st.GCWith(store.GCOptions{Repack: o.Repack})
 	if err != nil {
 		return nil, err
 	}
-	return &GCResult{Chunks: res.Chunks, Bytes: res.Bytes, Kept: res.Kept, RemovedGenerations: removed}, nil
+	return &GCResult{GCResult: res, RemovedGenerations: removed}, nil
 }
 
 // InspectOptions are the choices for Inspect.

@@ -371,6 +371,9 @@ func fileSpecs(images, work string) ([]store.FileSpec, error) {
 
 // keepLog copies a failed operation's CRIU log into the store's logs/ and
 // points the error at the copy (the work directory is about to go).
+// maxKeptLog is how much of a failed CRIU log the store keeps (its end).
+const maxKeptLog = 16 << 20
+
 func keepLog(st *store.Store, err error, log, op string) error {
 	var ce *criu.Error
 	if !errors.As(err, &ce) {
@@ -379,8 +382,7 @@ func keepLog(st *store.Store, err error, log, op string) error {
 	if _, serr := os.Stat(ce.Log); serr == nil {
 		log = ce.Log // the failing tree's own log, with several trees
 	}
-	dst := st.LogPath(op)
-	if b, rerr := os.ReadFile(log); rerr == nil && os.WriteFile(dst, b, 0o600) == nil {
+	if dst, serr := st.SaveLog(op, log, maxKeptLog); serr == nil {
 		ce.Log = dst
 	}
 	return err

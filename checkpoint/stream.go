@@ -57,8 +57,8 @@ func startPageStream(w *store.Writer, criuVersion int) (*pageStream, error) {
 func (p *pageStream) Buffer() []byte { return p.w.Buffer() }
 
 // Put implements pageserver.Sink.
-func (p *pageStream) Put(img *pageserver.Image, data []byte) error {
-	return p.file(img).Put(data)
+func (p *pageStream) Put(img *pageserver.Image, addr uint64, data []byte) error {
+	return p.file(img).PutAt(data, addr)
 }
 
 func (p *pageStream) file(img *pageserver.Image) *store.FileWriter {

@@ -169,9 +169,17 @@ func TestListVerifyOnStore(t *testing.T) {
 	// Flip one byte of the second chunk: verify names it; list, which only
 	// checks sizes, still calls it intact.
 	bad := m.Files[0].Chunks[1]
-	p := s.ChunkPath(bad.Hash)
+	packs, err := s.Packs()
+	if err != nil || len(packs) != 1 {
+		t.Fatalf("packs: %v, %v", packs, err)
+	}
+	p := packs[0].Path
 	b, _ := os.ReadFile(p)
-	b[len(b)-3] ^= 0x40
+	for _, r := range packs[0].Records {
+		if r.Hash == bad.Hash && r.Kind != "digests" {
+			b[r.Offset+r.Len-3] ^= 0x40
+		}
+	}
 	if err := os.WriteFile(p, b, 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -186,7 +194,7 @@ func TestListVerifyOnStore(t *testing.T) {
 		t.Errorf("verify --generation 1 --json: exit %d, %q (%v)", code, stdout, err)
 	}
 
-	// Remove it: now list sees it too.
+	// Remove its pack: now list sees it too.
 	if err := os.Remove(p); err != nil {
 		t.Fatal(err)
 	}
@@ -218,19 +226,22 @@ func TestGCCommand(t *testing.T) {
 	if err := os.MkdirAll(junk, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	orphan := s.ChunkPath(strings.Repeat("ab", 32))
-	if err := os.MkdirAll(filepath.Dir(orphan), 0o700); err != nil {
-		t.Fatal(err)
+	// A pack a killed writer left unfinished, and one that holds nothing
+	// readable.
+	tmp := filepath.Join(dir, "packs", strings.Repeat("ab", 16)+".tmp")
+	orphan := filepath.Join(dir, "packs", strings.Repeat("cd", 16)+".pack")
+	for _, p := range []string{tmp, orphan} {
+		if err := os.WriteFile(p, []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
 	}
-	if err := os.WriteFile(orphan, []byte("x"), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	_ = s
 	code, stdout, stderr := run(t, "gc", "--store", dir, "--json")
 	var res map[string]any
-	if err := json.Unmarshal([]byte(stdout), &res); err != nil || code != 0 || res["chunks"] != float64(1) {
+	if err := json.Unmarshal([]byte(stdout), &res); err != nil || code != 0 || res["packs_removed"] != float64(1) {
 		t.Errorf("gc --json: exit %d, %q, %q (%v)", code, stdout, stderr, err)
 	}
-	for _, p := range []string{junk, orphan} {
+	for _, p := range []string{junk, tmp, orphan} {
 		if _, err := os.Stat(p); err == nil {
 			t.Errorf("gc left %s", p)
 		}

@@ -128,6 +128,7 @@ func printInspect(w io.Writer, r *cryo.Inspection, files bool) {
 	} else {
 		fmt.Fprintln(w, "  added nothing to the store: all its chunks were there already")
 	}
+	fmt.Fprintf(w, "  manifest format %d; %d chunks stored as page deltas; in %d pack files\n", s.Format, s.DeltaChunks, len(s.Packs))
 	if files {
 		fmt.Fprintln(w, "\nfiles:")
 		for _, f := range r.Files {

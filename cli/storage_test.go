@@ -35,6 +35,7 @@ func replicatedStore(t *testing.T) (dir, rep string, m *store.Manifest) {
 	if err := os.WriteFile(filepath.Join(src, "core-1.img"), []byte("not really a core image"), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	s.PackLimit, r.PackLimit = 1, 1 // a pack per record: removing one loses one chunk
 	w, err := s.NewWriterOpts(store.WriterOptions{Replica: r})
 	if err != nil {
 		t.Fatal(err)
@@ -52,8 +53,22 @@ func replicatedStore(t *testing.T) (dir, rep string, m *store.Manifest) {
 	return dir, rep, m
 }
 
+// chunkPath is the pack holding chunk c (alone: the stores are made with
+// a pack per record).
 func chunkPath(dir string, c store.Chunk) string {
-	return filepath.Join(dir, "chunks", c.Hash[:2], c.Hash)
+	s, err := store.Open(dir)
+	if err != nil {
+		return ""
+	}
+	ps, _ := s.Packs()
+	for _, p := range ps {
+		for _, r := range p.Records {
+			if r.Hash == c.Hash && r.Kind != "digests" {
+				return p.Path
+			}
+		}
+	}
+	return ""
 }
 
 func TestRepairCommand(t *testing.T) {
@@ -75,8 +90,11 @@ func TestRepairCommand(t *testing.T) {
 	}
 
 	// Missing in both: exit 1, and --json says what stays broken.
-	os.Remove(chunkPath(dir, c))
-	os.Remove(chunkPath(rep, c))
+	for _, d := range []string{dir, rep} {
+		if err := os.Remove(chunkPath(d, c)); err != nil {
+			t.Fatal(err)
+		}
+	}
 	code, stdout, stderr = run(t, "repair", "--store", dir, "--replica", rep, "--json")
 	var res []store.RepairResult
 	if err := json.Unmarshal([]byte(stdout), &res); err != nil || code != 1 || len(res) != 1 || res[0].Intact ||

@@ -65,8 +65,9 @@ func verifies(t *testing.T, st, after string) {
 }
 
 // TestKilledAtEachPersistStep kills cryo with SIGKILL at each step of
-// committing a checkpoint (chunks written, manifest written just before
-// the rename, renamed) and in the middle of a garbage collection. After
+// committing a checkpoint (a pack written but not yet named, every pack
+// durable, manifest written just before the rename, renamed), in the
+// middle of a garbage collection, and of a repack. After
 // each, the job runs on, `cryo verify` accepts the store, `cryo list`
 // shows exactly the generations that were committed, the next checkpoint
 // works, and in the end every committed generation restores and finishes
@@ -83,7 +84,7 @@ func TestKilledAtEachPersistStep(t *testing.T) {
 		t.Fatalf("checkpoint: %s", r)
 	}
 	wantGens := []int{1}
-	for _, step := range []string{"chunks-written", "manifest-written", "renamed"} {
+	for _, step := range []string{"pack-written", "chunks-written", "manifest-written", "renamed"} {
 		cryoKilledAt(t, criu, step, "checkpoint", "--store", st, "--leave-running", pid)
 		if j.exited() {
 			t.Fatalf("the job ended when cryo was killed at %s", step)
@@ -116,6 +117,20 @@ func TestKilledAtEachPersistStep(t *testing.T) {
 	if got := committed(t, st); !slices.Equal(got, wantGens) {
 		t.Fatalf("after gc, list shows generations %v, want %v", got, wantGens)
 	}
+	// A repack (every generation's packs into new ones) killed once its
+	// new packs are durable, and once after it removed one old pack: every
+	// generation still verifies, and the next repack finishes.
+	for _, step := range []string{"repack-written", "gc"} {
+		cryoKilledAt(t, criu, step, "gc", "--repack", "--store", st)
+		verifies(t, st, "a kill at "+step+" of a repack")
+		if got := committed(t, st); !slices.Equal(got, wantGens) {
+			t.Fatalf("after a repack killed at %s, list shows generations %v, want %v", step, got, wantGens)
+		}
+	}
+	if r := cryo(t, "", "gc", "--repack", "--store", st); r.code != 0 {
+		t.Fatalf("repack after killed ones: %s", r)
+	}
+	verifies(t, st, "a repack")
 
 	j.killTree(t)
 	for _, g := range wantGens {
@@ -155,14 +170,34 @@ func TestRandomDamageFallback(t *testing.T) {
 	}
 	j.killTree(t)
 	ms := []*store.Manifest{manifest(t, st, 1), manifest(t, st, 2), manifest(t, st, 3)}
-	// A restore needs every chunk of a generation but those of CRIU's log.
-	uses := func(m *store.Manifest, hash string) bool {
+	// What each pack holds, and which chunks are deltas on which base.
+	packs, err := func() ([]store.PackInfo, error) {
+		s, err := store.Open(st)
+		if err != nil {
+			return nil, err
+		}
+		return s.Packs()
+	}()
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := map[string]string{}
+	for _, p := range packs {
+		for _, r := range p.Records {
+			if r.Kind == "delta" {
+				base[r.Hash] = r.Base
+			}
+		}
+	}
+	// A restore needs every chunk of a generation but those of CRIU's log,
+	// and the base of every delta.
+	uses := func(m *store.Manifest, lost map[string]bool) bool {
 		for _, f := range m.Files {
 			if f.Kind == "log" {
 				continue
 			}
 			for _, c := range f.Chunks {
-				if c.Hash == hash && !c.Zero {
+				if !c.Zero && (lost[c.Hash] || lost[base[c.Hash]]) {
 					return true
 				}
 			}
@@ -174,36 +209,62 @@ func TestRandomDamageFallback(t *testing.T) {
 		// A piece of generation 2 or 3 (possibly shared with others).
 		m := ms[1+rng.IntN(2)]
 		var path, hash string
+		lost := map[string]bool{}
+		kind := []string{"flip", "truncate", "delete"}[rng.IntN(3)]
+		var at blobAt
 		if rng.IntN(4) == 0 {
 			path = filepath.Join(st, "checkpoints", strconv.Itoa(m.Generation), "manifest.json")
 		} else {
 			for hash == "" {
 				f := m.Files[rng.IntN(len(m.Files))]
-				if c := f.Chunks[rng.IntN(len(f.Chunks))]; !c.Zero {
+				if c := f.Chunks[rng.IntN(len(f.Chunks))]; !c.Zero && f.Kind != "log" {
 					hash = c.Hash
 				}
 			}
-			path = filepath.Join(st, "chunks", hash[:2], hash)
+			at = blobsOf(t, st, hash)[0]
+			path = at.pack
 		}
 		orig := readFile(t, path)
-		kind := []string{"flip", "truncate", "delete"}[rng.IntN(3)]
 		switch kind {
 		case "flip":
 			b := append([]byte(nil), orig...)
-			b[rng.IntN(len(b))] ^= 1 << rng.IntN(8)
+			i := rng.IntN(len(b))
+			if hash != "" {
+				i = int(at.off) + rng.IntN(int(at.end-at.off)) // in the blob, not the header kept twice
+			}
+			b[i] ^= 1 << rng.IntN(8)
 			writeFile(t, path, b)
+			lost[hash] = true
 		case "truncate":
-			if err := os.Truncate(path, int64(rng.IntN(len(orig)))); err != nil {
+			cut := int64(rng.IntN(len(orig)))
+			if hash != "" {
+				cut = at.off - recordHeader + int64(rng.IntN(int(at.end-at.off+recordHeader)))
+			}
+			if err := os.Truncate(path, cut); err != nil {
 				t.Fatal(err)
+			}
+			for _, p := range packs {
+				for _, r := range p.Records {
+					if p.Path == path && r.Offset+r.Len > cut {
+						lost[r.Hash] = true
+					}
+				}
 			}
 		case "delete":
 			if err := os.Remove(path); err != nil {
 				t.Fatal(err)
 			}
+			for _, p := range packs {
+				for _, r := range p.Records {
+					if p.Path == path {
+						lost[r.Hash] = true
+					}
+				}
+			}
 		}
 		wantGen := 0
 		for _, g := range ms {
-			if (hash == "" && g.Generation != m.Generation) || (hash != "" && !uses(g, hash)) {
+			if (hash == "" && g.Generation != m.Generation) || (hash != "" && !uses(g, lost)) {
 				wantGen = g.Generation
 			}
 		}

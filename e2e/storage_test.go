@@ -43,18 +43,118 @@ func chunkOnlyIn(t *testing.T, m *store.Manifest, kind string, others ...*store.
 	return store.File{}, 0
 }
 
-// chunkFile is where a chunk of f lives in the store at dir.
-func chunkFile(dir string, f store.File, i int) string {
-	h := f.Chunks[i].Hash
-	return filepath.Join(dir, "chunks", h[:2], h)
+// blobAt is where one copy of a chunk is: its pack and its blob's bytes.
+type blobAt struct {
+	pack     string
+	off, end int64
 }
 
-// flip damages a file in its middle, as a bad disk block would.
-func flip(t *testing.T, p string) {
+// blobsOf lists the copies of chunk hash in the store at dir (the chunk
+// itself, not its digest table).
+func blobsOf(t *testing.T, dir, hash string) []blobAt {
 	t.Helper()
-	b := readFile(t, p)
-	b[len(b)/2] ^= 0x55
-	writeFile(t, p, b)
+	st, err := store.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ps, err := st.Packs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []blobAt
+	for _, p := range ps {
+		for _, r := range p.Records {
+			if r.Hash == hash && r.Kind != "digests" {
+				out = append(out, blobAt{p.Path, r.Offset + recordHeader, r.Offset + r.Len})
+			}
+		}
+	}
+	if len(out) == 0 {
+		t.Fatalf("no pack of %s holds chunk %s", dir, hash)
+	}
+	return out
+}
+
+// recordHeader is the size of a pack record's header (internal/store).
+const recordHeader = 96
+
+var flips int
+
+// flipChunk damages every copy of chunk i of f in the store at dir in the
+// middle, as a bad disk block would.
+func flipChunk(t *testing.T, dir string, f store.File, i int) {
+	t.Helper()
+	for _, b := range blobsOf(t, dir, f.Chunks[i].Hash) {
+		data := readFile(t, b.pack)
+		// Somewhere else each time: flipping a flipped bit back heals it.
+		flips++
+		data[b.off+(b.end-b.off)*int64(flips%7+1)/9] ^= 0x55
+		writeFile(t, b.pack, data)
+	}
+}
+
+// cutChunk cuts the pack holding chunk i of f short in the middle of the
+// chunk: it and what follows it in that pack (its index too) are lost.
+func cutChunk(t *testing.T, dir string, f store.File, i int) {
+	t.Helper()
+	b := blobsOf(t, dir, f.Chunks[i].Hash)[0]
+	if err := os.Truncate(b.pack, (b.off+b.end)/2); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// onlyLogs reports whether chunk hash is used by log files only (which a
+// restore does not need).
+func onlyLogs(m *store.Manifest, hash string) bool {
+	for _, f := range m.Files {
+		for _, c := range f.Chunks {
+			if c.Hash == hash && f.Kind != "log" {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// lastChunkIn is the file and chunk (used by that file only) whose record
+// comes last in its pack but for those of CRIU's log: cutting it short
+// harms no other chunk that a restore needs.
+func lastChunkIn(t *testing.T, dir string, m *store.Manifest) (store.File, int) {
+	t.Helper()
+	st, err := store.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ps, err := st.Packs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	uses := map[string]int{}
+	for _, f := range m.Files {
+		for _, c := range f.Chunks {
+			uses[c.Hash]++
+		}
+	}
+	for _, p := range ps {
+		for k := len(p.Records) - 1; k >= 0; k-- {
+			r := p.Records[k]
+			if r.Kind == "digests" {
+				continue
+			}
+			for _, f := range m.Files {
+				for i, c := range f.Chunks {
+					if c.Hash == r.Hash && uses[c.Hash] == 1 && f.Kind != "log" {
+						return f, i
+					}
+				}
+			}
+			if !onlyLogs(m, r.Hash) {
+				break
+			}
+		}
+	}
+	t.Fatalf("no pack of %s ends with a chunk of one file", dir)
+	return store.File{}, 0
 }
 
 // restoredRuns waits for a restored job to end and checks that it
@@ -110,7 +210,7 @@ func TestReplicaRestoreHeals(t *testing.T) {
 	}
 
 	f, i := chunkOnlyIn(t, m, "pages")
-	flip(t, chunkFile(st, f, i))
+	flipChunk(t, st, f, i)
 	r = cryo(t, criu, "restore", "--store", st, "--replica", rep)
 	if r.code != 0 {
 		t.Fatalf("restore --replica of a damaged store: %s", r)
@@ -154,10 +254,8 @@ func TestReplicaRepair(t *testing.T) {
 
 	pf, pi := chunkOnlyIn(t, m2, "pages", m1)
 	imgf, ii := chunkOnlyIn(t, m2, "image", m1)
-	flip(t, chunkFile(st, pf, pi))
-	if err := os.Remove(chunkFile(st, imgf, ii)); err != nil {
-		t.Fatal(err)
-	}
+	flipChunk(t, st, pf, pi)
+	cutChunk(t, st, imgf, ii)
 	mp := filepath.Join(st, "checkpoints", "1", "manifest.json")
 	writeFile(t, mp, readFile(t, mp)[:100])
 
@@ -192,8 +290,8 @@ func TestReplicaRepair(t *testing.T) {
 	restoredRuns(t, m2, out, want)
 
 	// Damage that both copies share cannot be healed.
-	flip(t, chunkFile(st, pf, pi))
-	flip(t, chunkFile(rep, pf, pi))
+	flipChunk(t, st, pf, pi)
+	flipChunk(t, rep, pf, pi)
 	r = cryo(t, "", "repair", "--store", st, "--replica", rep, "--generation", "2")
 	if r.code != 1 || !strings.Contains(r.stdout, "STILL BROKEN") || !strings.Contains(r.stdout, pf.Name) ||
 		!strings.Contains(r.stderr, "still damaged") {
@@ -268,7 +366,7 @@ func TestFallbackRestoresOlder(t *testing.T) {
 	m1, m2 := manifest(t, st, 1), manifest(t, st, 2)
 	killAtEnd(t, pidsOf(m2)...)
 	f, i := chunkOnlyIn(t, m2, "pages", m1)
-	flip(t, chunkFile(st, f, i))
+	flipChunk(t, st, f, i)
 	named := f.Name + ": chunk " + strconv.Itoa(i)
 
 	r := cryo(t, criu, "restore", "--store", st)

@@ -112,7 +112,7 @@ func (s *lazySource) chunk(c store.Chunk) ([]byte, error) {
 	if d, ok := s.cache[c.Hash]; ok {
 		return d, nil
 	}
-	d, err := s.st.ReadChunk(c)
+	d, err := s.st.ReadChunk(s.m, c)
 	if err != nil {
 		return nil, err
 	}

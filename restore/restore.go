@@ -344,8 +344,7 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 	if err != nil {
 		var ce *criu.Error
 		if errors.As(err, &ce) {
-			dst := st.LogPath("restore")
-			if b, rerr := os.ReadFile(ce.Log); rerr == nil && os.WriteFile(dst, b, 0o600) == nil {
+			if dst, serr := st.SaveLog("restore", ce.Log, 16<<20); serr == nil {
 				ce.Log = dst
 			}
 		}
@@ -388,9 +387,8 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 			log.Debug("lazy pages served", "bytes", n, "took", res.LazyDone)
 			if err != nil {
 				logf := filepath.Join(work, "lazy-pages.log")
-				if b, rerr := os.ReadFile(logf); rerr == nil {
-					logf = st.LogPath("lazy-pages")
-					_ = os.WriteFile(logf, b, 0o600)
+				if dst, serr := st.SaveLog("lazy-pages", logf, 16<<20); serr == nil {
+					logf = dst
 				}
 				return fmt.Errorf("serving the lazy pages of generation %d: %w (CRIU's log: %s)", gen, err, logf)
 			}

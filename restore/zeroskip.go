@@ -2,6 +2,7 @@ package restore
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"sort"
@@ -63,11 +64,29 @@ func planZeroSkip(st *store.Store, m *store.Manifest) (*zeroSkip, error) {
 }
 
 func (z *zeroSkip) plan(st *store.Store, m *store.Manifest, files map[string]*store.File, name string, pid int) error {
-	b, err := st.ReadAt(m, name, 0, files[name].Size)
+	// The pagemap is read as a stream, and its entries are bounded by what
+	// the pages image can hold: a manifest's sizes are claims, and a crafted
+	// one must not make a restore allocate by them.
+	r, err := st.OpenFile(m, name)
 	if err != nil {
 		return err
 	}
-	pagesID, entries, err := pageserver.ParsePagemap(b)
+	var entries []pageserver.Entry
+	var nPresent int64
+	pagesID, err := pageserver.ReadPagemap(r, func(id uint32, e pageserver.Entry) error {
+		// Every present entry holds a page of the pages image; the others
+		// (holes, lazy) are as many at most as there are mappings.
+		if e.Flags&pageserver.PEPresent != 0 {
+			nPresent++
+			if pf := files[fmt.Sprintf("pages-%d.img", id)]; pf == nil || nPresent > pf.Size/pageserver.PageSize {
+				return fmt.Errorf("more present pagemap entries than pages-%d.img has pages", id)
+			}
+		} else if int64(len(entries))-nPresent > 1<<17 {
+			return errors.New("more pagemap entries than a process has mappings")
+		}
+		entries = append(entries, e)
+		return nil
+	})
 	if err != nil {
 		return err
 	}
@@ -75,6 +94,9 @@ func (z *zeroSkip) plan(st *store.Store, m *store.Manifest, files map[string]*st
 	mmf := files[fmt.Sprintf("mm-%d.img", pid)]
 	if pf == nil || mmf == nil {
 		return nil // nothing to plan with; sent as stored
+	}
+	if mmf.Size > pageserver.MaxMessage+8 {
+		return fmt.Errorf("%s is %d bytes, more than a process's mappings take", mmf.Name, mmf.Size)
 	}
 	mb, err := st.ReadAt(m, mmf.Name, 0, mmf.Size)
 	if err != nil {

@@ -3,11 +3,14 @@
 # the same run. See e2e/bench/main.go for what is measured and how.
 #
 #   BENCH_MIB=2048   memory of the workload (MiB)
-#   BENCH_REPS=3     repetitions per tool
+#   BENCH_REPS=3     repetitions per tool and half
+#   BENCH_CONDITIONS=warm,cold  the halves: warm (fresh memory touched and freed before
+#                    every timed step), cold (an idle spell instead, no warm-up)
 #   BENCH_DIR=/var/tmp         disk for CRIU's images and cryo's store (same disk for both)
-#   BENCH_WARM_MIB=max(2048, 2*BENCH_MIB+512)  fresh memory touched and freed before every timed step
-#   BENCH_SETTLE=0s  idle before every timed step; BENCH_WARM_MIB=0 BENCH_SETTLE=5s is a cold bench
-#   BENCH_JSON=bin/bench-<time>.json   where the results go
+#   BENCH_WARM_MIB=max(2048, 2*BENCH_MIB+512)  warm: fresh memory touched and freed
+#   BENCH_SETTLE=0s  warm: idle before every timed step; BENCH_COLD_SETTLE=5s: cold
+#   BENCH_RSS_MIB=1024,8192   then cryo's peak memory with jobs of these sizes ("" skips it)
+#   BENCH_JSON=bin/bench-<time>.json   where the results go (-rss.json for the memory run)
 #
 # Needs root, bin/cryo (make build) and CRIU ($CRYO_CRIU, else .deps/criu).
 set -euo pipefail
@@ -50,13 +53,23 @@ go build -o "$work/bin/bench" ./e2e/bench
 echo "load before: $(uptime)"
 # The bench runs in the background so that a signal to this script reaches
 # it at once (it then stops, kills its workloads and cleans up).
-"$work/bin/bench" -cryo "$repo/bin/cryo" -criu "$CRYO_CRIU" -workload "$work/bin/mixed" \
-  -dir "$work/run" -shm "$shm" -mib "${BENCH_MIB:-2048}" -reps "${BENCH_REPS:-3}" \
-  -warm-mib "${BENCH_WARM_MIB:--1}" -settle "${BENCH_SETTLE:-0s}" -json "$out" &
-bench=$!
-trap 'kill -TERM "$bench" 2>/dev/null || true' INT TERM
+run_bench() {
+  "$work/bin/bench" -cryo "$repo/bin/cryo" -criu "$CRYO_CRIU" -workload "$work/bin/mixed" \
+    -dir "$work/run" -shm "$shm" -mib "${BENCH_MIB:-2048}" -reps "${BENCH_REPS:-3}" \
+    -conditions "${BENCH_CONDITIONS:-warm,cold}" -warm-mib "${BENCH_WARM_MIB:--1}" \
+    -settle "${BENCH_SETTLE:-0s}" -cold-settle "${BENCH_COLD_SETTLE:-5s}" "$@" &
+  bench=$!
+  trap 'kill -TERM "$bench" 2>/dev/null || true' INT TERM
+  local r=0
+  wait "$bench" || r=$?
+  while kill -0 "$bench" 2>/dev/null; do r=0; wait "$bench" || r=$?; done
+  return "$r"
+}
 rc=0
-wait "$bench" || rc=$?
-while kill -0 "$bench" 2>/dev/null; do rc=0; wait "$bench" || rc=$?; done
+run_bench -json "$out" || rc=$?
+rss=${BENCH_RSS_MIB-1024,8192}
+if [ "$rc" = 0 ] && [ -n "$rss" ]; then
+  run_bench -rss "$rss" -json "${out%.json}-rss.json" || rc=$?
+fi
 echo "load after: $(uptime)"
 exit "$rc"

@@ -1,13 +1,19 @@
 // Command bench compares cryo with raw CRIU on the same workload in the same
 // run: `criu dump` against `cryo checkpoint --kill`, `criu restore -d`
-// against `cryo restore`, the bytes each leaves on disk, and the bytes a
-// second cryo generation adds after the job changed about 5% of its memory.
+// against `cryo restore`, the bytes each leaves on disk, and what later
+// cryo generations add: one after the job changed a word in each of 0.1%
+// of its pages, scattered (gen 2), and one after it changed 5% of its
+// memory in four contiguous stretches (gen 3), which is then restored
+// lazily. It also counts the files of the first generation and cryo's
+// peak resident memory, and, with -rss, measures only that for jobs of
+// the sizes given (cryo's memory must not grow with the job).
 //
 // It is run by scripts/bench.sh (make bench), which builds it and the
 // workload (e2e/workloads/mixed). Every timed step starts from the same
-// condition for every tool: dirty pages synced, page caches dropped, and a
-// few GiB of fresh memory touched and freed just before, because these
-// VMs hand freed memory back to the host and touching it again is slow.
+// condition for every tool: dirty pages synced, page caches dropped, and,
+// in the warm half, a few GiB of fresh memory touched and freed just
+// before, because these VMs hand freed memory back to the host and
+// touching it again is slow; in the cold half, an idle spell instead.
 // Tools alternate which goes first from one repetition to the next.
 //
 // Every restore is checked: the restored workload hashes its memory again
@@ -24,6 +30,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -37,23 +44,30 @@ import (
 	"time"
 
 	"github.com/cryo-hpc/cryo/internal/criu"
+	"github.com/klauspost/compress/zstd"
 	"golang.org/x/sys/unix"
 )
 
-// Targets are the ratios cryo aims for (medians), those of the storage
-// engine's issue: checkpoint until durable against raw criu dump + fsync
-// of its images, bytes stored against the raw images, the job's frozen
-// time (leave-running) against raw criu dump's, the second generation's
-// new bytes against the first generation's raw size, restore against
-// criu restore, and a lazy restore's time to a running job against a full
-// criu restore.
+// Targets are those of the storage issue (medians): checkpoint until
+// durable against raw criu dump + fsync of its images, restore against
+// criu restore, bytes stored against the raw images, the files of a first
+// generation per GiB of it, what a generation adds after a scattered 0.1%
+// change against the compressed size of the pages changed (and against
+// the first generation), what one adds after a contiguous 5% change
+// against the first generation's raw size, cryo's peak resident memory,
+// and (kept from before) the frozen time of a leave-running checkpoint
+// and a lazy restore's time to a running job.
 const (
-	targetDurable   = 1.0
-	targetBytes     = 0.26
-	targetFrozen    = 1.0
-	targetGen2      = 0.08
-	targetRestore   = 1.0
-	targetLazyStart = 0.2
+	targetDurable       = 0.8
+	targetRestore       = 0.85
+	targetBytes         = 0.22
+	targetFilesPerGiB   = 2
+	targetScattered     = 3
+	targetScatteredGen1 = 0.005
+	targetContiguous    = 0.06
+	targetRSSMiB        = 256
+	targetFrozen        = 1.0
+	targetLazyStart     = 0.2
 )
 
 type config struct {
@@ -64,26 +78,34 @@ type config struct {
 	ShmDir   string `json:"shm_dir"` // RAM-backed: cryo's --work-dir
 	MiB      int    `json:"mib"`
 	Reps     int    `json:"reps"`
-	WarmMiB  int    `json:"warm_mib"`
-	// Settle is how long the machine idles before each timed step (after
-	// the caches are dropped, before any warm-up). With no warm-up it
-	// gives a "cold" bench: freed memory has gone back to the host, and
-	// every tool pays for fresh memory, as after a quiet spell on a VM.
-	Settle  time.Duration `json:"settle_ns"`
-	JSONOut string        `json:"-"`
+	// Conditions are the halves of the bench, each run in full: "warm"
+	// (WarmMiB of fresh memory touched and freed before each timed step,
+	// after Settle) and "cold" (ColdSettle idle, no warm-up).
+	Conditions []string      `json:"conditions"`
+	WarmMiB    int           `json:"warm_mib"`
+	Settle     time.Duration `json:"settle_ns"`
+	ColdSettle time.Duration `json:"cold_settle_ns"`
+	// RSSMiB, when set, makes the run measure only cryo's peak resident
+	// memory, for a job of each of these sizes.
+	RSSMiB  []int  `json:"rss_mib,omitempty"`
+	JSONOut string `json:"-"`
 }
 
 func main() {
 	var c config
+	var conds, rss string
 	flag.StringVar(&c.Cryo, "cryo", "bin/cryo", "cryo binary")
 	flag.StringVar(&c.CRIU, "criu", envOr("CRYO_CRIU", "criu"), "CRIU binary, used raw and by cryo")
 	flag.StringVar(&c.Workload, "workload", "", "the mixed workload binary (required)")
 	flag.StringVar(&c.Dir, "dir", "", "directory on the store's disk for images and stores (required; the bench removes what it makes there)")
 	flag.StringVar(&c.ShmDir, "shm", "", "RAM-backed directory for cryo's work dirs (required)")
 	flag.IntVar(&c.MiB, "mib", envInt("BENCH_MIB", 2048), "MiB of workload memory")
-	flag.IntVar(&c.Reps, "reps", envInt("BENCH_REPS", 3), "repetitions per tool")
-	flag.IntVar(&c.WarmMiB, "warm-mib", envInt("BENCH_WARM_MIB", -1), "MiB of fresh memory touched and freed before each timed step (-1: 2*mib+512, at least 2048)")
-	flag.DurationVar(&c.Settle, "settle", envDuration("BENCH_SETTLE", 0), "idle this long before each timed step (with -warm-mib 0: a cold bench)")
+	flag.IntVar(&c.Reps, "reps", envInt("BENCH_REPS", 3), "repetitions per tool and condition")
+	flag.StringVar(&conds, "conditions", envOr("BENCH_CONDITIONS", "warm,cold"), "halves of the bench: warm, cold or both")
+	flag.IntVar(&c.WarmMiB, "warm-mib", envInt("BENCH_WARM_MIB", -1), "warm: MiB of fresh memory touched and freed before each timed step (-1: 2*mib+512, at least 2048)")
+	flag.DurationVar(&c.Settle, "settle", envDuration("BENCH_SETTLE", 0), "warm: idle this long before each timed step")
+	flag.DurationVar(&c.ColdSettle, "cold-settle", envDuration("BENCH_COLD_SETTLE", 5*time.Second), "cold: idle this long before each timed step")
+	flag.StringVar(&rss, "rss", "", "measure only cryo's peak memory, for jobs of these MiB (comma-separated)")
 	flag.StringVar(&c.JSONOut, "json", "", "write the results as JSON here (required)")
 	flag.Parse()
 	if c.WarmMiB < 0 {
@@ -91,8 +113,24 @@ func main() {
 		// materialized images and the restored job at once.
 		c.WarmMiB = max(2048, 2*c.MiB+512)
 	}
-	if c.Workload == "" || c.Dir == "" || c.ShmDir == "" || c.JSONOut == "" || c.MiB <= 0 || c.Reps <= 0 {
-		fmt.Fprintln(os.Stderr, "bench: -workload, -dir, -shm and -json are required; -mib and -reps must be > 0")
+	for _, s := range strings.Split(conds, ",") {
+		if s = strings.TrimSpace(s); s == "warm" || s == "cold" {
+			c.Conditions = append(c.Conditions, s)
+		} else if s != "" {
+			fmt.Fprintf(os.Stderr, "bench: unknown condition %q (warm, cold)\n", s)
+			os.Exit(2)
+		}
+	}
+	for _, s := range strings.Split(rss, ",") {
+		if n, err := strconv.Atoi(strings.TrimSpace(s)); err == nil && n > 0 {
+			c.RSSMiB = append(c.RSSMiB, n)
+		} else if strings.TrimSpace(s) != "" {
+			fmt.Fprintf(os.Stderr, "bench: -rss %q: want MiB, comma-separated\n", rss)
+			os.Exit(2)
+		}
+	}
+	if c.Workload == "" || c.Dir == "" || c.ShmDir == "" || c.JSONOut == "" || c.MiB <= 0 || c.Reps <= 0 || len(c.Conditions) == 0 {
+		fmt.Fprintln(os.Stderr, "bench: -workload, -dir, -shm and -json are required; -mib and -reps must be > 0; -conditions not empty")
 		os.Exit(2)
 	}
 	for _, p := range []*string{&c.Cryo, &c.CRIU, &c.Workload} {
@@ -122,6 +160,8 @@ func main() {
 type bench struct {
 	cfg   config
 	ctx   context.Context
+	cond  condition // of the half running now
+	mib   int       // the workload's size now
 	mu    sync.Mutex
 	procs map[int]chan struct{} // pid -> closed once the process is gone
 	res   results
@@ -140,13 +180,21 @@ type results struct {
 	Digest      string        `json:"workload_digest"`
 	Runs        []run         `json:"runs"`
 	Incremental []incremental `json:"incremental"`
-	Summary     []summaryRow  `json:"summary"`
-	Ratios      []ratio       `json:"ratios"`
+	Halves      []half        `json:"halves"`
+	RSS         []rssRun      `json:"rss,omitempty"`
 	WarmTouch   []int64       `json:"warm_touch_ns"` // how long each touch-and-free took
+}
+
+// half is the summary of one condition.
+type half struct {
+	Condition condition    `json:"condition"`
+	Summary   []summaryRow `json:"summary"`
+	Ratios    []ratio      `json:"ratios"`
 }
 
 // run is one tool's checkpoint and restore in one repetition.
 type run struct {
+	Cond          string `json:"condition"`
 	Rep           int    `json:"rep"`
 	Tool          string `json:"tool"` // "criu" or "cryo"
 	Order         int    `json:"order"`
@@ -156,6 +204,8 @@ type run struct {
 	ApparentBytes int64  `json:"apparent_bytes"` // sum of file sizes (du -b)
 	FrozenNS      int64  `json:"frozen_ns"`      // CRIU's frozen time (stats-dump; cryo reports it)
 	DigestOK      bool   `json:"digest_ok"`
+	CheckpointRSS int64  `json:"checkpoint_maxrss_kib"` // the tool's peak resident memory
+	RestoreRSS    int64  `json:"restore_maxrss_kib"`
 	// raw CRIU only
 	FsyncNS int64 `json:"images_fsync_ns,omitempty"` // fsync of every image after the dump (not in the wall time)
 	// cryo only
@@ -163,35 +213,58 @@ type run struct {
 	DumpNS        int64 `json:"criu_dump_in_cryo_ns,omitempty"`
 	RawBytes      int64 `json:"raw_bytes,omitempty"`
 	NewBytes      int64 `json:"new_bytes,omitempty"`
+	Files         int   `json:"files,omitempty"` // files of the first generation (packs, manifest)
 	MaterializeNS int64 `json:"materialize_ns,omitempty"`
 	CRIURestoreNS int64 `json:"criu_restore_in_cryo_ns,omitempty"`
 }
 
-// incremental is a second cryo generation, taken leave-running after the
-// restored job changed about 5% of its memory.
+// incremental is a later cryo generation, taken leave-running after the
+// restored job changed some of its memory: "scattered" (a word in each of
+// 0.1% of its pages) or "contiguous" (5% in four stretches).
 type incremental struct {
-	Rep          int   `json:"rep"`
-	WallNS       int64 `json:"wall_ns"`
-	FrozenNS     int64 `json:"frozen_ns"`
-	RawBytes     int64 `json:"raw_bytes"`
-	NewBytes     int64 `json:"new_bytes"`
-	StoreGrowth  int64 `json:"store_growth_bytes"`
-	Gen1NewBytes int64 `json:"gen1_new_bytes"`
+	Cond         string `json:"condition"`
+	Rep          int    `json:"rep"`
+	Kind         string `json:"kind"`
+	WallNS       int64  `json:"wall_ns"`
+	FrozenNS     int64  `json:"frozen_ns"`
+	RawBytes     int64  `json:"raw_bytes"`
+	NewBytes     int64  `json:"new_bytes"`
+	StoreGrowth  int64  `json:"store_growth_bytes"`
+	Gen1RawBytes int64  `json:"gen1_raw_bytes"`
+	Gen1Disk     int64  `json:"gen1_disk_bytes"`
+	MaxRSS       int64  `json:"maxrss_kib"`
+	// ChangedBytes are the pages a scattered change touched, and
+	// ChangedZstd their size compressed (zstd, one frame).
+	ChangedBytes int64 `json:"changed_bytes,omitempty"`
+	ChangedZstd  int64 `json:"changed_zstd_bytes,omitempty"`
 	RunningOK    bool  `json:"memory_intact_after_leave_running"`
-	RestoreOK    bool  `json:"generation2_restores_intact"`
-	// Generation 2 is restored with --lazy: the job runs after LazyStartNS
-	// (cryo's materialize + CRIU restore), its memory is whole after
-	// LazyWallNS (cryo restore --lazy returns then).
-	LazyStartNS int64 `json:"lazy_start_ns"`
-	LazyWallNS  int64 `json:"lazy_wall_ns"`
-	LazyBytes   int64 `json:"lazy_bytes"`
+	RestoreOK    bool  `json:"restores_intact"`
+	// The contiguous generation is restored with --lazy: the job runs
+	// after LazyStartNS (cryo's materialize + CRIU restore), its memory is
+	// whole after LazyWallNS (cryo restore --lazy returns then).
+	LazyStartNS int64 `json:"lazy_start_ns,omitempty"`
+	LazyWallNS  int64 `json:"lazy_wall_ns,omitempty"`
+	LazyBytes   int64 `json:"lazy_bytes,omitempty"`
+}
+
+// rssRun is cryo's peak memory for one job size (-rss).
+type rssRun struct {
+	MiB          int   `json:"mib"`
+	KillRSS      int64 `json:"checkpoint_kill_maxrss_kib"`
+	RestoreRSS   int64 `json:"restore_maxrss_kib"`
+	LeaveRSS     int64 `json:"checkpoint_leave_running_maxrss_kib"`
+	KillNS       int64 `json:"checkpoint_kill_ns"`
+	RestoreNS    int64 `json:"restore_ns"`
+	LeaveNS      int64 `json:"checkpoint_leave_running_ns"`
+	LeaveFrozeNS int64 `json:"leave_running_frozen_ns"`
 }
 
 type summaryRow struct {
 	Name   string  `json:"name"`
-	Unit   string  `json:"unit"` // "ns" or "bytes"
+	Unit   string  `json:"unit"` // "ns", "bytes", "kib" or "count"
 	Min    float64 `json:"min"`
 	Median float64 `json:"median"`
+	Max    float64 `json:"max"`
 	Values []int64 `json:"values"`
 }
 
@@ -199,6 +272,8 @@ type ratio struct {
 	Name      string  `json:"name"`
 	Median    float64 `json:"median"`
 	Min       float64 `json:"min"` // min over min
+	Max       float64 `json:"max"` // max over max
+	Unit      string  `json:"unit,omitempty"`
 	Target    float64 `json:"target,omitempty"`
 	MeetsGoal *bool   `json:"meets_target,omitempty"`
 }
@@ -213,6 +288,7 @@ func (b *bench) run() error {
 	b.res.CPUs = runtime.NumCPU()
 	b.res.Config = c
 	b.res.LoadBefore = loadavg()
+	b.mib = c.MiB
 
 	if os.Geteuid() != 0 {
 		return errors.New("the bench needs root (CRIU, drop_caches)")
@@ -237,30 +313,40 @@ func (b *bench) run() error {
 	if out, err := exec.CommandContext(b.ctx, c.Cryo, "check", "--criu", c.CRIU).CombinedOutput(); err != nil {
 		return fmt.Errorf("cryo check: %v: %s", err, out)
 	}
-	b.logf("cryo bench: %d MiB mixed workload, %d repetitions per tool, %s", c.MiB, c.Reps, c.condition())
+	if len(c.RSSMiB) > 0 {
+		return b.rssOnly()
+	}
+	b.logf("cryo bench: %d MiB mixed workload, %d repetitions per tool, halves %v", c.MiB, c.Reps, c.Conditions)
 	b.logf("  images and stores in %s, cryo work dirs in %s; load average %s", c.Dir, c.ShmDir, b.res.LoadBefore)
 
-	for rep := 1; rep <= c.Reps; rep++ {
-		tools := []string{"criu", "cryo"}
-		if rep%2 == 0 {
-			tools = []string{"cryo", "criu"}
+	for _, name := range c.Conditions {
+		b.cond = condition{Name: name, WarmMiB: c.WarmMiB, Settle: c.Settle}
+		if name == "cold" {
+			b.cond = condition{Name: name, Settle: c.ColdSettle}
 		}
-		for i, tool := range tools {
-			r := run{Rep: rep, Tool: tool, Order: i + 1}
-			var err error
-			if tool == "criu" {
-				err = b.criuRound(&r)
-			} else {
-				err = b.cryoRound(&r)
+		b.logf("%s half: %s", name, b.cond)
+		for rep := 1; rep <= c.Reps; rep++ {
+			tools := []string{"criu", "cryo"}
+			if rep%2 == 0 {
+				tools = []string{"cryo", "criu"}
 			}
-			if err != nil {
-				return fmt.Errorf("rep %d, %s: %w", rep, tool, err)
+			for i, tool := range tools {
+				r := run{Cond: name, Rep: rep, Tool: tool, Order: i + 1}
+				var err error
+				if tool == "criu" {
+					err = b.criuRound(&r)
+				} else {
+					err = b.cryoRound(&r)
+				}
+				if err != nil {
+					return fmt.Errorf("%s, rep %d, %s: %w", name, rep, tool, err)
+				}
+				b.res.Runs = append(b.res.Runs, r)
 			}
-			b.res.Runs = append(b.res.Runs, r)
 		}
+		b.res.Halves = append(b.res.Halves, b.summarise(b.cond))
 	}
 	b.res.LoadAfter = loadavg()
-	b.summarise()
 	if err := b.writeJSON(); err != nil {
 		return err
 	}
@@ -270,11 +356,11 @@ func (b *bench) run() error {
 
 // criuRound: raw `criu dump` (kill mode) to disk, then `criu restore -d`.
 func (b *bench) criuRound(r *run) error {
-	j, err := b.startJob(fmt.Sprintf("criu-r%d", r.Rep))
+	j, err := b.startJob(fmt.Sprintf("criu-%s-r%d", r.Cond, r.Rep))
 	if err != nil {
 		return err
 	}
-	images := filepath.Join(b.cfg.Dir, fmt.Sprintf("criu-images-r%d", r.Rep))
+	images := filepath.Join(b.cfg.Dir, fmt.Sprintf("criu-images-%s-r%d", r.Cond, r.Rep))
 	if err := os.Mkdir(images, 0o700); err != nil {
 		return err
 	}
@@ -284,11 +370,11 @@ func (b *bench) criuRound(r *run) error {
 	if err := b.prepare(); err != nil {
 		return err
 	}
-	d, _, err := b.timed(j.dir, "criu-dump", b.cfg.CRIU, "dump", "-t", pid, "-D", images, "--shell-job", "--tcp-established")
+	d, _, rss, err := b.timed(j.dir, "criu-dump", b.cfg.CRIU, "dump", "-t", pid, "-D", images, "--shell-job", "--tcp-established")
 	if err != nil {
 		return err
 	}
-	r.CheckpointNS = int64(d)
+	r.CheckpointNS, r.CheckpointRSS = int64(d), rss
 	if err := b.waitGone(j.pid, 30*time.Second); err != nil {
 		return fmt.Errorf("after criu dump: %w", err)
 	}
@@ -306,41 +392,42 @@ func (b *bench) criuRound(r *run) error {
 	if err := b.prepare(); err != nil {
 		return err
 	}
-	d, _, err = b.timed(j.dir, "criu-restore", b.cfg.CRIU, "restore", "-D", images, "--shell-job", "--tcp-established", "-d")
+	d, _, rss, err = b.timed(j.dir, "criu-restore", b.cfg.CRIU, "restore", "-D", images, "--shell-job", "--tcp-established", "-d")
 	if err != nil {
 		return err
 	}
-	r.RestoreNS = int64(d)
+	r.RestoreNS, r.RestoreRSS = int64(d), rss
 	b.track(j.pid) // CRIU restores the same PID
 	if err := b.check(j, j.digest, "after criu restore"); err != nil {
 		return err
 	}
 	r.DigestOK = true
-	b.logf("rep %d criu: dump %s (frozen %s), %s on disk; restore %s; memory intact",
-		r.Rep, secs(r.CheckpointNS), secs(r.FrozenNS), human(r.DiskBytes), secs(r.RestoreNS))
+	b.logf("%s rep %d criu: dump %s (frozen %s), %s on disk; restore %s; memory intact",
+		r.Cond, r.Rep, secs(r.CheckpointNS), secs(r.FrozenNS), human(r.DiskBytes), secs(r.RestoreNS))
 	return b.kill(j.pid)
 }
 
-// cryoRound: `cryo checkpoint --kill`, `cryo restore`, then the second
-// generation: the restored job changes ~5% of its memory and is
-// checkpointed again, leave-running; that generation must restore too.
+// cryoRound: `cryo checkpoint --kill`, `cryo restore`, then the later
+// generations: the restored job changes 0.1% of its pages, scattered, and
+// is checkpointed leave-running (gen 2); then 5% of its memory,
+// contiguous, and again (gen 3), which is restored lazily.
 func (b *bench) cryoRound(r *run) error {
-	j, err := b.startJob(fmt.Sprintf("cryo-r%d", r.Rep))
+	j, err := b.startJob(fmt.Sprintf("cryo-%s-r%d", r.Cond, r.Rep))
 	if err != nil {
 		return err
 	}
-	store := filepath.Join(b.cfg.Dir, fmt.Sprintf("cryo-store-r%d", r.Rep))
+	store := filepath.Join(b.cfg.Dir, fmt.Sprintf("cryo-store-%s-r%d", r.Cond, r.Rep))
 	defer os.RemoveAll(store)
 	common := []string{"--json", "-v", "--criu", b.cfg.CRIU, "--store", store, "--work-dir", b.cfg.ShmDir}
 
 	if err := b.prepare(); err != nil {
 		return err
 	}
-	d, out, err := b.timed(j.dir, "cryo-checkpoint", b.cfg.Cryo, append(append([]string{"checkpoint"}, common...), "--kill", strconv.Itoa(j.pid))...)
+	d, out, rss, err := b.timed(j.dir, "cryo-checkpoint", b.cfg.Cryo, append(append([]string{"checkpoint"}, common...), "--kill", strconv.Itoa(j.pid))...)
 	if err != nil {
 		return err
 	}
-	r.CheckpointNS = int64(d)
+	r.CheckpointNS, r.CheckpointRSS = int64(d), rss
 	var cp cryoCheckpoint
 	if err := json.Unmarshal(out, &cp); err != nil {
 		return fmt.Errorf("cryo checkpoint output %q: %w", out, err)
@@ -359,15 +446,18 @@ func (b *bench) cryoRound(r *run) error {
 	if err != nil {
 		return err
 	}
+	if r.Files, err = generationFiles(store); err != nil {
+		return err
+	}
 
 	if err := b.prepare(); err != nil {
 		return err
 	}
-	d, out, err = b.timed(j.dir, "cryo-restore", b.cfg.Cryo, append([]string{"restore"}, common...)...)
+	d, out, rss, err = b.timed(j.dir, "cryo-restore", b.cfg.Cryo, append([]string{"restore"}, common...)...)
 	if err != nil {
 		return err
 	}
-	r.RestoreNS = int64(d)
+	r.RestoreNS, r.RestoreRSS = int64(d), rss
 	var rs cryoRestore
 	if err := json.Unmarshal(out, &rs); err != nil {
 		return fmt.Errorf("cryo restore output %q: %w", out, err)
@@ -381,27 +471,49 @@ func (b *bench) cryoRound(r *run) error {
 		return err
 	}
 	r.DigestOK = true
-	b.logf("rep %d cryo: checkpoint %s (frozen %s, criu dump inside %s), %s on disk; restore %s (materialize %s, criu %s); memory intact",
-		r.Rep, secs(r.CheckpointNS), secs(r.FrozenNS), secs(r.DumpNS), human(r.DiskBytes),
-		secs(r.RestoreNS), secs(r.MaterializeNS), secs(r.CRIURestoreNS))
+	b.logf("%s rep %d cryo: checkpoint %s (frozen %s, criu dump inside %s), %s on disk in %d files; restore %s (materialize %s, criu %s); peak memory %s / %s; memory intact",
+		r.Cond, r.Rep, secs(r.CheckpointNS), secs(r.FrozenNS), secs(r.DumpNS), human(r.DiskBytes), r.Files,
+		secs(r.RestoreNS), secs(r.MaterializeNS), secs(r.CRIURestoreNS), human(r.CheckpointRSS<<10), human(r.RestoreRSS<<10))
 
-	inc, err := b.secondGeneration(r.Rep, j, store, common, cp)
-	if err != nil {
-		return fmt.Errorf("second generation: %w", err)
+	for _, kind := range []string{"scattered", "contiguous"} {
+		inc, err := b.laterGeneration(r, kind, j, store, common)
+		if err != nil {
+			return fmt.Errorf("%s generation: %w", kind, err)
+		}
+		b.res.Incremental = append(b.res.Incremental, inc)
 	}
-	b.res.Incremental = append(b.res.Incremental, inc)
 	return nil
 }
 
-func (b *bench) secondGeneration(rep int, j *job, store string, common []string, gen1 cryoCheckpoint) (incremental, error) {
-	inc := incremental{Rep: rep, Gen1NewBytes: gen1.NewBytes}
-	changed, err := b.signal(j, syscall.SIGUSR2)
+// laterGeneration changes the running job's memory (kind) and checkpoints
+// it leave-running; after the contiguous change, the generation is also
+// restored lazily.
+func (b *bench) laterGeneration(r *run, kind string, j *job, store string, common []string) (incremental, error) {
+	inc := incremental{Cond: r.Cond, Rep: r.Rep, Kind: kind, Gen1RawBytes: r.RawBytes, Gen1Disk: r.DiskBytes}
+	sig := syscall.SIGUSR2
+	if kind == "scattered" {
+		sig = syscall.SIGWINCH
+	}
+	changed, err := b.signal(j, sig)
 	if err != nil {
-		return inc, fmt.Errorf("change 5%% of the memory: %w", err)
+		return inc, fmt.Errorf("change the memory: %w", err)
 	}
 	if changed == j.digest {
-		return inc, errors.New("the workload's digest did not change after SIGUSR2")
+		return inc, fmt.Errorf("the workload's digest did not change after %v", sig)
 	}
+	if kind == "scattered" {
+		pages, err := os.ReadFile(j.digestFile() + ".changed")
+		if err != nil {
+			return inc, err
+		}
+		enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1))
+		if err != nil {
+			return inc, err
+		}
+		inc.ChangedBytes, inc.ChangedZstd = int64(len(pages)), int64(len(enc.EncodeAll(pages, nil)))
+		enc.Close()
+	}
+	j.digest = changed
 	before, _, err := du(store)
 	if err != nil {
 		return inc, err
@@ -409,7 +521,7 @@ func (b *bench) secondGeneration(rep int, j *job, store string, common []string,
 	if err := b.prepare(); err != nil {
 		return inc, err
 	}
-	d, out, err := b.timed(j.dir, "cryo-checkpoint-gen2", b.cfg.Cryo, append(append([]string{"checkpoint"}, common...), "--leave-running", strconv.Itoa(j.pid))...)
+	d, out, rss, err := b.timed(j.dir, "cryo-checkpoint-"+kind, b.cfg.Cryo, append(append([]string{"checkpoint"}, common...), "--leave-running", strconv.Itoa(j.pid))...)
 	if err != nil {
 		return inc, err
 	}
@@ -421,18 +533,23 @@ func (b *bench) secondGeneration(rep int, j *job, store string, common []string,
 	if err != nil {
 		return inc, err
 	}
-	inc.WallNS, inc.FrozenNS, inc.RawBytes, inc.NewBytes, inc.StoreGrowth = int64(d), cp.FrozenNS, cp.RawBytes, cp.NewBytes, after-before
+	inc.WallNS, inc.FrozenNS, inc.RawBytes, inc.NewBytes, inc.StoreGrowth, inc.MaxRSS = int64(d), cp.FrozenNS, cp.RawBytes, cp.NewBytes, after-before, rss
 	if err := b.check(j, changed, "after leave-running checkpoint"); err != nil {
 		return inc, err
 	}
 	inc.RunningOK = true
+	if kind == "scattered" {
+		b.logf("%s rep %d cryo generation 2 (0.1%% of pages changed, scattered: %s, %s compressed): %s new, store grew %s; checkpoint %s (frozen %s); memory intact",
+			r.Cond, r.Rep, human(inc.ChangedBytes), human(inc.ChangedZstd), human(inc.NewBytes), human(inc.StoreGrowth), secs(inc.WallNS), secs(inc.FrozenNS))
+		return inc, nil
+	}
 	if err := b.kill(j.pid); err != nil {
 		return inc, err
 	}
 	if err := b.prepare(); err != nil {
 		return inc, err
 	}
-	d, out, err = b.timed(j.dir, "cryo-restore-gen2-lazy", b.cfg.Cryo, append([]string{"restore", "--lazy"}, common...)...)
+	d, out, _, err = b.timed(j.dir, "cryo-restore-lazy", b.cfg.Cryo, append([]string{"restore", "--lazy"}, common...)...)
 	if err != nil {
 		return inc, err
 	}
@@ -442,14 +559,111 @@ func (b *bench) secondGeneration(rep int, j *job, store string, common []string,
 	}
 	b.track(rs.PID)
 	inc.LazyStartNS, inc.LazyWallNS, inc.LazyBytes = rs.MaterializeNS+rs.RestoreNS, int64(d), rs.LazyBytes
-	if err := b.check(j, changed, "after restoring generation 2 lazily"); err != nil {
+	if err := b.check(j, changed, "after restoring generation 3 lazily"); err != nil {
 		return inc, err
 	}
 	inc.RestoreOK = true
-	b.logf("rep %d cryo generation 2 (5%% changed, leave-running): %s new of %s, store grew %s; checkpoint %s (frozen %s); lazy restore: running after %s, %s served, whole after %s; memory intact while running and after restore",
-		rep, human(inc.NewBytes), human(inc.RawBytes), human(inc.StoreGrowth), secs(inc.WallNS), secs(inc.FrozenNS),
+	b.logf("%s rep %d cryo generation 3 (5%% changed, contiguous): %s new of %s, store grew %s; checkpoint %s (frozen %s); lazy restore: running after %s, %s served, whole after %s; memory intact while running and after restore",
+		r.Cond, r.Rep, human(inc.NewBytes), human(inc.RawBytes), human(inc.StoreGrowth), secs(inc.WallNS), secs(inc.FrozenNS),
 		secs(inc.LazyStartNS), human(inc.LazyBytes), secs(inc.LazyWallNS))
 	return inc, b.kill(rs.PID)
+}
+
+// generationFiles counts the files of a store with one generation but the
+// store's own (cryo-store.json, lock): its packs and its manifest.
+func generationFiles(store string) (int, error) {
+	n := 0
+	err := filepath.WalkDir(store, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.Type().IsRegular() && p != filepath.Join(store, "cryo-store.json") && p != filepath.Join(store, "lock") {
+			n++
+		}
+		return nil
+	})
+	return n, err
+}
+
+// rssOnly measures cryo's peak resident memory while it checkpoints
+// (--kill), restores and checkpoints again (leave-running) a job of each
+// size in -rss; the restored job's memory is checked each time.
+func (b *bench) rssOnly() error {
+	b.cond = condition{Name: "warm", WarmMiB: 0}
+	for _, mib := range b.cfg.RSSMiB {
+		b.mib = mib
+		x := rssRun{MiB: mib}
+		j, err := b.startJob(fmt.Sprintf("rss-%d", mib))
+		if err != nil {
+			return err
+		}
+		store := filepath.Join(b.cfg.Dir, fmt.Sprintf("rss-store-%d", mib))
+		common := []string{"--json", "--criu", b.cfg.CRIU, "--store", store, "--work-dir", b.cfg.ShmDir}
+		if err := b.prepare(); err != nil {
+			return err
+		}
+		d, _, rss, err := b.timed(j.dir, "cryo-checkpoint", b.cfg.Cryo, append(append([]string{"checkpoint"}, common...), "--kill", strconv.Itoa(j.pid))...)
+		if err != nil {
+			return err
+		}
+		x.KillNS, x.KillRSS = int64(d), rss
+		if err := b.waitGone(j.pid, 30*time.Second); err != nil {
+			return err
+		}
+		if err := b.prepare(); err != nil {
+			return err
+		}
+		d, out, rss, err := b.timed(j.dir, "cryo-restore", b.cfg.Cryo, append([]string{"restore"}, common...)...)
+		if err != nil {
+			return err
+		}
+		x.RestoreNS, x.RestoreRSS = int64(d), rss
+		var rs cryoRestore
+		if err := json.Unmarshal(out, &rs); err != nil {
+			return fmt.Errorf("cryo restore output %q: %w", out, err)
+		}
+		b.track(rs.PID)
+		if err := b.check(j, j.digest, "after cryo restore"); err != nil {
+			return err
+		}
+		if err := b.prepare(); err != nil {
+			return err
+		}
+		d, out, rss, err = b.timed(j.dir, "cryo-checkpoint-leave", b.cfg.Cryo, append(append([]string{"checkpoint"}, common...), "--leave-running", strconv.Itoa(j.pid))...)
+		if err != nil {
+			return err
+		}
+		var cp cryoCheckpoint
+		_ = json.Unmarshal(out, &cp)
+		x.LeaveNS, x.LeaveRSS, x.LeaveFrozeNS = int64(d), rss, cp.FrozenNS
+		if err := b.check(j, j.digest, "after leave-running checkpoint"); err != nil {
+			return err
+		}
+		if err := b.kill(j.pid); err != nil {
+			return err
+		}
+		os.RemoveAll(store)
+		b.res.RSS = append(b.res.RSS, x)
+		b.logf("%d MiB job: cryo peak memory: checkpoint --kill %s (%s), restore %s (%s), checkpoint --leave-running %s (%s, frozen %s); memory intact",
+			mib, human(x.KillRSS<<10), secs(x.KillNS), human(x.RestoreRSS<<10), secs(x.RestoreNS), human(x.LeaveRSS<<10), secs(x.LeaveNS), secs(x.LeaveFrozeNS))
+	}
+	if err := b.writeJSON(); err != nil {
+		return err
+	}
+	fmt.Printf("\ncryo's peak resident memory (target <= %d MiB)\n%-8s %22s %14s %26s\n", targetRSSMiB, "job", "checkpoint --kill", "restore", "checkpoint --leave-running")
+	for _, x := range b.res.RSS {
+		fmt.Printf("%-8s %22s %14s %26s  %s\n", human(int64(x.MiB)<<20), human(x.KillRSS<<10), human(x.RestoreRSS<<10), human(x.LeaveRSS<<10),
+			verdict(max(x.KillRSS, x.RestoreRSS, x.LeaveRSS)>>10 <= targetRSSMiB))
+	}
+	fmt.Printf("\nresults: %s\n", b.cfg.JSONOut)
+	return nil
+}
+
+func verdict(ok bool) string {
+	if ok {
+		return "ok"
+	}
+	return "MISSED"
 }
 
 // cryoCheckpoint and cryoRestore are the parts of cryo's --json output the
@@ -486,6 +700,183 @@ func readManifestStats(store string, gen int) (manifestStats, error) {
 	return m.Stats, err
 }
 
+// summarise computes the summary rows and ratios of one half.
+func (b *bench) summarise(cond condition) half {
+	pick := func(tool string, f func(run) int64) []int64 {
+		var v []int64
+		for _, r := range b.res.Runs {
+			if r.Tool == tool && r.Cond == cond.Name {
+				v = append(v, f(r))
+			}
+		}
+		return v
+	}
+	incs := func(kind string, f func(incremental) int64) []int64 {
+		var v []int64
+		for _, x := range b.res.Incremental {
+			if x.Kind == kind && x.Cond == cond.Name {
+				v = append(v, f(x))
+			}
+		}
+		return v
+	}
+	row := func(name, unit string, v []int64) summaryRow {
+		return summaryRow{Name: name, Unit: unit, Min: minOf(v), Median: median(v), Max: maxOf(v), Values: v}
+	}
+	ckCRIU := row("checkpoint wall: criu dump", "ns", pick("criu", func(r run) int64 { return r.CheckpointNS }))
+	ckDurable := row("  criu dump + fsync of its images", "ns", pick("criu", func(r run) int64 { return r.CheckpointNS + r.FsyncNS }))
+	ckCryo := row("checkpoint wall: cryo checkpoint --kill", "ns", pick("cryo", func(r run) int64 { return r.CheckpointNS }))
+	frCRIU := row("  frozen (criu stats): criu dump", "ns", pick("criu", func(r run) int64 { return r.FrozenNS }))
+	byCRIU := row("bytes on disk: criu images", "bytes", pick("criu", func(r run) int64 { return r.DiskBytes }))
+	byCryo := row("bytes on disk: cryo store", "bytes", pick("cryo", func(r run) int64 { return r.DiskBytes }))
+	rsCRIU := row("restore wall: criu restore -d", "ns", pick("criu", func(r run) int64 { return r.RestoreNS }))
+	rsCryo := row("restore wall: cryo restore", "ns", pick("cryo", func(r run) int64 { return r.RestoreNS }))
+	raw := row("  cryo raw image bytes", "bytes", pick("cryo", func(r run) int64 { return r.RawBytes }))
+	files := row("gen 1: files (packs, manifest)", "count", pick("cryo", func(r run) int64 { return int64(r.Files) }))
+	rss := row("cryo peak memory (checkpoint, restore)", "kib", pick("cryo", func(r run) int64 { return max(r.CheckpointRSS, r.RestoreRSS) }))
+	if lr := incs("contiguous", func(x incremental) int64 { return x.MaxRSS }); len(lr) == len(rss.Values) {
+		for i := range lr {
+			rss.Values[i] = max(rss.Values[i], lr[i])
+		}
+		rss = row("cryo peak memory (any checkpoint, restore)", "kib", rss.Values)
+	}
+	scGrowth := row("gen 2 (0.1% scattered): store growth", "bytes", incs("scattered", func(x incremental) int64 { return x.StoreGrowth }))
+	scZstd := row("  the changed pages, zstd", "bytes", incs("scattered", func(x incremental) int64 { return x.ChangedZstd }))
+	coNew := row("gen 3 (5% contiguous): new bytes", "bytes", incs("contiguous", func(x incremental) int64 { return x.NewBytes }))
+	coGrowth := row("gen 3 (5% contiguous): store growth", "bytes", incs("contiguous", func(x incremental) int64 { return x.StoreGrowth }))
+	incFrozen := row("gen 2, 3: frozen (leave-running)", "ns", append(incs("scattered", func(x incremental) int64 { return x.FrozenNS }), incs("contiguous", func(x incremental) int64 { return x.FrozenNS })...))
+	lazyStart := row("gen 3: cryo restore --lazy, job running", "ns", incs("contiguous", func(x incremental) int64 { return x.LazyStartNS }))
+	h := half{Condition: cond}
+	h.Summary = []summaryRow{
+		ckCRIU, ckCryo, ckDurable, frCRIU,
+		row("  frozen (reported): cryo --kill", "ns", pick("cryo", func(r run) int64 { return r.FrozenNS })),
+		row("  cryo: criu dump inside", "ns", pick("cryo", func(r run) int64 { return r.DumpNS })),
+		row("  cryo: durable (reported)", "ns", pick("cryo", func(r run) int64 { return r.DurableNS })),
+		byCRIU, byCryo,
+		row("  apparent bytes: criu images", "bytes", pick("criu", func(r run) int64 { return r.ApparentBytes })),
+		row("  apparent bytes: cryo store", "bytes", pick("cryo", func(r run) int64 { return r.ApparentBytes })),
+		raw, files,
+		rsCRIU, rsCryo,
+		row("  cryo: materialize", "ns", pick("cryo", func(r run) int64 { return r.MaterializeNS })),
+		row("  cryo: criu restore inside", "ns", pick("cryo", func(r run) int64 { return r.CRIURestoreNS })),
+		row("peak memory: criu dump", "kib", pick("criu", func(r run) int64 { return r.CheckpointRSS })),
+		row("peak memory: criu restore", "kib", pick("criu", func(r run) int64 { return r.RestoreRSS })),
+		row("peak memory: cryo checkpoint --kill", "kib", pick("cryo", func(r run) int64 { return r.CheckpointRSS })),
+		row("peak memory: cryo restore", "kib", pick("cryo", func(r run) int64 { return r.RestoreRSS })),
+		row("peak memory: cryo checkpoint --leave-running", "kib", incs("contiguous", func(x incremental) int64 { return x.MaxRSS })),
+		scGrowth, scZstd,
+		row("gen 2 (0.1% scattered): new bytes", "bytes", incs("scattered", func(x incremental) int64 { return x.NewBytes })),
+		row("gen 2: checkpoint wall (leave-running)", "ns", incs("scattered", func(x incremental) int64 { return x.WallNS })),
+		coNew, coGrowth,
+		row("gen 3: checkpoint wall (leave-running)", "ns", incs("contiguous", func(x incremental) int64 { return x.WallNS })),
+		incFrozen,
+		lazyStart,
+		row("gen 3: cryo restore --lazy, memory whole", "ns", incs("contiguous", func(x incremental) int64 { return x.LazyWallNS })),
+	}
+	mk := func(name string, num, den summaryRow, target float64) ratio {
+		r := ratio{Name: name, Median: num.Median / den.Median, Min: num.Min / den.Min, Max: num.Max / den.Max, Target: target}
+		if target > 0 {
+			ok := r.Median <= target
+			r.MeetsGoal = &ok
+		}
+		return r
+	}
+	// Per-repetition ratios (the two sides come from the same round).
+	perRep := func(name string, num, den []int64, scale, target float64, unit string) ratio {
+		var v []int64
+		for i := range min(len(num), len(den)) {
+			if den[i] > 0 {
+				v = append(v, int64(float64(num[i])/float64(den[i])*scale*1e6))
+			}
+		}
+		r := ratio{Name: name, Median: median(v) / 1e6, Min: minOf(v) / 1e6, Max: maxOf(v) / 1e6, Target: target, Unit: unit}
+		ok := r.Median <= target
+		r.MeetsGoal = &ok
+		return r
+	}
+	gib := float64(1 << 30)
+	h.Ratios = []ratio{
+		mk("cryo checkpoint --kill / criu dump + fsync (wall)", ckCryo, ckDurable, targetDurable),
+		mk("cryo checkpoint --kill / criu dump (wall)", ckCryo, ckCRIU, 0),
+		mk("cryo restore / criu restore (wall)", rsCryo, rsCRIU, targetRestore),
+		mk("cryo bytes / criu bytes (on disk)", byCryo, byCRIU, targetBytes),
+		perRep("gen 1 files per GiB of its images", pick("cryo", func(r run) int64 { return int64(r.Files) }),
+			pick("cryo", func(r run) int64 { return r.RawBytes }), gib, targetFilesPerGiB, "files"),
+		perRep("gen 2 (0.1% scattered) growth / its pages zstd", scGrowth.Values, scZstd.Values, 1, targetScattered, ""),
+		perRep("gen 2 (0.1% scattered) growth / gen 1 on disk", scGrowth.Values, incs("scattered", func(x incremental) int64 { return x.Gen1Disk }), 1, targetScatteredGen1, ""),
+		perRep("gen 3 (5% contiguous) new bytes / gen 1 raw", coNew.Values, incs("contiguous", func(x incremental) int64 { return x.Gen1RawBytes }), 1, targetContiguous, ""),
+		mk("frozen: cryo leave-running / criu dump", incFrozen, frCRIU, targetFrozen),
+		mk("cryo lazy restore, running / criu restore (wall)", lazyStart, rsCRIU, targetLazyStart),
+	}
+	rr := ratio{Name: fmt.Sprintf("cryo peak memory, %d MiB job", b.mib), Median: rss.Median / 1024, Min: rss.Min / 1024, Max: rss.Max / 1024,
+		Target: targetRSSMiB, Unit: "MiB"}
+	ok := rr.Median <= targetRSSMiB && rr.Max <= targetRSSMiB
+	rr.MeetsGoal = &ok
+	h.Ratios = append(h.Ratios, rr)
+	return h
+}
+
+func (b *bench) report(w io.Writer) {
+	c := b.cfg
+	fmt.Fprintf(w, "\ncryo vs raw CRIU %s: %d MiB workload (20%% random, 30%% zero pages, 50%% structured), %d reps each, alternating\n",
+		b.res.CRIUVersion, c.MiB, c.Reps)
+	fmt.Fprintf(w, "host %s, kernel %s, %d CPUs; load average before %s, after %s\n",
+		b.res.Host, b.res.Kernel, b.res.CPUs, b.res.LoadBefore, b.res.LoadAfter)
+	fmt.Fprintf(w, "every restore verified: the workload's memory digest equals the one taken before the checkpoint\n")
+	for _, h := range b.res.Halves {
+		fmt.Fprintf(w, "\n== %s: %s\n\n", h.Condition.Name, h.Condition)
+		fmt.Fprintf(w, "%-46s %12s %12s %12s   %s\n", "", "min", "median", "max", "all")
+		for _, r := range h.Summary {
+			var all []string
+			for _, v := range r.Values {
+				all = append(all, format(r.Unit, float64(v)))
+			}
+			fmt.Fprintf(w, "%-46s %12s %12s %12s   %s\n", r.Name, format(r.Unit, r.Min), format(r.Unit, r.Median), format(r.Unit, r.Max), strings.Join(all, " "))
+		}
+		fmt.Fprintf(w, "\n%-52s %9s %9s %9s %11s\n", "target ("+h.Condition.Name+")", "median", "min", "max", "target")
+		for _, r := range h.Ratios {
+			target := ""
+			v := ""
+			if r.MeetsGoal != nil {
+				target = fmt.Sprintf("<= %g%s", r.Target, unitSuffix(r.Unit))
+				v = verdict(*r.MeetsGoal)
+			}
+			fmt.Fprintf(w, "%-52s %9s %9s %9s %11s  %s\n", r.Name, ratioText(r.Median, r.Unit), ratioText(r.Min, r.Unit), ratioText(r.Max, r.Unit), target, v)
+		}
+	}
+	fmt.Fprintf(w, "\nresults: %s\n", c.JSONOut)
+}
+
+func unitSuffix(unit string) string {
+	switch unit {
+	case "":
+		return "x"
+	case "files":
+		return ""
+	}
+	return " " + unit
+}
+
+func ratioText(v float64, unit string) string {
+	switch unit {
+	case "":
+		if v < 0.1 {
+			return fmt.Sprintf("%.4fx", v)
+		}
+		return fmt.Sprintf("%.2fx", v)
+	case "files":
+		return fmt.Sprintf("%.2f", v)
+	}
+	return fmt.Sprintf("%.0f %s", v, unit)
+}
+
+func maxOf(v []int64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	return float64(slices.Max(v))
+}
+
 // job is one workload process.
 type job struct {
 	pid    int
@@ -507,7 +898,7 @@ func (b *bench) startJob(name string) (*job, error) {
 		return nil, err
 	}
 	defer out.Close()
-	cmd := exec.Command(b.cfg.Workload, "-mib", strconv.Itoa(b.cfg.MiB), "-digest", j.digestFile())
+	cmd := exec.Command(b.cfg.Workload, "-mib", strconv.Itoa(b.mib), "-digest", j.digestFile())
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
@@ -520,7 +911,9 @@ func (b *bench) startJob(name string) (*job, error) {
 	if err != nil {
 		return nil, fmt.Errorf("workload pid %d: %w", j.pid, err)
 	}
-	if b.res.Digest == "" {
+	if b.mib != b.cfg.MiB {
+		// an -rss job of another size
+	} else if b.res.Digest == "" {
 		b.res.Digest = j.digest
 	} else if j.digest != b.res.Digest {
 		return nil, fmt.Errorf("workload pid %d filled its memory differently (%s, before %s)", j.pid, j.digest, b.res.Digest)
@@ -529,7 +922,7 @@ func (b *bench) startJob(name string) (*job, error) {
 }
 
 func (b *bench) fillTimeout() time.Duration {
-	return 2*time.Minute + time.Duration(b.cfg.MiB)*100*time.Millisecond
+	return 2*time.Minute + time.Duration(b.mib)*100*time.Millisecond
 }
 
 // signal sends sig to the workload and returns the digest it then writes.
@@ -689,15 +1082,16 @@ func running(exe string) []int {
 	return pids
 }
 
-// timed runs one tool command and returns its wall time and stdout. Its
-// stderr goes to a log in logDir, whose end is shown when it fails.
-func (b *bench) timed(logDir, name, bin string, args ...string) (time.Duration, []byte, error) {
+// timed runs one tool command and returns its wall time, its stdout and
+// its peak resident memory (KiB). Its stderr goes to
+// a log in logDir, whose end is shown when it fails.
+func (b *bench) timed(logDir, name, bin string, args ...string) (time.Duration, []byte, int64, error) {
 	ctx, cancel := context.WithTimeout(b.ctx, b.fillTimeout()+5*time.Minute)
 	defer cancel()
 	logPath := filepath.Join(logDir, name+".log")
 	logf, err := os.Create(logPath)
 	if err != nil {
-		return 0, nil, err
+		return 0, nil, 0, err
 	}
 	defer logf.Close()
 	var stdout bytes.Buffer
@@ -707,18 +1101,66 @@ func (b *bench) timed(logDir, name, bin string, args ...string) (time.Duration, 
 	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
 	cmd.WaitDelay = 15 * time.Second
 	t0 := time.Now()
-	err = cmd.Run()
+	if err = cmd.Start(); err != nil {
+		return 0, nil, 0, err
+	}
+	// The tool's own peak resident memory: its VmHWM, read until it exits
+	// (wait4's ru_maxrss would count the bench's own high-water mark,
+	// which an exec'd child inherits, and the tool's children).
+	stop := make(chan struct{})
+	hwm := make(chan int64, 1)
+	go func() {
+		var peak int64
+		tick := time.NewTicker(5 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			if v := vmHWM(cmd.Process.Pid); v > peak {
+				peak = v
+			}
+			select {
+			case <-stop:
+				hwm <- peak
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	err = cmd.Wait()
 	d := time.Since(t0)
+	close(stop)
+	rss := <-hwm
 	if err != nil {
 		log, _ := os.ReadFile(logPath)
-		return d, nil, fmt.Errorf("%s %s: %w\n--- stdout:\n%s--- end of its log (%s):\n%s", filepath.Base(bin),
+		return d, nil, rss, fmt.Errorf("%s %s: %w\n--- stdout:\n%s--- end of its log (%s):\n%s", filepath.Base(bin),
 			strings.Join(args, " "), err, stdout.String(), logPath, tail(string(log), 3000))
 	}
-	return d, stdout.Bytes(), nil
+	return d, stdout.Bytes(), rss, nil
 }
 
-// condition says how every timed step starts.
-func (c config) condition() string {
+// vmHWM is the peak resident memory (KiB) of a running process, 0 when it
+// cannot be read (the process is gone).
+func vmHWM(pid int) int64 {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			n, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			return n
+		}
+	}
+	return 0
+}
+
+// condition is how every timed step of one half of the bench starts.
+type condition struct {
+	Name    string        `json:"name"` // "warm" or "cold"
+	WarmMiB int           `json:"warm_mib"`
+	Settle  time.Duration `json:"settle_ns"`
+}
+
+func (c condition) String() string {
 	s := "caches dropped"
 	if c.Settle > 0 {
 		s += fmt.Sprintf(", %v idle", c.Settle)
@@ -742,18 +1184,18 @@ func (b *bench) prepare() error {
 	if err := os.WriteFile("/proc/sys/vm/drop_caches", []byte("3\n"), 0o200); err != nil {
 		return fmt.Errorf("drop caches: %w", err)
 	}
-	if b.cfg.Settle > 0 {
+	if b.cond.Settle > 0 {
 		select {
-		case <-time.After(b.cfg.Settle):
+		case <-time.After(b.cond.Settle):
 		case <-b.ctx.Done():
 			return b.ctx.Err()
 		}
 	}
-	if b.cfg.WarmMiB == 0 {
+	if b.cond.WarmMiB == 0 {
 		return nil
 	}
 	t0 := time.Now()
-	mem, err := unix.Mmap(-1, 0, b.cfg.WarmMiB<<20, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	mem, err := unix.Mmap(-1, 0, b.cond.WarmMiB<<20, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
 	if err != nil {
 		return fmt.Errorf("warm-up mmap: %w", err)
 	}
@@ -804,119 +1246,6 @@ func fsyncTree(dir string) (int64, error) {
 	return int64(time.Since(t0)), err
 }
 
-// summarise computes the summary rows and ratios.
-func (b *bench) summarise() {
-	pick := func(tool string, f func(run) int64) []int64 {
-		var v []int64
-		for _, r := range b.res.Runs {
-			if r.Tool == tool {
-				v = append(v, f(r))
-			}
-		}
-		return v
-	}
-	row := func(name, unit string, v []int64) summaryRow {
-		return summaryRow{Name: name, Unit: unit, Min: minOf(v), Median: median(v), Values: v}
-	}
-	var incNew, incGrowth, incWall, incFrozen, incLazyStart, incLazyWall []int64
-	for _, x := range b.res.Incremental {
-		incNew = append(incNew, x.NewBytes)
-		incGrowth = append(incGrowth, x.StoreGrowth)
-		incWall = append(incWall, x.WallNS)
-		incFrozen = append(incFrozen, x.FrozenNS)
-		incLazyStart = append(incLazyStart, x.LazyStartNS)
-		incLazyWall = append(incLazyWall, x.LazyWallNS)
-	}
-	lazyStart := row("gen 2: cryo restore --lazy, job running", "ns", incLazyStart)
-	ckCRIU := row("checkpoint wall: criu dump", "ns", pick("criu", func(r run) int64 { return r.CheckpointNS }))
-	ckCryo := row("checkpoint wall: cryo checkpoint --kill", "ns", pick("cryo", func(r run) int64 { return r.CheckpointNS }))
-	byCRIU := row("bytes on disk: criu images", "bytes", pick("criu", func(r run) int64 { return r.DiskBytes }))
-	byCryo := row("bytes on disk: cryo store", "bytes", pick("cryo", func(r run) int64 { return r.DiskBytes }))
-	rsCRIU := row("restore wall: criu restore -d", "ns", pick("criu", func(r run) int64 { return r.RestoreNS }))
-	rsCryo := row("restore wall: cryo restore", "ns", pick("cryo", func(r run) int64 { return r.RestoreNS }))
-	ckDurable := row("  criu dump + fsync of its images", "ns", pick("criu", func(r run) int64 { return r.CheckpointNS + r.FsyncNS }))
-	frCRIU := row("  frozen (criu stats): criu dump", "ns", pick("criu", func(r run) int64 { return r.FrozenNS }))
-	b.res.Summary = []summaryRow{
-		ckCRIU, ckCryo, ckDurable, frCRIU,
-		row("  frozen (reported): cryo --kill", "ns", pick("cryo", func(r run) int64 { return r.FrozenNS })),
-		row("  cryo: criu dump inside", "ns", pick("cryo", func(r run) int64 { return r.DumpNS })),
-		row("  cryo: durable (reported)", "ns", pick("cryo", func(r run) int64 { return r.DurableNS })),
-		byCRIU, byCryo,
-		row("  apparent bytes: criu images", "bytes", pick("criu", func(r run) int64 { return r.ApparentBytes })),
-		row("  apparent bytes: cryo store", "bytes", pick("cryo", func(r run) int64 { return r.ApparentBytes })),
-		row("  cryo raw image bytes", "bytes", pick("cryo", func(r run) int64 { return r.RawBytes })),
-		rsCRIU, rsCryo,
-		row("  cryo: materialize", "ns", pick("cryo", func(r run) int64 { return r.MaterializeNS })),
-		row("  cryo: criu restore inside", "ns", pick("cryo", func(r run) int64 { return r.CRIURestoreNS })),
-		row("gen 2 (5% changed): new bytes", "bytes", incNew),
-		row("gen 2 (5% changed): store growth", "bytes", incGrowth),
-		row("gen 2: checkpoint wall (leave-running)", "ns", incWall),
-		row("gen 2: frozen (reported)", "ns", incFrozen),
-		lazyStart,
-		row("gen 2: cryo restore --lazy, memory whole", "ns", incLazyWall),
-	}
-	if len(b.res.WarmTouch) > 0 { // none in a cold bench
-		b.res.Summary = append(b.res.Summary, row("warm-up touch-and-free", "ns", b.res.WarmTouch))
-	}
-	mk := func(name string, num, den summaryRow, target float64) ratio {
-		r := ratio{Name: name, Median: num.Median / den.Median, Min: num.Min / den.Min, Target: target}
-		if target > 0 {
-			ok := r.Median <= target
-			r.MeetsGoal = &ok
-		}
-		return r
-	}
-	b.res.Ratios = []ratio{
-		mk("cryo checkpoint --kill / criu dump + fsync (wall)", ckCryo, ckDurable, targetDurable),
-		mk("cryo checkpoint --kill / criu dump (wall)", ckCryo, ckCRIU, 0),
-		mk("cryo_bytes/criu_bytes", byCryo, byCRIU, targetBytes),
-		mk("cryo_restore/criu_restore wall", rsCryo, rsCRIU, targetRestore),
-	}
-	if len(incNew) > 0 {
-		b.res.Ratios = append(b.res.Ratios,
-			mk("frozen: cryo leave-running / criu dump", row("", "", incFrozen), frCRIU, targetFrozen),
-			mk("gen2 new bytes / gen1 raw bytes", row("", "", incNew),
-				row("", "", pick("cryo", func(r run) int64 { return r.RawBytes })), targetGen2),
-			mk("cryo_lazy_running/criu_restore wall", lazyStart, rsCRIU, targetLazyStart))
-	}
-}
-
-func (b *bench) report(w io.Writer) {
-	c := b.cfg
-	fmt.Fprintf(w, "\ncryo vs raw CRIU %s: %d MiB workload (20%% random, 30%% zero pages, 50%% structured), %d reps each, alternating\n",
-		b.res.CRIUVersion, c.MiB, c.Reps)
-	fmt.Fprintf(w, "host %s, kernel %s, %d CPUs; load average before %s, after %s\n",
-		b.res.Host, b.res.Kernel, b.res.CPUs, b.res.LoadBefore, b.res.LoadAfter)
-	fmt.Fprintf(w, "%s\n", c.condition())
-	fmt.Fprintf(w, "every restore verified: the workload's memory digest equals the one taken before the checkpoint\n\n")
-	fmt.Fprintf(w, "%-42s %12s %12s   %s\n", "", "min", "median", "all")
-	for _, r := range b.res.Summary {
-		var all []string
-		for _, v := range r.Values {
-			all = append(all, format(r.Unit, float64(v)))
-		}
-		fmt.Fprintf(w, "%-42s %12s %12s   %s\n", r.Name, format(r.Unit, r.Min), format(r.Unit, r.Median), strings.Join(all, " "))
-	}
-	fmt.Fprintf(w, "\n%-50s %8s %8s %9s\n", "ratio (cryo / raw CRIU)", "median", "min", "target")
-	for _, r := range b.res.Ratios {
-		verdict, target := "", ""
-		if r.MeetsGoal != nil {
-			target = fmt.Sprintf("<= %.2fx", r.Target)
-			verdict = "MISSED"
-			if *r.MeetsGoal {
-				verdict = "ok"
-			}
-		}
-		fmt.Fprintf(w, "%-50s %7.2fx %7.2fx %9s  %s\n", r.Name, r.Median, r.Min, target, verdict)
-	}
-	for _, r := range b.res.Summary {
-		if r.Name == "  frozen (reported): cryo" {
-			fmt.Fprintf(w, "cryo frozen time (reported)        %s median, %s min\n", format("ns", r.Median), format("ns", r.Min))
-		}
-	}
-	fmt.Fprintf(w, "\nresults: %s\n", c.JSONOut)
-}
-
 func (b *bench) writeJSON() error {
 	data, err := json.MarshalIndent(&b.res, "", "  ")
 	if err != nil {
@@ -952,8 +1281,13 @@ func median(v []int64) float64 {
 }
 
 func format(unit string, v float64) string {
-	if unit == "bytes" {
+	switch unit {
+	case "bytes":
 		return human(int64(v))
+	case "kib":
+		return human(int64(v) << 10)
+	case "count":
+		return strconv.Itoa(int(v))
 	}
 	return secs(int64(v))
 }

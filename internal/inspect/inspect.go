@@ -135,6 +135,12 @@ type Storage struct {
 	CompressionRatio float64 `json:"compression_ratio"`
 	// OtherGenerations are the generations compared for sharing.
 	OtherGenerations []int `json:"other_generations,omitempty"`
+	// Format is the manifest's format; Packs are the pack files that hold
+	// the generation's chunks, and DeltaChunks the chunks stored as the
+	// pages that differ from a base (whose bases are in Packs too).
+	Format      int      `json:"format"`
+	Packs       []string `json:"packs,omitempty"`
+	DeltaChunks int      `json:"delta_chunks"`
 }
 
 // FileInfo is one stored file of the generation.
@@ -268,6 +274,39 @@ func (r *Report) storage(st *store.Store, m *store.Manifest, gens []int) {
 				}
 			}
 		}
+	}
+	s.Format = m.Format
+	if packs, err := st.Packs(); err == nil {
+		in := map[string]bool{}
+		base := map[string]string{}
+		where := map[string]string{}
+		for _, p := range packs {
+			for _, rec := range p.Records {
+				if rec.Kind != "digests" {
+					where[rec.Hash] = p.Name
+				}
+				if rec.Kind == "delta" {
+					base[rec.Hash] = rec.Base
+				}
+			}
+		}
+		for h := range unique {
+			if b, ok := base[h]; ok {
+				s.DeltaChunks++
+				if p, ok := where[b]; ok {
+					in[p] = true
+				}
+			}
+			if p, ok := where[h]; ok {
+				in[p] = true
+			}
+		}
+		for p := range in {
+			s.Packs = append(s.Packs, p)
+		}
+		sort.Strings(s.Packs)
+	} else {
+		r.Warnings = append(r.Warnings, fmt.Sprintf("packs not read: %v", err))
 	}
 	s.SharedChunks = len(shared)
 	for h := range shared {

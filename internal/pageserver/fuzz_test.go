@@ -41,7 +41,7 @@ func FuzzParsePagemap(f *testing.F) {
 type discardSink struct{ n int }
 
 func (s *discardSink) Buffer() []byte { return make([]byte, 0, 64<<10) }
-func (s *discardSink) Put(img *Image, data []byte) error {
+func (s *discardSink) Put(img *Image, _ uint64, data []byte) error {
 	s.n += len(data)
 	return nil
 }

@@ -11,6 +11,7 @@
 package pageserver
 
 import (
+	"bufio"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -72,11 +73,12 @@ type Image struct {
 	Bytes   int64 // page bytes received
 }
 
-// Sink takes the pages of one image as chunks, in order. Buffer returns an
-// empty buffer of at least max bytes' capacity; Put takes it over.
+// Sink takes the pages of one image as chunks, in order, each with the
+// virtual address of its first byte. Buffer returns an empty buffer of at
+// least max bytes' capacity; Put takes it over.
 type Sink interface {
 	Buffer() []byte
-	Put(img *Image, data []byte) error
+	Put(img *Image, addr uint64, data []byte) error
 }
 
 // Receiver serves one dump's connection.
@@ -284,7 +286,7 @@ func (r *Receiver) flush() error {
 	}
 	b := r.buf
 	r.buf = nil
-	return r.Sink.Put(r.cur, b)
+	return r.Sink.Put(r.cur, r.bufAddr, b)
 }
 
 // PagemapImage encodes img's pagemap the way CRIU writes pagemap-*.img:
@@ -352,6 +354,90 @@ func ParsePagemap(b []byte) (pagesID uint32, entries []Entry, err error) {
 		entries = append(entries, Entry{Vaddr: pe.GetVaddr(), NrPages: uint32(pages), Flags: flags})
 	}
 	return head.GetPagesId(), entries, nil
+}
+
+// MaxMessage bounds one message of an image read by ReadImage: a pagemap
+// entry is a few bytes, an mm entry holds every mapping of a process (at
+// most vm.max_map_count, 65530 by default, of about 100 bytes).
+const MaxMessage = 16 << 20
+
+// ReadImage reads a CRIU image with the common magic and the given type
+// magic from r, calling fn with each length-prefixed message in turn
+// (which fn must not keep): an image is never held whole, and no message
+// longer than MaxMessage is allocated for.
+func ReadImage(r io.Reader, magic uint32, fn func(msg []byte) error) error {
+	br := bufio.NewReaderSize(r, 64<<10)
+	var hdr [8]byte
+	if _, err := io.ReadFull(br, hdr[:]); err != nil || binary.LittleEndian.Uint32(hdr[:]) != imgCommonMagic || binary.LittleEndian.Uint32(hdr[4:]) != magic {
+		if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, io.EOF) {
+			return err
+		}
+		return fmt.Errorf("not an image of magic %#x", magic)
+	}
+	var buf []byte
+	for {
+		var l [4]byte
+		if _, err := io.ReadFull(br, l[:]); err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			if errors.Is(err, io.ErrUnexpectedEOF) {
+				return errors.New("image cut short")
+			}
+			return err
+		}
+		n := binary.LittleEndian.Uint32(l[:])
+		if n > MaxMessage {
+			return fmt.Errorf("image message of %d bytes, more than %d", n, MaxMessage)
+		}
+		if cap(buf) < int(n) {
+			buf = make([]byte, n, max(int(n), 2*cap(buf)))
+		}
+		buf = buf[:n]
+		if _, err := io.ReadFull(br, buf); err != nil {
+			if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+				return errors.New("image cut short")
+			}
+			return err
+		}
+		if err := fn(buf); err != nil {
+			return err
+		}
+	}
+}
+
+// ReadPagemap is ParsePagemap reading from r: each entry in turn to fn,
+// with the pages image id from the head; it returns that id.
+func ReadPagemap(r io.Reader, fn func(pagesID uint32, e Entry) error) (uint32, error) {
+	var pagesID uint32
+	head := true
+	err := ReadImage(r, pagemapMagic, func(msg []byte) error {
+		if head {
+			head = false
+			var h pagemap.PagemapHead
+			if err := proto.Unmarshal(msg, &h); err != nil {
+				return fmt.Errorf("pagemap head: %w", err)
+			}
+			pagesID = h.GetPagesId()
+			return nil
+		}
+		var pe pagemap.PagemapEntry
+		if err := proto.Unmarshal(msg, &pe); err != nil {
+			return fmt.Errorf("pagemap entry: %w", err)
+		}
+		flags := pe.GetFlags()
+		if pe.Flags == nil {
+			flags = PEPresent
+			if pe.GetInParent() {
+				flags = PEParent
+			}
+		}
+		return fn(pagesID, Entry{Vaddr: pe.GetVaddr(), NrPages: pe.GetNrPages(), Flags: flags})
+	})
+	if err == nil && head {
+		err = errors.New("pagemap image without a head")
+	}
+	return pagesID, err
 }
 
 // ImageEntries splits a CRIU image with the common magic and the given

@@ -21,7 +21,7 @@ type sink struct {
 }
 
 func (s *sink) Buffer() []byte { return make([]byte, 0, 1<<20) }
-func (s *sink) Put(img *Image, b []byte) error {
+func (s *sink) Put(img *Image, _ uint64, b []byte) error {
 	s.chunks[img.Pages] = append(s.chunks[img.Pages], b)
 	return nil
 }

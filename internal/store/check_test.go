@@ -27,7 +27,7 @@ func checkPages(t *testing.T, seed int64) (*Store, *Manifest, []byte) {
 func TestCheckRecorded(t *testing.T) {
 	s, m, pages := checkPages(t, 1)
 	for i, c := range m.Files[0].Chunks {
-		z := readFile(t, s.ChunkPath(c.Hash))
+		z := blobBytes(t, s, c.Hash)
 		if !validCheck(c.Check) || c.Check != fileCheck(z) {
 			t.Errorf("chunk %d: Check %q, its file checks to %s", i, c.Check, fileCheck(z))
 		}
@@ -57,7 +57,7 @@ func TestReencodedChunkReads(t *testing.T) {
 	if fileCheck(plain) == c.Check {
 		t.Fatal("the re-encoding is the same file")
 	}
-	writeFile(t, s.ChunkPath(c.Hash), plain)
+	replaceBlob(t, s, c.Hash, plain)
 	out := t.TempDir()
 	if err := s.Materialize(context.Background(), m, out); err != nil {
 		t.Fatalf("re-encoded chunk: %v", err)
@@ -82,7 +82,7 @@ func TestVerifyHashesContent(t *testing.T) {
 		t.Fatal(err)
 	}
 	other := append([]byte(nil), cd.compress(memLike(99, 3*MaxChunk)[2*MaxChunk:])...)
-	writeFile(t, s.ChunkPath(c.Hash), other)
+	replaceBlob(t, s, c.Hash, other)
 	c.Check, c.Stored = fileCheck(other), int64(len(other))
 	b, err := m.seal()
 	if err != nil {
@@ -94,46 +94,45 @@ func TestVerifyHashesContent(t *testing.T) {
 		t.Fatal(err)
 	}
 	ps := s.Verify(context.Background(), m)
-	if len(ps) != 1 || ps[0].Chunk != 2 || !strings.Contains(ps[0].Reason, "does not match its SHA-256") {
+	if len(ps) != 1 || ps[0].Chunk != 2 || !strings.Contains(ps[0].Reason, "does not match its name") {
 		t.Errorf("Verify: %v, want chunk 2 whose content does not match", ps)
 	}
 }
 
-// TestLeftoverChunkFile: a chunk file that no committed generation
-// recorded (left by a checkpoint killed before its commit) is reused, with
-// a Check, only when it decompresses to the content; garbage under the same
-// name is replaced, and the generation reads.
-func TestLeftoverChunkFile(t *testing.T) {
+// TestLeftoverPack: the packs of a checkpoint that never committed (its
+// writer was aborted, or killed after its packs were durable) are reused
+// by the next generation, which then adds nothing, and it reads.
+func TestLeftoverPack(t *testing.T) {
 	pages := memLike(4, 3*MaxChunk)
-	text := pages[2*MaxChunk:]
-	sum := sha256.Sum256(text)
-	hash := hex.EncodeToString(sum[:])
-	cd, err := newCoder()
+	s := newStore(t)
+	specs := writeSpecs(t, t.TempDir(), map[string][]byte{"pages-1.img": pages})
+	w, err := s.NewWriter()
 	if err != nil {
 		t.Fatal(err)
 	}
-	good := append([]byte(nil), cd.compress(text)...)
-	for name, leftover := range map[string][]byte{"good": good, "garbage": bytes.Repeat([]byte{7}, len(good))} {
-		t.Run(name, func(t *testing.T) {
-			s := newStore(t)
-			mkdir(t, filepath.Dir(s.ChunkPath(hash)))
-			writeFile(t, s.ChunkPath(hash), leftover)
-			_, m := commit(t, s, writeSpecs(t, t.TempDir(), map[string][]byte{"pages-1.img": pages}), nil)
-			c := m.Files[0].Chunks[2]
-			if c.Hash != hash || c.Check != fileCheck(good) || !bytes.Equal(readFile(t, s.ChunkPath(hash)), good) {
-				t.Errorf("chunk %+v, file %d bytes; want the good file with its Check", c, len(readFile(t, s.ChunkPath(hash))))
-			}
-			if wantNew := map[string]int{"good": 2, "garbage": 3}[name]; m.Stats.NewChunks != wantNew {
-				t.Errorf("%d new chunks, want %d", m.Stats.NewChunks, wantNew)
-			}
-			out := t.TempDir()
-			if err := s.Materialize(context.Background(), m, out); err != nil {
-				t.Fatal(err)
-			}
-			if !bytes.Equal(readFile(t, filepath.Join(out, "pages-1.img")), pages) {
-				t.Error("materialized pages differ")
-			}
-		})
+	if err := w.AddFiles(context.Background(), specs); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.pw.finish(); err != nil { // the packs are durable; then cryo dies
+		t.Fatal(err)
+	}
+	if err := w.Abort(); err != nil {
+		t.Fatal(err)
+	}
+	left := countChunks(t, s)
+	if left == 0 {
+		t.Fatal("the aborted writer left no finished pack")
+	}
+	_, m := commit(t, s, specs, nil)
+	if m.Stats.NewChunks != 0 || countChunks(t, s) != left {
+		t.Errorf("%d new chunks, %d in the store after %d left; want the left ones reused", m.Stats.NewChunks, countChunks(t, s), left)
+	}
+	out := t.TempDir()
+	if err := s.Materialize(context.Background(), m, out); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(readFile(t, filepath.Join(out, "pages-1.img")), pages) {
+		t.Error("materialized pages differ")
 	}
 }
 
@@ -155,6 +154,7 @@ func TestDamagedFrames(t *testing.T) {
 		z := append([]byte(nil), cd.compress(b)...)
 		sum := sha256.Sum256(b)
 		c := Chunk{Hash: hex.EncodeToString(sum[:]), Len: int64(len(b)), Stored: int64(len(z)), Check: fileCheck(z)}
+		// Format-2 names: the SHA-256 of the content (verifier(1)).
 		frames = append(frames, frame{c, z})
 	}
 	r := rand.New(rand.NewPCG(5, 6))
@@ -171,7 +171,7 @@ func TestDamagedFrames(t *testing.T) {
 		if data, err := decodeFrame(z, nil); err == nil && len(data) > MaxChunk {
 			t.Fatalf("damage %d: decoded %d bytes", i, len(data))
 		}
-		data, err := decodeChunk(z, f.c, nil, false)
+		data, err := decodeChunk(z, f.c, nil, false, (&Store{}).verifier(1))
 		if err == nil {
 			if sum := sha256.Sum256(data); hex.EncodeToString(sum[:]) != f.c.Hash {
 				t.Fatalf("damage %d to a chunk of kind %d: read returned wrong content without an error", i, i%len(frames))

@@ -58,10 +58,20 @@ func TestRandomCorruption(t *testing.T) {
 		_, m := commit(t, s, specs, nil)
 		ms = append(ms, m)
 	}
+	bases := map[string]string{} // a delta's base
+	if ps, err := s.Packs(); err == nil {
+		for _, p := range ps {
+			for _, r := range p.Records {
+				if r.Kind == "delta" {
+					bases[r.Hash] = r.Base
+				}
+			}
+		}
+	}
 	uses := func(m *Manifest, hash string) bool {
 		for _, f := range m.Files {
 			for _, c := range f.Chunks {
-				if c.Hash == hash {
+				if !c.Zero && (c.Hash == hash || bases[c.Hash] == hash) {
 					return true
 				}
 			}
@@ -71,6 +81,7 @@ func TestRandomCorruption(t *testing.T) {
 	type target struct {
 		path, hash string
 		gen        int
+		off, end   int64 // the blob in its pack
 	}
 	var targets []target
 	seen := map[string]bool{}
@@ -80,7 +91,8 @@ func TestRandomCorruption(t *testing.T) {
 			for _, c := range f.Chunks {
 				if !c.Zero && !seen[c.Hash] {
 					seen[c.Hash] = true
-					targets = append(targets, target{path: s.ChunkPath(c.Hash), hash: c.Hash})
+					p, r := recordOf(t, s, c.Hash)
+					targets = append(targets, target{path: p.Path, hash: c.Hash, off: r.Offset + recHeader, end: r.Offset + r.Len})
 				}
 			}
 		}
@@ -98,12 +110,21 @@ func TestRandomCorruption(t *testing.T) {
 		}
 		switch d.kind {
 		case "flip":
+			// In a pack, within the blob: a header or the index is kept
+			// twice, and damage there alone harms no read.
 			b := append([]byte(nil), orig...)
 			i := rng.IntN(len(b))
+			if tg.end > 0 {
+				i = int(tg.off) + rng.IntN(int(tg.end-tg.off))
+			}
 			b[i] ^= 1 << rng.IntN(8)
 			writeFile(t, d.path, b)
 		case "truncate":
-			if err := os.Truncate(d.path, int64(rng.IntN(len(orig)))); err != nil {
+			n := len(orig)
+			if tg.end > 0 {
+				n = int(tg.end) // cut before the blob's end
+			}
+			if err := os.Truncate(d.path, int64(rng.IntN(n))); err != nil {
 				t.Fatal(err)
 			}
 		case "delete":

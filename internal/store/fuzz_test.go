@@ -3,6 +3,7 @@ package store
 import (
 	"bytes"
 	"encoding/json"
+	"strings"
 	"testing"
 )
 
@@ -13,7 +14,7 @@ func sealedSeed(f *testing.F) []byte {
 	for _, name := range []string{"core-42.img", "pages-1.img"} {
 		fl := File{Name: name, Kind: "image", Mode: 0o600}
 		for i := range 3 {
-			c := Chunk{Hash: zeroHash(4096 * (i + 1)), Len: int64(4096 * (i + 1)), Zero: true}
+			c := Chunk{Len: int64(4096 * (i + 1)), Zero: true} // format 3: zero chunks have no name
 			if i == 1 {
 				c = Chunk{Hash: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08", Len: 8192, Stored: 100,
 					Check: "60303ae22b998861"}
@@ -38,7 +39,7 @@ func FuzzParseManifest(f *testing.F) {
 	f.Add(seed)
 	f.Add(seed[:len(seed)/2])
 	f.Add([]byte("{}"))
-	f.Add(bytes.Replace(seed, []byte(`"n": 8192`), []byte(`"n": 8193`), 1))
+	f.Add(bytes.Replace(seed, []byte(`"n":8192`), []byte(`"n":8193`), 1))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		m, err := parseManifest(b)
 		if err != nil {
@@ -92,14 +93,26 @@ func checkSane(t *testing.T, m *Manifest) {
 	t.Helper()
 	for _, f := range m.Files {
 		var size int64
+		if validImageName(f.Name) != nil {
+			t.Fatalf("accepted file name %q", f.Name)
+		}
 		for _, c := range f.Chunks {
-			if !validHash(c.Hash) || c.Len < 0 || c.Len > MaxChunk || c.Stored < 0 {
+			named := validHash(c.Hash) || c.Zero && m.Format >= 3 && c.Hash == ""
+			if !named || c.Len < 0 || c.Len > MaxChunk || c.Stored < 0 {
 				t.Fatalf("accepted chunk %+v of %s", c, f.Name)
 			}
 			size += c.Len
 		}
 		if size != f.Size {
 			t.Fatalf("accepted %s: %d bytes of chunks for a file of %d", f.Name, size, f.Size)
+		}
+		if f.Kind != "pages" && f.Size > MaxImage {
+			t.Fatalf("accepted image %s of %d bytes", f.Name, f.Size)
+		}
+	}
+	for _, tr := range m.Job.Trees {
+		if validImageName(tr) != nil || strings.Contains(tr, "/") {
+			t.Fatalf("accepted tree name %q", tr)
 		}
 	}
 }

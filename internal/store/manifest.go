@@ -6,16 +6,44 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"hash/crc32"
+	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 )
 
-// FormatVersion is the store and manifest format this cryo writes. Format
-// 2 added shuffled chunks (compress.go) and Chunk.Check; this cryo reads 1
-// as well, which has neither.
-const FormatVersion = 2
+// FormatVersion is the manifest format this cryo writes. Format 2 added
+// shuffled chunks (compress.go) and Chunk.Check; format 3 names chunks by
+// their keyed page digests (digest.go), stores them in packs, maybe as
+// deltas (delta.go), records the address of memory chunks (Chunk.Addr),
+// and gives zero chunks no name. This cryo reads formats 1 and 2 as well,
+// whose chunks are named by the SHA-256 of their content.
+const FormatVersion = 3
+
+// Bounds on what a manifest may say, checked before anything is allocated
+// for it: a manifest is data from a directory its owner can write, and a
+// crafted one must not make a restore (maybe root's) allocate or loop
+// beyond what a real job needs.
+const (
+	// MaxManifest is the largest manifest.json read: about 800k chunks,
+	// 800 GiB of memory in 1 MiB chunks.
+	MaxManifest = 128 << 20
+	maxFiles    = 1 << 16 // image files in one generation
+	maxProcs    = 1 << 16 // processes, and thread IDs of one process
+	maxOffload  = 1 << 12 // offload contexts, and devices or attributes of one
+	maxName     = 4096    // a file or tree name
+	maxText     = 1 << 16 // any other string
+	// MaxImage is the largest non-pages image a reader loads into memory
+	// whole (pagemaps, mm, core, pstree). Real ones are kilobytes to a
+	// few megabytes.
+	MaxImage = 64 << 20
+	// maxZeroLengths bounds the zero-chunk lengths of a format-1 or -2
+	// manifest whose names are checked by hashing zeros.
+	maxZeroLengths = 64
+)
 
 // Manifest describes one committed generation.
 type Manifest struct {
@@ -63,19 +91,21 @@ type CRIUInfo struct {
 
 // Stats are the costs of taking the checkpoint.
 type Stats struct {
-	FrozenMS     int64 `json:"frozen_ms"`     // the job could not run (CRIU freezing + frozen)
-	DumpMS       int64 `json:"dump_ms"`       // the CRIU dump call
-	DurableMS    int64 `json:"durable_ms"`    // start of checkpoint until committed
-	FreezingMS   int64 `json:"freezing_ms"`   // from CRIU's stats-dump
-	MemdumpMS    int64 `json:"memdump_ms"`    // from CRIU's stats-dump
-	MemwriteMS   int64 `json:"memwrite_ms"`   // from CRIU's stats-dump
-	PagesScanned int64 `json:"pages_scanned"` // from CRIU's stats-dump
-	PagesWritten int64 `json:"pages_written"` // from CRIU's stats-dump
-	RawBytes     int64 `json:"raw_bytes"`     // image bytes before compression
-	StoredBytes  int64 `json:"stored_bytes"`  // compressed bytes of all chunks referenced
-	NewBytes     int64 `json:"new_bytes"`     // compressed bytes this generation added
-	Chunks       int   `json:"chunks"`        // chunks referenced
-	NewChunks    int   `json:"new_chunks"`    // chunks this generation added
+	FrozenMS     int64 `json:"frozen_ms"`              // the job could not run (CRIU freezing + frozen)
+	DumpMS       int64 `json:"dump_ms"`                // the CRIU dump call
+	DurableMS    int64 `json:"durable_ms"`             // start of checkpoint until committed
+	FreezingMS   int64 `json:"freezing_ms"`            // from CRIU's stats-dump
+	MemdumpMS    int64 `json:"memdump_ms"`             // from CRIU's stats-dump
+	MemwriteMS   int64 `json:"memwrite_ms"`            // from CRIU's stats-dump
+	PagesScanned int64 `json:"pages_scanned"`          // from CRIU's stats-dump
+	PagesWritten int64 `json:"pages_written"`          // from CRIU's stats-dump
+	RawBytes     int64 `json:"raw_bytes"`              // image bytes before compression
+	StoredBytes  int64 `json:"stored_bytes"`           // compressed bytes of all chunks referenced
+	NewBytes     int64 `json:"new_bytes"`              // compressed bytes this generation added
+	Chunks       int   `json:"chunks"`                 // chunks referenced
+	NewChunks    int   `json:"new_chunks"`             // chunks this generation added
+	DeltaChunks  int   `json:"delta_chunks,omitempty"` // new chunks stored as page deltas
+	Packs        int   `json:"packs,omitempty"`        // pack files this generation added
 }
 
 // File is one image file, as a list of chunks in order.
@@ -92,12 +122,12 @@ type File struct {
 	Chunks []Chunk `json:"chunks"`
 }
 
-// Chunk is a piece of a file, stored under chunks/ by the SHA-256 of its
-// uncompressed content.
+// Chunk is a piece of a file, named by its content: in format 3 by its
+// keyed page digests (digest.go), before by the SHA-256 of its content.
 type Chunk struct {
 	Hash   string `json:"h"`
 	Len    int64  `json:"n"` // uncompressed length
-	Stored int64  `json:"z"` // compressed length in the store
+	Stored int64  `json:"z"` // length of its blob in the store (a delta's, for a delta)
 	// Check is the CRC-32C and the CRC-32 (IEEE) of the chunk file's
 	// bytes, 16 hex digits: a read whose file matches it knows the file is
 	// as written and decompresses it without hashing the content again
@@ -106,9 +136,13 @@ type Chunk struct {
 	// give; the SHA-256 name still decides identity (dedup), and cryo
 	// verify still hashes every chunk's content. Empty in format 1.
 	Check string `json:"c,omitempty"`
-	// Zero marks a chunk of zero bytes: it has no file in the store, and
-	// restore leaves a hole where it goes.
+	// Zero marks a chunk of zero bytes: it has no blob in the store, and
+	// restore leaves a hole where it goes. In format 3 it has no Hash.
 	Zero bool `json:"0,omitempty"`
+	// Addr is the virtual address of a memory chunk's first byte (format
+	// 3, streamed pages): where the next generation looks for the chunk's
+	// previous version.
+	Addr uint64 `json:"a,omitempty"`
 }
 
 var zeros = make([]byte, MaxChunk)
@@ -139,7 +173,9 @@ func zeroHash(n int) string {
 		left -= k
 	}
 	s := hex.EncodeToString(h.Sum(nil))
-	zeroHashes.Store(n, s)
+	if n%PageSize == 0 { // the lengths a writer makes: a bounded cache
+		zeroHashes.Store(n, s)
+	}
 	return s
 }
 
@@ -181,7 +217,9 @@ func (m *Manifest) seal() ([]byte, error) {
 	}
 	sum := sha256.Sum256(body)
 	m.Checksum = hex.EncodeToString(sum[:])
-	return json.MarshalIndent(m, "", " ")
+	// Compact: a manifest lists every chunk, and is written anew by every
+	// generation (indented, a 2 GiB job's took 15% more).
+	return json.Marshal(m)
 }
 
 // parseManifest decodes and checks a manifest's own checksum.
@@ -208,28 +246,134 @@ func parseManifest(b []byte) (*Manifest, error) {
 	if err != nil || json.Compact(&raw, b) != nil || !bytes.Equal(canon, raw.Bytes()) {
 		return nil, fmt.Errorf("manifest.json is damaged: its bytes are not those its fields encode to")
 	}
+	if err := m.checkBounds(); err != nil {
+		return nil, err
+	}
+	zeroLens := map[int64]bool{}
 	for _, f := range m.Files {
 		if fileDigest(f.Chunks) != f.Digest {
-			return nil, fmt.Errorf("manifest.json: %s: chunk list does not match its digest", f.Name)
+			return nil, fmt.Errorf("manifest.json: %.200s: chunk list does not match its digest", f.Name)
 		}
 		// The checksums say the manifest is as written, not that whoever
-		// wrote it was cryo: every number and name that reaches a path or
-		// a loop is checked.
+		// wrote it was cryo: every number and name that reaches a path,
+		// an allocation or a loop is checked.
 		var size int64
 		for i, c := range f.Chunks {
-			if !validHash(c.Hash) || c.Check != "" && !validCheck(c.Check) || c.Len < 0 || c.Len > MaxChunk || c.Stored < 0 || c.Stored > maxStored {
-				return nil, fmt.Errorf("manifest.json: %s: chunk %d is not a valid chunk (hash %.80q, %d bytes, %d stored)", f.Name, i, c.Hash, c.Len, c.Stored)
+			bad := c.Len < 0 || c.Len > MaxChunk || c.Stored < 0 || c.Stored > maxStored || c.Check != "" && !validCheck(c.Check)
+			switch {
+			case c.Zero && m.Format >= 3:
+				bad = bad || c.Hash != "" || c.Stored != 0 || c.Check != ""
+			case c.Zero:
+				if !zeroLens[c.Len] {
+					if len(zeroLens) >= maxZeroLengths {
+						return nil, fmt.Errorf("manifest.json: %.200s: zero chunks of more than %d lengths", f.Name, maxZeroLengths)
+					}
+					zeroLens[c.Len] = true
+				}
+				if validHash(c.Hash) && c.Hash != zeroHash(int(c.Len)) {
+					return nil, fmt.Errorf("manifest.json: %.200s: chunk %d is marked zero but its hash says otherwise", f.Name, i)
+				}
+				bad = bad || !validHash(c.Hash)
+			default:
+				bad = bad || !validHash(c.Hash) || c.Len == 0 && len(f.Chunks) > 1
 			}
-			if c.Zero && c.Hash != zeroHash(int(c.Len)) {
-				return nil, fmt.Errorf("manifest.json: %s: chunk %d is marked zero but its hash says otherwise", f.Name, i)
+			if bad {
+				return nil, fmt.Errorf("manifest.json: %.200s: chunk %d is not a valid chunk (hash %.80q, %d bytes, %d stored)", f.Name, i, c.Hash, c.Len, c.Stored)
 			}
 			size += c.Len
 		}
 		if size != f.Size {
-			return nil, fmt.Errorf("manifest.json: %s: chunks add up to %d bytes, file is %d", f.Name, size, f.Size)
+			return nil, fmt.Errorf("manifest.json: %.200s: chunks add up to %d bytes, file is %d", f.Name, size, f.Size)
 		}
 	}
 	return &m, nil
+}
+
+// checkBounds checks the counts, sizes and names a manifest gives.
+func (m *Manifest) checkBounds() error {
+	bad := func(format string, a ...any) error {
+		return fmt.Errorf("manifest.json: "+format, a...)
+	}
+	if m.Generation < 1 {
+		return bad("generation %d", m.Generation)
+	}
+	if len(m.Files) > maxFiles {
+		return bad("%d files, more than %d", len(m.Files), maxFiles)
+	}
+	if len(m.Job.Processes) > maxProcs || len(m.Job.Trees) > maxProcs || len(m.Offload) > maxOffload {
+		return bad("%d processes, %d trees, %d offload contexts: more than a job has", len(m.Job.Processes), len(m.Job.Trees), len(m.Offload))
+	}
+	for _, s := range []string{m.Host, m.CreatedBy, m.CRIU.Version} {
+		if len(s) > maxText {
+			return bad("a field of %d bytes", len(s))
+		}
+	}
+	for _, p := range m.Job.Processes {
+		if len(p.TIDs) > maxProcs || len(p.Comm) > maxText || p.PID < 0 || p.Threads < 0 || p.Threads > maxProcs {
+			return bad("process %d is not a valid process", p.PID)
+		}
+		for _, t := range p.TIDs {
+			if t <= 0 {
+				return bad("process %d has thread ID %d", p.PID, t)
+			}
+		}
+	}
+	trees := map[string]bool{}
+	for _, t := range m.Job.Trees {
+		if err := validImageName(t); err != nil || strings.Contains(t, "/") || trees[t] {
+			return bad("tree name %.200q is not a plain, unique directory name", t)
+		}
+		trees[t] = true
+	}
+	for _, o := range m.Offload {
+		if len(o.Devices) > maxOffload || len(o.Attrs) > maxOffload || len(o.Kind) > maxText || len(o.Device) > maxText || len(o.State) > maxText {
+			return bad("an offload context of kind %.80q says more than one has", o.Kind)
+		}
+		for k, v := range o.Attrs {
+			if len(k) > maxText || len(v) > maxText {
+				return bad("an offload attribute of %d bytes", len(k)+len(v))
+			}
+		}
+	}
+	names := make(map[string]bool, len(m.Files))
+	for _, f := range m.Files {
+		if err := validImageName(f.Name); err != nil {
+			return bad("file %.200q: %v", f.Name, err)
+		}
+		if names[f.Name] {
+			return bad("file %.200q is listed twice", f.Name)
+		}
+		names[f.Name] = true
+		switch f.Kind {
+		case "image", "pages", "log":
+		default:
+			return bad("file %.200q is of unknown kind %.80q", f.Name, f.Kind)
+		}
+		if f.Size < 0 || len(f.Chunks) == 0 || f.Size > int64(len(f.Chunks))*MaxChunk {
+			return bad("file %.200q: %d bytes in %d chunks", f.Name, f.Size, len(f.Chunks))
+		}
+		if f.Kind != "pages" && f.Size > MaxImage {
+			return bad("image %.200q of %d bytes, more than the %d an image has", f.Name, f.Size, MaxImage)
+		}
+	}
+	return nil
+}
+
+// validImageName is a file name a generation may hold: relative, clean,
+// without "..", of printable characters, and short.
+func validImageName(name string) error {
+	if name == "" || len(name) > maxName {
+		return fmt.Errorf("a name of %d bytes", len(name))
+	}
+	if err := cleanRel(name); err != nil {
+		return err
+	}
+	for _, r := range name {
+		if r < 0x20 || r == 0x7f || r == utf8.RuneError {
+			return errors.New("a name with control characters")
+		}
+	}
+	return nil
 }
 
 // validHash is a SHA-256 in lowercase hex, the only form a chunk name has.

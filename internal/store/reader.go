@@ -2,9 +2,7 @@ package store
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -12,6 +10,7 @@ import (
 	"sync/atomic"
 
 	"github.com/klauspost/compress/zstd"
+	"golang.org/x/sys/unix"
 )
 
 // Problem is one bad chunk or file found by Verify or Materialize.
@@ -28,7 +27,7 @@ func (p Problem) String() string {
 	if p.Chunk < 0 {
 		return fmt.Sprintf("%s: %s", p.File, p.Reason)
 	}
-	return fmt.Sprintf("%s: chunk %d at offset %d (%s): %s", p.File, p.Chunk, p.Offset, p.Path, p.Reason)
+	return fmt.Sprintf("%s: chunk %d at offset %d (%s, %s): %s", p.File, p.Chunk, p.Offset, p.Hash, p.Path, p.Reason)
 }
 
 // CorruptError lists what is wrong with a generation.
@@ -72,6 +71,9 @@ type healFunc func(j job, name string, buf []byte, err error) ([]byte, error)
 // walkHealing is walk with a heal function for bad chunks (nil: none).
 // deep is decodeChunk's: whether every chunk's content is hashed.
 func (s *Store) walkHealing(ctx context.Context, m *Manifest, sel func(File) bool, deep bool, heal healFunc, fn func(j job, data []byte) error) []Problem {
+	if _, err := s.index(); err != nil {
+		return []Problem{{Chunk: -1, Path: s.r.pathOf("packs"), Reason: err.Error()}}
+	}
 	var jobs []job
 	for i, f := range m.Files {
 		if sel != nil && !sel(f) {
@@ -104,7 +106,7 @@ func (s *Store) walkHealing(ctx context.Context, m *Manifest, sel func(File) boo
 				if j.c.Zero {
 					continue // nothing stored; the file already reads as zeros there
 				}
-				data, err := s.readChunk(j.c, out, deep)
+				data, err := s.readChunk(j.c, out, deep, m.Format)
 				if err != nil && heal != nil {
 					data, err = heal(j, m.Files[j.file].Name, data, err)
 				}
@@ -117,7 +119,7 @@ func (s *Store) walkHealing(ctx context.Context, m *Manifest, sel func(File) boo
 				if reason != "" {
 					mu.Lock()
 					problems = append(problems, Problem{File: m.Files[j.file].Name, Chunk: j.idx, Offset: j.off,
-						Hash: j.c.Hash, Path: s.ChunkPath(j.c.Hash), Reason: reason})
+						Hash: j.c.Hash, Path: s.ChunkLocation(j.c.Hash), Reason: reason})
 					mu.Unlock()
 				}
 			}
@@ -137,72 +139,131 @@ func (s *Store) walkHealing(ctx context.Context, m *Manifest, sel func(File) boo
 	return problems
 }
 
-// readChunk reads, decompresses and checks one chunk (deep: see
-// decodeChunk).
-func (s *Store) readChunk(c Chunk, buf []byte, deep bool) ([]byte, error) {
-	out := buf
-	var derr error
-	err := s.direct.readChunkFile(s.ChunkPath(c.Hash), func(z []byte) error {
-		out, derr = decodeChunk(z, c, buf, deep)
-		return nil
-	})
-	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return buf, errors.New("missing")
-		}
-		return buf, err
-	}
-	return out, derr
-}
-
 // Verify re-hashes the content of every chunk of the generation and returns
 // what is wrong (nil when it is intact).
 func (s *Store) Verify(ctx context.Context, m *Manifest) []Problem {
 	return s.walk(ctx, m, nil, true, func(job, []byte) error { return nil })
 }
 
-// Quick checks without reading chunk contents that every chunk exists with
-// the size the manifest recorded. It is what `cryo list` calls intact.
-// The stats run in parallel: after a restart, or on a parallel file
-// system, each one waits for the disk or the server.
+// Quick checks without reading chunk contents that every chunk is in
+// the store with the stored size the manifest recorded (and a delta's
+// base too). It is what `cryo list` calls intact. It reads the index of
+// every pack once; chunks of a format-1 store are stat'ed, in parallel:
+// after a restart, or on a parallel file system, each one waits for the
+// disk or the server.
 func (s *Store) Quick(m *Manifest) []Problem {
-	var jobs []Problem // every stored chunk, as the problem it would be
+	ix, err := s.index()
+	if err != nil {
+		return []Problem{{Chunk: -1, Path: s.r.pathOf("packs"), Reason: err.Error()}}
+	}
+	var ps []Problem
+	var legacy []Problem // chunks not in a pack, as the problem they would be
 	var sizes []int64
 	for _, f := range m.Files {
 		var off int64
 		for k, c := range f.Chunks {
-			if !c.Zero {
-				jobs = append(jobs, Problem{File: f.Name, Chunk: k, Offset: off, Hash: c.Hash, Path: s.ChunkPath(c.Hash)})
-				sizes = append(sizes, c.Stored)
+			if c.Zero {
+				off += c.Len
+				continue
 			}
+			p := Problem{File: f.Name, Chunk: k, Offset: off, Hash: c.Hash}
 			off += c.Len
+			hb, _ := hashBytes(c.Hash)
+			locs := ix.lookup(hb)
+			if len(locs) == 0 {
+				if m.Format < 3 {
+					p.Path = s.ChunkPath(c.Hash)
+					legacy = append(legacy, p)
+					sizes = append(sizes, c.Stored)
+					continue
+				}
+				p.Path, p.Reason = s.r.pathOf("packs"), "missing"
+				ps = append(ps, p)
+				continue
+			}
+			p.Path = locs[0].where()
+			if reason := quickLoc(ix, locs, c); reason != "" {
+				p.Reason = reason
+				ps = append(ps, p)
+			}
 		}
 	}
 	var next atomic.Int64
 	var wg sync.WaitGroup
-	for range min(16, len(jobs)) {
+	for range min(16, len(legacy)) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for i := int(next.Add(1) - 1); i < len(jobs); i = int(next.Add(1) - 1) {
-				st, err := os.Stat(jobs[i].Path)
+			for i := int(next.Add(1) - 1); i < len(legacy); i = int(next.Add(1) - 1) {
+				st, err := s.r.stat(legacyRel(legacy[i].Hash))
 				switch {
 				case err != nil:
-					jobs[i].Reason = "missing"
-				case st.Size() != sizes[i]:
-					jobs[i].Reason = fmt.Sprintf("is %d bytes, manifest says %d (truncated?)", st.Size(), sizes[i])
+					legacy[i].Reason = "missing"
+				case st.Size != sizes[i]:
+					legacy[i].Reason = fmt.Sprintf("is %d bytes, manifest says %d (truncated?)", st.Size, sizes[i])
 				}
 			}
 		}()
 	}
 	wg.Wait()
-	var ps []Problem
-	for _, p := range jobs {
+	for _, p := range legacy {
 		if p.Reason != "" {
 			ps = append(ps, p)
 		}
 	}
 	return ps
+}
+
+// quickLoc says what is wrong with the copies of chunk c ("" if one of
+// them looks whole).
+func quickLoc(ix *packIndex, locs []blobLoc, c Chunk) string {
+	reason := ""
+	for _, l := range locs {
+		switch {
+		case c.Stored != 0 && int64(l.z) != c.Stored:
+			reason = fmt.Sprintf("is %d bytes in its pack, manifest says %d", l.z, c.Stored)
+		case int64(l.n) != c.Len:
+			reason = fmt.Sprintf("holds %d bytes, manifest says %d", l.n, c.Len)
+		case l.kind == kindDelta && !l.zeroBase && !hasFull(ix, l.base, l.n):
+			reason = fmt.Sprintf("its base %x is missing", l.base[:8])
+		default:
+			return ""
+		}
+	}
+	return reason
+}
+
+func hasFull(ix *packIndex, h [32]byte, n uint32) bool {
+	for _, l := range ix.lookup(h) {
+		if l.kind == kindFull && l.n == n {
+			return true
+		}
+	}
+	return false
+}
+
+// where names a blob's place for messages: its pack and offset.
+func (l blobLoc) where() string {
+	if l.p == nil {
+		return "a pack being written"
+	}
+	return fmt.Sprintf("%s at %d", l.p.rel(), l.off)
+}
+
+// ChunkLocation says where the store keeps the chunk named hash: its pack
+// file and offset, or its chunk file in a format-1 store (for messages).
+func (s *Store) ChunkLocation(hash string) string {
+	if hb, ok := hashBytes(hash); ok {
+		if ix, err := s.currentIndex(); err == nil {
+			if locs := ix.lookup(hb); len(locs) > 0 {
+				return s.r.pathOf(locs[0].where())
+			}
+		}
+	}
+	if s.Format() < 2 || s.r.exists(legacyRel(hash)) {
+		return s.ChunkPath(hash)
+	}
+	return s.r.pathOf("packs")
 }
 
 // Materialize writes the generation's files into dir (which must exist),
@@ -233,15 +294,24 @@ func (s *Store) materialize(ctx context.Context, m *Manifest, dir string, heal h
 			}
 		}
 	}()
+	df, err := os.OpenFile(dir, os.O_RDONLY|unix.O_DIRECTORY, 0)
+	if err != nil {
+		return err
+	}
+	defer df.Close()
+	dr := root{fd: int(df.Fd()), path: dir}
 	for i, f := range m.Files {
 		if !sel(f) {
 			continue
 		}
-		p := filepath.Join(dir, filepath.Clean("/" + f.Name)[1:])
-		if err := os.MkdirAll(filepath.Dir(p), dirMode); err != nil {
-			return err
+		// The names were checked when the manifest was read: relative,
+		// clean, without "..". Nothing is created through a link.
+		if d := filepath.Dir(f.Name); d != "." {
+			if err := dr.mkdirAll(d); err != nil {
+				return err
+			}
 		}
-		fh, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, os.FileMode(f.Mode)&0o700|fileMode)
+		fh, err := dr.open(f.Name, unix.O_WRONLY|unix.O_CREAT|unix.O_TRUNC, os.FileMode(f.Mode)&0o700|fileMode)
 		if err != nil {
 			return err
 		}

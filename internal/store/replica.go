@@ -5,12 +5,13 @@ package store
 // damage to one can be healed from the other. It is itself a valid store:
 // list, verify and restore work on it directly.
 //
-// Writing. A Writer with WriterOptions.Replica writes every new chunk to
-// both stores from the same compressed bytes (nothing is compressed or read
-// twice), and copies a chunk the store already has but the replica lacks
-// after checking it. Commit syncs both file systems, commits the replica's
-// manifest, and only then the store's: once the store shows a generation,
-// its replica copy is durable. A crash between the two leaves a complete
+// Writing. A Writer with WriterOptions.Replica appends every new blob to
+// both stores' packs from the same compressed bytes (nothing is compressed
+// or read twice), and copies a chunk the store already has but the replica
+// lacks after checking it. Both stores name chunks with the same key (the
+// replica adopts the store's when it is new). Commit makes both stores'
+// packs durable, commits the replica's manifest, and only then the
+// store's: once the store shows a generation, its replica copy is durable. A crash between the two leaves a complete
 // generation in the replica that the store lacks, which is harmless; the
 // next generation is numbered past both, so the numbers never diverge.
 //
@@ -19,18 +20,18 @@ package store
 // alone and reports the replica's error (Writer.ReplicaErr), unless
 // ReplicaRequired makes it fail the commit.
 //
-// Healing. Chunks are named by the hash of their content, so replacing a
-// damaged chunk file with verified content from the replica (an atomic
-// rename) is safe even while others read the store: they see the damaged
-// file or the good one. Repair heals a generation under the exclusive lock;
+// Healing. Chunks are named by their content, so adding a verified copy of
+// a damaged chunk from the replica (in a new pack) is safe even while
+// others read the store: they find the damaged copy or the good one, and
+// a reader tries each. Repair heals a generation under the exclusive lock;
 // MaterializeFrom heals what a restore trips over under the shared lock.
 
 import (
 	"context"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
 	"path/filepath"
 	"sync"
 )
@@ -40,7 +41,9 @@ import (
 type replicaWriter struct {
 	src, dst *Store
 	required bool
-	staging  string
+	staging  string // relative to dst
+	pw       *packWriter
+	ix       *packIndex
 
 	mu        sync.Mutex
 	err       error
@@ -50,13 +53,53 @@ type replicaWriter struct {
 }
 
 func newReplicaWriter(src, dst *Store, required bool) *replicaWriter {
-	r := &replicaWriter{src: src, dst: dst, required: required}
-	staging, err := os.MkdirTemp(filepath.Join(dst.Dir, "staging"), "gen-")
+	r := &replicaWriter{src: src, dst: dst, required: required, pw: dst.newPackWriter()}
+	if err := dst.adoptKey(src); err != nil {
+		r.fail(err)
+		return r
+	}
+	ix, err := dst.index()
 	if err != nil {
+		r.fail(err)
+		return r
+	}
+	r.ix = ix
+	staging := "staging/gen-" + newPackID()[:16]
+	if err := dst.r.mkdirAll(staging); err != nil {
 		r.fail(fmt.Errorf("create staging: %w", err))
+		return r
 	}
 	r.staging = staging
 	return r
+}
+
+// adoptKey gives a replica the store's key, which names the chunks both
+// hold. A replica that holds chunks named with another key is refused.
+// The caller holds the replica's exclusive lock.
+func (s *Store) adoptKey(src *Store) error {
+	key, err := src.keyed()
+	if err != nil {
+		return err
+	}
+	if s.Format() >= 2 && s.pageKey() == key {
+		return nil
+	}
+	gens, err := s.Generations()
+	if err != nil {
+		return err
+	}
+	ix, err := s.index()
+	if err != nil {
+		return err
+	}
+	if s.Format() >= 2 && (len(gens) > 0 || len(ix.list()) > 0) {
+		return errors.New("it holds chunks named with another store's key (is it the replica of another store?)")
+	}
+	s.metaMu.Lock()
+	m := s.meta
+	s.metaMu.Unlock()
+	m.Format, m.Key = storeFormat, hex.EncodeToString(key[:])
+	return s.writeMeta(m)
 }
 
 func (r *replicaWriter) fail(err error) {
@@ -76,53 +119,125 @@ func (r *replicaWriter) failed() bool {
 	return r.err != nil
 }
 
-// put stores a chunk that was just compressed for the primary.
-func (r *replicaWriter) put(c Chunk, z []byte) {
+// put stores a record that was just appended to the primary, with the
+// same bytes.
+func (r *replicaWriter) put(rec record, z []byte) {
 	if r.failed() {
 		return
 	}
-	path := r.dst.ChunkPath(c.Hash)
-	if st, err := os.Stat(path); err == nil && st.Size() == int64(len(z)) {
-		return
-	}
-	if err := r.dst.writeChunk(path, z); err != nil {
+	if _, err := r.pw.append(rec, z); err != nil {
 		r.fail(err)
 		return
 	}
 	r.count(int64(len(z)))
 }
 
-// have makes sure the replica holds a chunk that the primary already had
-// (c.Stored is the primary file's size): it copies the primary's file when
-// the replica lacks it (or holds a different size), after checking that
-// the file decodes to b. A primary file that does not is damaged: both get
-// b freshly compressed, which heals the primary too. It returns the
-// primary file's size.
-func (r *replicaWriter) have(cd *coder, c Chunk, b []byte) int64 {
+// have makes sure the replica holds a chunk that the primary already had:
+// it copies the primary's blobs (and a delta's base) when the replica
+// lacks them, after checking them. It returns false when the primary's
+// copy is damaged, for the writer to store the chunk afresh in both.
+func (r *replicaWriter) have(c Chunk) bool {
 	if r.failed() {
-		return c.Stored
+		return true
 	}
-	path := r.dst.ChunkPath(c.Hash)
-	if st, err := os.Stat(path); err == nil && st.Size() == c.Stored {
-		return c.Stored
+	hb, _ := hashBytes(c.Hash)
+	if len(r.ix.lookup(hb)) > 0 {
+		return true
 	}
-	z, err := os.ReadFile(r.src.ChunkPath(c.Hash))
-	if err == nil {
-		_, err = decodeChunk(z, c, nil, false)
-	}
+	var dst []blobRec
+	err := r.src.exportChunk(c, 3, func(rec record, z []byte) error {
+		dst = append(dst, blobRec{rec, z})
+		return nil
+	})
 	if err != nil {
-		z = cd.compress(b)
-		if werr := r.src.writeChunk(r.src.ChunkPath(c.Hash), z); werr != nil {
-			r.fail(fmt.Errorf("chunk %s is damaged in the store and cannot be rewritten: %w", c.Hash, werr))
-			return c.Stored
+		return false
+	}
+	for _, b := range dst {
+		if b.rec.hash != hb && len(r.ix.lookup(b.rec.hash)) > 0 {
+			continue // a base the replica has
 		}
+		r.put(b.rec, b.z)
 	}
-	if err := r.dst.writeChunk(path, z); err != nil {
-		r.fail(err)
-		return int64(len(z))
+	return true
+}
+
+type blobRec struct {
+	rec record
+	z   []byte
+}
+
+// exportChunk finds a copy of chunk c that checks out and calls fn with
+// the records that make it: for a delta its base first.
+func (s *Store) exportChunk(c Chunk, format int, fn func(rec record, z []byte) error) error {
+	hb, ok := hashBytes(c.Hash)
+	if !ok {
+		return fmt.Errorf("chunk name %.80q", c.Hash)
 	}
-	r.count(int64(len(z)))
-	return int64(len(z))
+	ix, err := s.currentIndex()
+	if err != nil {
+		return err
+	}
+	locs := ix.lookup(hb)
+	if len(locs) == 0 {
+		if format >= 3 {
+			return errMissing
+		}
+		// A chunk file of a format-1 store: its bytes are a full blob.
+		var z []byte
+		err := s.readChunkFile(legacyRel(c.Hash), func(b []byte) error {
+			if _, err := decodeChunk(b, c, nil, false, s.verifier(format)); err != nil {
+				return err
+			}
+			z = append([]byte(nil), b...)
+			return nil
+		})
+		if errors.Is(err, fs.ErrNotExist) {
+			return errMissing
+		}
+		if err != nil {
+			return err
+		}
+		return fn(record{kind: kindFull, hash: hb, n: uint32(c.Len)}, z)
+	}
+	var errs []error
+	for _, l := range locs {
+		if c.Check == "" {
+			c.Check = checkString(l.check)
+		}
+		if _, err := s.decodeLoc(l, c, nil, false, format); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if l.kind == kindDelta && !l.zeroBase {
+			base := Chunk{Hash: hex.EncodeToString(l.base[:]), Len: int64(l.n)}
+			if err := s.exportChunk(base, 3, fn); err != nil {
+				errs = append(errs, fmt.Errorf("its base: %w", err))
+				continue
+			}
+		}
+		if err := s.exportBlob(l, fn); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		return nil
+	}
+	return errors.Join(errs...)
+}
+
+// exportBlob calls fn with the record at l and its bytes, if they check.
+func (s *Store) exportBlob(l blobLoc, fn func(rec record, z []byte) error) error {
+	var z []byte
+	err := s.readBlob(l, func(b []byte) error {
+		if fileCheckBits(b) != l.check {
+			return errors.New("fails its check")
+		}
+		z = append([]byte(nil), b...)
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	return fn(l.record, z)
 }
 
 func (r *replicaWriter) count(n int64) {
@@ -149,7 +264,7 @@ func (r *replicaWriter) nextGen(gen int) int {
 	return gen
 }
 
-// commit makes the replica's copy durable and visible: syncfs, then the
+// commit makes the replica's copy durable and visible: its packs, then the
 // manifest, then the rename. It returns an error only when the replica is
 // required; otherwise a failure is kept for ReplicaErr.
 func (r *replicaWriter) commit(gen int, manifest []byte) error {
@@ -171,21 +286,20 @@ func (r *replicaWriter) commit(gen int, manifest []byte) error {
 }
 
 func (r *replicaWriter) commitNow(gen int, manifest []byte) error {
-	if err := syncFS(r.dst.Dir); err != nil {
+	if err := r.pw.finish(); err != nil {
 		return err
 	}
-	if err := writeFileAtomic(filepath.Join(r.staging, "manifest.json"), manifest); err != nil {
+	if err := r.dst.r.writeFileAtomic(r.staging+"/manifest.json", manifest); err != nil {
 		return fmt.Errorf("write manifest: %w", err)
 	}
-	dir := r.dst.GenDir(gen)
-	if _, err := os.Stat(dir); err == nil {
+	if r.dst.r.exists(genRel(gen)) {
 		return fmt.Errorf("it already has a generation %d (is it the replica of another store?)", gen)
 	}
-	if err := os.Rename(r.staging, dir); err != nil {
+	if err := r.dst.r.rename(r.staging, genRel(gen)); err != nil {
 		return fmt.Errorf("commit generation %d: %w", gen, err)
 	}
 	r.staging = ""
-	if err := syncDir(filepath.Join(r.dst.Dir, "checkpoints")); err != nil {
+	if err := r.dst.r.syncDir("checkpoints"); err != nil {
 		return err
 	}
 	r.mu.Lock()
@@ -195,10 +309,14 @@ func (r *replicaWriter) commitNow(gen int, manifest []byte) error {
 }
 
 func (r *replicaWriter) abort() {
-	if r == nil || r.staging == "" {
+	if r == nil {
 		return
 	}
-	os.RemoveAll(r.staging)
+	r.pw.abort()
+	if r.staging == "" {
+		return
+	}
+	_ = r.dst.r.removeAll(r.staging)
 	r.staging = ""
 }
 
@@ -229,22 +347,26 @@ func (w *Writer) ReplicaStats() (chunks int, bytes int64) {
 }
 
 // healer replaces damaged chunks of a store with verified copies from a
-// replica, each chunk once however many files share it.
+// replica, each chunk once however many files share it. The copies go into
+// a pack of their own (the damaged ones stay until GC finds them
+// unreadable, or repacks them away): readers try every copy of a chunk.
 type healer struct {
 	s, from *Store
+	format  int
 	mu      sync.Mutex
+	pw      *packWriter
 	done    map[string]error // hash -> outcome of its heal
 	fixed   []Problem
 }
 
-func newHealer(s, from *Store) *healer {
-	return &healer{s: s, from: from, done: map[string]error{}}
+func newHealer(s, from *Store, format int) *healer {
+	return &healer{s: s, from: from, format: format, done: map[string]error{}}
 }
 
 // heal is a healFunc: it reads the chunk from the replica, verifies it,
 // writes it into the store and returns its content.
 func (h *healer) heal(j job, name string, buf []byte, why error) ([]byte, error) {
-	p := Problem{File: name, Chunk: j.idx, Offset: j.off, Hash: j.c.Hash, Path: h.s.ChunkPath(j.c.Hash)}
+	p := Problem{File: name, Chunk: j.idx, Offset: j.off, Hash: j.c.Hash, Path: h.s.ChunkLocation(j.c.Hash)}
 	h.mu.Lock()
 	err, seen := h.done[j.c.Hash]
 	h.mu.Unlock()
@@ -252,11 +374,6 @@ func (h *healer) heal(j job, name string, buf []byte, why error) ([]byte, error)
 	switch {
 	case seen && err != nil:
 		return buf, err
-	case seen:
-		// Healed for another file that shares it.
-		if data, err = h.s.readChunk(j.c, buf, false); err != nil {
-			return data, err
-		}
 	default:
 		if data, err = h.fetch(j.c, buf); err != nil {
 			err = fmt.Errorf("%v; the replica's copy cannot heal it: %v", why, err)
@@ -267,6 +384,9 @@ func (h *healer) heal(j job, name string, buf []byte, why error) ([]byte, error)
 		if err != nil {
 			return data, err
 		}
+		if seen {
+			return data, nil // healed already, for another file that shares it
+		}
 	}
 	p.Reason = fmt.Sprintf("%v; restored from the replica", why)
 	h.mu.Lock()
@@ -276,32 +396,32 @@ func (h *healer) heal(j job, name string, buf []byte, why error) ([]byte, error)
 }
 
 func (h *healer) fetch(c Chunk, buf []byte) ([]byte, error) {
-	z, err := os.ReadFile(h.from.ChunkPath(c.Hash))
+	data, err := h.from.readChunk(c, buf, false, h.format)
 	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
+		if errors.Is(err, errMissing) {
 			return buf, errors.New("missing there too")
 		}
-		return buf, err
-	}
-	data, err := decodeChunk(z, c, buf, false)
-	if err != nil {
 		return data, err
 	}
-	if err := h.s.writeChunk(h.s.ChunkPath(c.Hash), z); err != nil {
-		return data, err
+	h.mu.Lock()
+	if h.pw == nil {
+		h.pw = h.s.newPackWriter()
 	}
-	return data, nil
+	pw := h.pw
+	h.mu.Unlock()
+	err = h.from.exportChunk(c, h.format, func(rec record, z []byte) error {
+		_, err := pw.append(rec, z)
+		return err
+	})
+	return data, err
 }
 
-// finish makes the healed chunks durable.
+// finish makes the healed chunks durable and readable from the store.
 func (h *healer) finish() error {
 	h.mu.Lock()
-	n := len(h.fixed)
+	pw := h.pw
 	h.mu.Unlock()
-	if n == 0 {
-		return nil
-	}
-	return syncFS(h.s.Dir)
+	return pw.finish()
 }
 
 // list returns the chunks healed so far, one entry per file that uses one.
@@ -320,7 +440,7 @@ func (s *Store) MaterializeFrom(ctx context.Context, m *Manifest, dir string, re
 	if replica == nil {
 		return nil, s.Materialize(ctx, m, dir, kinds...)
 	}
-	h := newHealer(s, replica)
+	h := newHealer(s, replica, m.Format)
 	err := s.materialize(ctx, m, dir, h.heal, kinds)
 	return h.list(), errors.Join(err, h.finish())
 }
@@ -330,7 +450,7 @@ func (s *Store) MaterializeFrom(ctx context.Context, m *Manifest, dir string, re
 // directory must exist (a generation the store never had is not healed
 // here; Repair copies those). The caller holds at least the shared lock.
 func (s *Store) HealManifest(replica *Store, gen int) (*Manifest, error) {
-	if _, err := os.Stat(s.GenDir(gen)); err != nil {
+	if !s.r.exists(genRel(gen)) {
 		return nil, fmt.Errorf("%w: %d in %s", ErrNoGeneration, gen, s.Dir)
 	}
 	return s.copyManifest(replica, gen)
@@ -341,17 +461,17 @@ func (s *Store) copyManifest(replica *Store, gen int) (*Manifest, error) {
 	if err != nil {
 		return nil, fmt.Errorf("the replica cannot heal it: %w", err)
 	}
-	b, err := os.ReadFile(filepath.Join(replica.GenDir(gen), "manifest.json"))
+	b, err := replica.manifestBytes(gen)
 	if err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(s.GenDir(gen), dirMode); err != nil {
+	if err := s.r.mkdirAll(genRel(gen)); err != nil {
 		return nil, err
 	}
-	if err := writeFileAtomic(filepath.Join(s.GenDir(gen), "manifest.json"), b); err != nil {
+	if err := s.r.writeFileAtomic(genRel(gen)+"/manifest.json", b); err != nil {
 		return nil, fmt.Errorf("write manifest of generation %d: %w", gen, err)
 	}
-	if err := syncDir(filepath.Join(s.Dir, "checkpoints")); err != nil {
+	if err := s.r.syncDir("checkpoints"); err != nil {
 		return nil, err
 	}
 	return m, nil
@@ -393,7 +513,7 @@ func (s *Store) Repair(ctx context.Context, replica *Store, gen int) RepairResul
 		res.Broken = []Problem{{File: "manifest.json", Chunk: -1, Path: filepath.Join(s.GenDir(gen), "manifest.json"), Reason: err.Error()}}
 		return res
 	}
-	h := newHealer(s, replica)
+	h := newHealer(s, replica, m.Format)
 	res.Broken = s.walkHealing(ctx, m, nil, true, h.heal, func(job, []byte) error { return nil })
 	res.Fixed = h.list()
 	if err := h.finish(); err != nil {

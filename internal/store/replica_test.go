@@ -77,12 +77,9 @@ func TestReplicaWrite(t *testing.T) {
 	for _, f := range m.Files {
 		for _, c := range f.Chunks {
 			if c.Zero {
-				if _, err := os.Stat(rep.ChunkPath(c.Hash)); err == nil {
-					t.Errorf("a zero chunk was stored in the replica")
-				}
-				continue
+				continue // nothing stored, and nothing to name it by
 			}
-			if !bytes.Equal(readFile(t, s.ChunkPath(c.Hash)), readFile(t, rep.ChunkPath(c.Hash))) {
+			if !bytes.Equal(blobBytes(t, s, c.Hash), blobBytes(t, rep, c.Hash)) {
 				t.Errorf("%s: chunk %s differs between store and replica", f.Name, c.Hash)
 			}
 		}
@@ -94,7 +91,7 @@ func TestReplicaWrite(t *testing.T) {
 	// The replica lost a chunk that the next generation reuses: the writer
 	// copies it over from the store, which already has it.
 	shared := chunkOf(m, "shared.img")
-	if err := os.Remove(rep.ChunkPath(shared.Hash)); err != nil {
+	if err := os.Remove(chunkFile(t, rep, shared.Hash)); err != nil {
 		t.Fatal(err)
 	}
 	gen, w, err := commitWith(t, s, rep, false, writeSpecs(t, t.TempDir(), map[string][]byte{
@@ -139,10 +136,10 @@ func TestReplicaFailure(t *testing.T) {
 		t.Run(map[bool]string{false: "optional", true: "required"}[required], func(t *testing.T) {
 			s, rep := newStore(t), newStore(t)
 			// A file where the chunk directories go: every chunk write fails.
-			if err := os.RemoveAll(filepath.Join(rep.Dir, "chunks")); err != nil {
+			if err := os.RemoveAll(filepath.Join(rep.Dir, "packs")); err != nil {
 				t.Fatal(err)
 			}
-			writeFile(t, filepath.Join(rep.Dir, "chunks"), []byte("not a directory"))
+			writeFile(t, filepath.Join(rep.Dir, "packs"), []byte("not a directory"))
 			gen, w, err := commitWith(t, s, rep, required, writeSpecs(t, t.TempDir(), map[string][]byte{"a.img": randBytes(5, 3000)}))
 			gens, _ := rep.Generations()
 			if len(gens) != 0 {
@@ -186,9 +183,7 @@ func TestReplicaHealsPrimaryOnWrite(t *testing.T) {
 	commit(t, s, writeSpecs(t, t.TempDir(), map[string][]byte{"a.img": data}), nil)
 	m, _ := s.ReadManifest(1)
 	c := chunkOf(m, "a.img")
-	b := readFile(t, s.ChunkPath(c.Hash))
-	b[len(b)/2] ^= 1
-	writeFile(t, s.ChunkPath(c.Hash), b)
+	flipBlob(t, s, c.Hash)
 
 	rep := newStore(t)
 	if _, _, err := commitWith(t, s, rep, false, writeSpecs(t, t.TempDir(), map[string][]byte{"a.img": data})); err != nil {
@@ -205,14 +200,6 @@ func TestReplicaHealsPrimaryOnWrite(t *testing.T) {
 	}
 }
 
-// flipByte damages a file in its middle.
-func flipByte(t *testing.T, p string) {
-	t.Helper()
-	b := readFile(t, p)
-	b[len(b)/2] ^= 0x40
-	writeFile(t, p, b)
-}
-
 // TestRepair heals flipped, missing and truncated chunks and a damaged
 // manifest from the replica, reports each, and leaves the generation
 // verifying; what the replica cannot supply stays reported as broken.
@@ -220,12 +207,12 @@ func TestRepair(t *testing.T) {
 	ctx := context.Background()
 	s, rep, m, _ := replicaPair(t)
 	pages := m.Files[fileIndex(m, "pages-1.img")]
-	flipByte(t, s.ChunkPath(pages.Chunks[0].Hash))
-	if err := os.Remove(s.ChunkPath(pages.Chunks[1].Hash)); err != nil {
+	flipBlob(t, s, pages.Chunks[0].Hash)
+	if err := os.Remove(chunkFile(t, s, pages.Chunks[1].Hash)); err != nil {
 		t.Fatal(err)
 	}
 	core := chunkOf(m, "core-1.img")
-	if err := os.Truncate(s.ChunkPath(core.Hash), 10); err != nil {
+	if err := os.Truncate(chunkFile(t, s, core.Hash), 10); err != nil {
 		t.Fatal(err)
 	}
 	mp := filepath.Join(s.GenDir(1), "manifest.json")
@@ -259,8 +246,8 @@ func TestRepair(t *testing.T) {
 	}
 
 	// Damage in both copies cannot be healed, and says so.
-	flipByte(t, s.ChunkPath(core.Hash))
-	flipByte(t, rep.ChunkPath(core.Hash))
+	flipBlob(t, s, core.Hash)
+	flipBlob(t, rep, core.Hash)
 	res = s.Repair(ctx, rep, 1)
 	if res.Intact || len(res.Broken) != 1 || res.Broken[0].File != "core-1.img" ||
 		!strings.Contains(res.Broken[0].Reason, "replica") {
@@ -298,7 +285,7 @@ func TestMaterializeFrom(t *testing.T) {
 	ctx := context.Background()
 	s, rep, m, files := replicaPair(t)
 	pages := m.Files[fileIndex(m, "pages-1.img")]
-	flipByte(t, s.ChunkPath(pages.Chunks[1].Hash))
+	flipBlob(t, s, pages.Chunks[1].Hash)
 
 	if err := s.Materialize(ctx, m, t.TempDir()); !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "pages-1.img: chunk 1") {
 		t.Fatalf("Materialize of a damaged generation: %v", err)
@@ -354,7 +341,7 @@ func TestReadAt(t *testing.T) {
 	}
 	// Damage the last (non-zero) chunk: the first bytes still read.
 	pages := m.Files[fileIndex(m, "pages-1.img")]
-	flipByte(t, s.ChunkPath(pages.Chunks[1].Hash))
+	flipBlob(t, s, pages.Chunks[1].Hash)
 	if _, err := s.ReadAt(m, "pages-1.img", 0, 100); err != nil {
 		t.Errorf("ReadAt read a chunk it did not need: %v", err)
 	}

@@ -24,7 +24,7 @@ func TestCreateOpen(t *testing.T) {
 	if s.Dir != dir {
 		t.Errorf("Dir = %q, want %q", s.Dir, dir)
 	}
-	for _, d := range []string{"", "chunks", "checkpoints", "staging", "logs"} {
+	for _, d := range []string{"", "packs", "checkpoints", "staging", "logs"} {
 		assertMode(t, filepath.Join(dir, d), os.ModeDir|0o700)
 	}
 	assertMode(t, filepath.Join(dir, metaName), 0o600)
@@ -147,8 +147,8 @@ func TestRoundTrip(t *testing.T) {
 			if c.Zero {
 				continue // zero chunks have no file
 			}
-			assertMode(t, s.ChunkPath(c.Hash), 0o600)
-			assertMode(t, filepath.Dir(s.ChunkPath(c.Hash)), os.ModeDir|0o700)
+			assertMode(t, chunkFile(t, s, c.Hash), 0o600)
+			assertMode(t, filepath.Dir(chunkFile(t, s, c.Hash)), os.ModeDir|0o700)
 		}
 	}
 	if got.Stats.RawBytes != raw || m.Stats.RawBytes != raw {
@@ -336,22 +336,20 @@ func TestSplitPoints(t *testing.T) {
 func TestCorruptChunk(t *testing.T) {
 	tests := []struct {
 		name      string
-		damage    func(t *testing.T, path string)
+		damage    func(t *testing.T, s *Store, hash string)
 		reason    string
-		quickSees bool // the damage changes the chunk file's size or presence
+		quickSees bool // the damage changes the chunk's size or presence
 	}{
-		{"flipped byte", func(t *testing.T, p string) {
-			b := readFile(t, p)
-			b[len(b)/2] ^= 0x01
-			writeFile(t, p, b)
-		}, "", false},
-		{"truncated", func(t *testing.T, p string) {
-			if err := os.Truncate(p, 7); err != nil {
+		{"flipped byte", flipBlob, "", false},
+		{"truncated", func(t *testing.T, s *Store, hash string) {
+			// Into the blob: its record no longer reads, nor the index.
+			_, r := recordOf(t, s, hash)
+			if err := os.Truncate(chunkFile(t, s, hash), r.Offset+recHeader+7); err != nil {
 				t.Fatal(err)
 			}
-		}, "cannot decompress", true},
-		{"deleted", func(t *testing.T, p string) {
-			if err := os.Remove(p); err != nil {
+		}, "missing", true},
+		{"deleted", func(t *testing.T, s *Store, hash string) {
+			if err := os.Remove(chunkFile(t, s, hash)); err != nil {
 				t.Fatal(err)
 			}
 		}, "missing", true},
@@ -377,11 +375,15 @@ func TestCorruptChunk(t *testing.T) {
 					}
 				}
 				bad := f.Chunks[1]
-				z := readFile(t, s.ChunkPath(bad.Hash))
+				z := blobBytes(t, s, bad.Hash)
 				if shuffled := bytes.HasPrefix(z, filterHeader[:]); shuffled != (kind == "shuffled") || bad.Check != fileCheck(z) {
 					t.Fatalf("%s chunk: shuffled %v, Check %q", kind, shuffled, bad.Check)
 				}
-				tc.damage(t, s.ChunkPath(bad.Hash))
+				pack := chunkFile(t, s, bad.Hash)
+				tc.damage(t, s, bad.Hash)
+				if tc.quickSees {
+					pack = filepath.Join(s.Dir, "packs") // no pack holds it now
+				}
 
 				ps := s.Verify(context.Background(), m)
 				if len(ps) != 1 {
@@ -389,8 +391,8 @@ func TestCorruptChunk(t *testing.T) {
 				}
 				p := ps[0]
 				if p.File != "pages-1.img" || p.Chunk != 1 || p.Offset != MaxChunk || p.Hash != bad.Hash ||
-					p.Path != s.ChunkPath(bad.Hash) || !strings.Contains(p.Reason, tc.reason) {
-					t.Errorf("Verify problem %+v: want pages-1.img, chunk 1 at %d, %s, reason with %q", p, MaxChunk, s.ChunkPath(bad.Hash), tc.reason)
+					!strings.HasPrefix(p.Path, pack) || !strings.Contains(p.Reason, tc.reason) {
+					t.Errorf("Verify problem %+v: want pages-1.img, chunk 1 at %d, %s, reason with %q", p, MaxChunk, pack, tc.reason)
 				}
 				msg := p.String()
 				if !strings.Contains(msg, "pages-1.img") || !strings.Contains(msg, "chunk 1") || !strings.Contains(msg, bad.Hash) {
@@ -439,7 +441,7 @@ func TestManifestDamage(t *testing.T) {
 		}, 1, "not valid JSON"},
 		{"empty", func(t *testing.T, _ *Store, p string) { writeFile(t, p, nil) }, 1, "not valid JSON"},
 		{"edited field", func(t *testing.T, _ *Store, p string) {
-			b := strings.Replace(string(readFile(t, p)), `"root_pid": 4242`, `"root_pid": 4243`, 1)
+			b := strings.Replace(string(readFile(t, p)), `"root_pid":4242`, `"root_pid":4243`, 1)
 			writeFile(t, p, []byte(b))
 		}, 1, "does not match its checksum"},
 		{"edited chunk list", func(t *testing.T, _ *Store, p string) {
@@ -517,19 +519,16 @@ func TestGC(t *testing.T) {
 	g1, m1 := commit(t, s, writeSpecs(t, src, map[string][]byte{"a.img": shared, "b.img": only1}), nil)
 	g2, m2 := commit(t, s, writeSpecs(t, src, map[string][]byte{"a.img": shared, "b.img": only2}), nil)
 	// Debris of a killed writer, and a chunk nobody references.
-	tmp := filepath.Join(s.Dir, "chunks", "ab", "abcdef0123456789.tmp123")
-	mkdir(t, filepath.Dir(tmp))
-	writeFile(t, tmp, []byte("half a chunk"))
-	orphan := s.ChunkPath(strings.Repeat("cd", 32))
-	mkdir(t, filepath.Dir(orphan))
-	writeFile(t, orphan, []byte("orphan"))
+	tmp := filepath.Join(s.Dir, "packs", "abcdef0123456789.tmp")
+	writeFile(t, tmp, []byte("half a pack"))
+	orphan := orphanPack(t, s, "cd")
 
 	res, err := s.GC()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if res.Chunks != 2 || res.Kept != 3 {
-		t.Errorf("GC removed %d and kept %d, want 2 removed (tmp, orphan), 3 kept", res.Chunks, res.Kept)
+	if res.Chunks != 1 || res.Kept != 3 || res.PacksRemoved != 1 {
+		t.Errorf("GC removed %d chunks in %d packs and kept %d, want the orphan removed, 3 kept", res.Chunks, res.PacksRemoved, res.Kept)
 	}
 	for _, p := range []string{tmp, orphan} {
 		if _, err := os.Stat(p); err == nil {
@@ -550,8 +549,18 @@ func TestGC(t *testing.T) {
 	if res.Chunks != 1 || res.Kept != 2 {
 		t.Errorf("GC after removing generation 1 removed %d, kept %d; want 1 and 2", res.Chunks, res.Kept)
 	}
-	if _, err := os.Stat(s.ChunkPath(chunkOf(m1, "b.img").Hash)); err == nil {
-		t.Error("the chunk only generation 1 used is still there")
+	only1Pack := filepath.Join(s.Dir, "packs") // set below if still there
+	if ps, _ := s.Packs(); len(ps) > 0 {
+		for _, p := range ps {
+			for _, r := range p.Records {
+				if r.Hash == chunkOf(m1, "b.img").Hash {
+					only1Pack = p.Path
+				}
+			}
+		}
+	}
+	if only1Pack != filepath.Join(s.Dir, "packs") {
+		t.Errorf("the chunk only generation 1 used is still there, in %s", only1Pack)
 	}
 	if ps := s.Verify(context.Background(), m2); len(ps) != 0 {
 		t.Errorf("generation 2 damaged by GC: %v", ps)
@@ -563,9 +572,7 @@ func TestGCRefusesUnreadableManifest(t *testing.T) {
 	src := t.TempDir()
 	commit(t, s, writeSpecs(t, src, map[string][]byte{"a.img": randBytes(50, 100)}), nil)
 	commit(t, s, writeSpecs(t, src, map[string][]byte{"a.img": randBytes(51, 100)}), nil)
-	orphan := s.ChunkPath(strings.Repeat("ef", 32))
-	mkdir(t, filepath.Dir(orphan))
-	writeFile(t, orphan, []byte("orphan"))
+	orphanPack(t, s, "ef")
 	p := filepath.Join(s.GenDir(2), "manifest.json")
 	writeFile(t, p, readFile(t, p)[:20])
 	before := countChunks(t, s)
@@ -747,6 +754,7 @@ func newStore(t *testing.T) *Store {
 	if err != nil {
 		t.Fatal(err)
 	}
+	s.PackLimit = 1 // a pack per record (helpers_test.go)
 	return s
 }
 
@@ -759,7 +767,11 @@ func writeSpecs(t *testing.T, dir string, files map[string][]byte) []FileSpec {
 		p := filepath.Join(dir, name)
 		mkdir(t, filepath.Dir(p))
 		writeFile(t, p, b)
-		specs = append(specs, FileSpec{Path: p, Name: name, Kind: "image"})
+		kind := "image"
+		if strings.HasPrefix(filepath.Base(name), "pages-") {
+			kind = "pages"
+		}
+		specs = append(specs, FileSpec{Path: p, Name: name, Kind: kind})
 	}
 	slices.SortFunc(specs, func(a, b FileSpec) int { return strings.Compare(a.Name, b.Name) })
 	return specs
@@ -793,21 +805,6 @@ func chunkOf(m *Manifest, name string) Chunk {
 		}
 	}
 	return Chunk{}
-}
-
-func countChunks(t *testing.T, s *Store) int {
-	t.Helper()
-	n := 0
-	err := filepath.WalkDir(filepath.Join(s.Dir, "chunks"), func(_ string, d os.DirEntry, err error) error {
-		if err == nil && !d.IsDir() {
-			n++
-		}
-		return err
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return n
 }
 
 // randBytes is n bytes of incompressible, seed-determined data.

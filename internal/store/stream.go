@@ -31,8 +31,9 @@ func (s *Store) NewSource(m *Manifest, replica *Store) *Source {
 		}
 	}
 	if replica != nil {
-		src.heal = newHealer(s, replica)
+		src.heal = newHealer(s, replica, m.Format)
 	}
+	_, _ = s.index() // packs written since the store was opened; a failure shows per chunk
 	for _, f := range m.Files {
 		if f.Kind != "log" {
 			s.Progress.AddTotal(f.Size)
@@ -140,7 +141,7 @@ func (src *Source) SendSkipping(ctx context.Context, name string, w io.Writer, s
 				case buf = <-src.bufs:
 				default:
 				}
-				data, err := src.s.readChunk(c, buf, false)
+				data, err := src.s.readChunk(c, buf, false, src.m.Format)
 				if err != nil && src.heal != nil {
 					data, err = src.heal.heal(job{file: fi, idx: i, off: offs[i], c: c}, f.Name, data, err)
 				}
@@ -190,7 +191,7 @@ func (src *Source) SendSkipping(ctx context.Context, name string, w io.Writer, s
 		<-slots
 		if r.err != nil {
 			return &CorruptError{Generation: src.m.Generation, Problems: []Problem{{File: f.Name, Chunk: i,
-				Offset: offs[i], Hash: c.Hash, Path: src.s.ChunkPath(c.Hash), Reason: r.err.Error()}}}
+				Offset: offs[i], Hash: c.Hash, Path: src.s.ChunkLocation(c.Hash), Reason: r.err.Error()}}}
 		}
 		if err := write(r.data, true); err != nil {
 			return fmt.Errorf("send %s: %w", name, err)

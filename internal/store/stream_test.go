@@ -69,7 +69,7 @@ func TestSourceDamage(t *testing.T) {
 		}
 	}
 	bad := f.Chunks[1]
-	flipByte(t, s.ChunkPath(bad.Hash))
+	flipBlob(t, s, bad.Hash)
 
 	var got bytes.Buffer
 	err := s.NewSource(m, nil).Send(context.Background(), "pages-1.img", &got)

@@ -3,14 +3,12 @@ package store
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"runtime"
+	"strconv"
 	"sync"
 	"time"
 
@@ -35,13 +33,15 @@ type FileSpec struct {
 }
 
 // Writer builds one new generation in staging/. Chunks are hashed,
-// compressed and written by a pool of workers as they are submitted, from
-// files (AddFiles) or from a stream (Begin, FileWriter.Put), so a producer
-// such as a page server overlaps with the storing. The caller must hold the
-// exclusive lock and either Commit or Abort.
+// compressed and appended to pack files by a pool of workers as they are
+// submitted, from files (AddFiles) or from a stream (Begin, FileWriter.Put),
+// so a producer such as a page server overlaps with the storing. The
+// caller must hold the exclusive lock and either Commit or Abort.
 type Writer struct {
 	s       *Store
-	staging string
+	staging string // relative to the store: staging/gen-...
+	key     [32]byte
+	pw      *packWriter
 	jobs    chan chunkJob
 	workers sync.WaitGroup
 	pending sync.WaitGroup
@@ -49,27 +49,30 @@ type Writer struct {
 	hold    chan struct{} // closed when workers may start (WriterOptions.Hold)
 	holdOne sync.Once
 	seen    sync.Map // hash -> *inflight
+	ix      *packIndex
 
 	mu       sync.Mutex
 	files    []*FileWriter
 	firstErr error
 	closed   bool
+	newBytes int64 // blob bytes appended (chunks and digest tables)
+	deltas   int
 
 	rep *replicaWriter // nil without a replica (replica.go)
 
-	// known gives the chunks of the newest committed generation, by hash:
-	// what it recorded of a chunk file (size, Check) is reused for a chunk
-	// that is stored already. It reads the manifest when a chunk first
-	// needs it, not before the dump starts (a new store never does).
-	known func() map[string]Chunk
+	// prev gives the chunks of the newest committed generation by place
+	// (placeKey), the previous versions a changed chunk is stored against
+	// as a delta. It reads the manifest when a chunk first needs it.
+	prev func() map[string]Chunk
 
 	arena []byte // WriterOptions.Prefill's buffers, unmapped by stop
 }
 
 type chunkJob struct {
-	f    *FileWriter
-	idx  int
-	data []byte
+	f     *FileWriter
+	idx   int
+	data  []byte
+	place string
 }
 
 // FileWriter receives one file's chunks in order.
@@ -90,7 +93,8 @@ type pieceResult struct {
 type WriterOptions struct {
 	// Queue is how many chunks may wait for a worker before producers
 	// block (default 64). A producer that must not be slowed, such as a
-	// frozen job's page stream, wants a deep queue.
+	// frozen job's page stream, wants a deep queue. It is cut to what
+	// MaxMemory allows.
 	Queue int
 	// Hold keeps the workers idle until Release (or until the queue is
 	// full): while a job is frozen, its pages are only copied into memory,
@@ -98,7 +102,7 @@ type WriterOptions struct {
 	// taking CPU from the dump.
 	Hold bool
 	// Replica, when set, is a second store that receives a byte-identical
-	// copy of every chunk and of the manifest, committed before this
+	// copy of every blob and of the manifest, committed before this
 	// store's (see replica.go). The caller holds its exclusive lock too. A
 	// failing replica does not fail the writer (see ReplicaErr) unless
 	// ReplicaRequired is set.
@@ -108,21 +112,46 @@ type WriterOptions struct {
 	// before NewWriterOpts returns: a producer that must be fast (a frozen
 	// job's page stream) then copies into memory that is ready, instead of
 	// paying for fresh pages while the job waits. The queue is deepened to
-	// hold them all. Unused where the memory cannot be had.
+	// hold them all. Unused where the memory cannot be had; cut to what
+	// MaxMemory allows.
 	Prefill int64
+	// MaxMemory bounds the chunk buffers the writer holds at once (queue
+	// and prefill): DefaultWriterMemory when 0, unbounded when < 0. cryo's
+	// memory then does not grow with the job; a frozen job whose pages do
+	// not fit waits for the workers instead.
+	MaxMemory int64
 }
+
+// DefaultWriterMemory is the chunk buffers a writer holds at most, unless
+// WriterOptions.MaxMemory says otherwise.
+const DefaultWriterMemory = 128 << 20
 
 // NewWriter starts a generation.
 func (s *Store) NewWriter() (*Writer, error) { return s.NewWriterOpts(WriterOptions{}) }
 
 // NewWriterOpts starts a generation with options.
 func (s *Store) NewWriterOpts(o WriterOptions) (*Writer, error) {
-	staging, err := os.MkdirTemp(filepath.Join(s.Dir, "staging"), "gen-")
+	key, err := s.keyed()
 	if err != nil {
+		return nil, err
+	}
+	ix, err := s.index()
+	if err != nil {
+		return nil, fmt.Errorf("read the store's pack index: %w", err)
+	}
+	staging := "staging/gen-" + newPackID()[:16]
+	if err := s.r.mkdirAll(staging); err != nil {
 		return nil, fmt.Errorf("create staging: %w", err)
 	}
 	if o.Queue <= 0 {
 		o.Queue = 64
+	}
+	if o.MaxMemory == 0 {
+		o.MaxMemory = DefaultWriterMemory
+	}
+	if o.MaxMemory > 0 {
+		o.Queue = int(min(int64(o.Queue), max(o.MaxMemory/MaxChunk, 8)))
+		o.Prefill = min(o.Prefill, o.MaxMemory)
 	}
 	var arena []byte
 	if n := int(o.Prefill / MaxChunk); n > 0 {
@@ -134,7 +163,8 @@ func (s *Store) NewWriterOpts(o WriterOptions) (*Writer, error) {
 			o.Queue = max(o.Queue, n)
 		}
 	}
-	w := &Writer{s: s, staging: staging, jobs: make(chan chunkJob, o.Queue), known: sync.OnceValue(s.newestChunks),
+	w := &Writer{s: s, staging: staging, key: key, pw: s.newPackWriter(), ix: ix,
+		jobs: make(chan chunkJob, o.Queue), prev: sync.OnceValue(s.newestChunks),
 		bufs: make(chan []byte, max(min(o.Queue+8, 4096), len(arena)/MaxChunk+8)), hold: make(chan struct{}), arena: arena}
 	for i := 0; i+MaxChunk <= len(arena); i += MaxChunk {
 		w.bufs <- arena[i : i : i+MaxChunk]
@@ -145,7 +175,7 @@ func (s *Store) NewWriterOpts(o WriterOptions) (*Writer, error) {
 	if o.Replica != nil {
 		w.rep = newReplicaWriter(s, o.Replica, o.ReplicaRequired)
 	}
-	// Two more workers than CPUs: a worker waiting for its chunk's write
+	// Two more workers than CPUs: a worker waiting for its pack write
 	// (O_DIRECT waits for the disk) leaves its CPU to another.
 	for range runtime.GOMAXPROCS(0) + 2 {
 		w.workers.Add(1)
@@ -155,7 +185,7 @@ func (s *Store) NewWriterOpts(o WriterOptions) (*Writer, error) {
 }
 
 // Staging is the writer's private staging directory.
-func (w *Writer) Staging() string { return w.staging }
+func (w *Writer) Staging() string { return w.s.r.pathOf(w.staging) }
 
 // Buffer returns an empty buffer of capacity MaxChunk for Put; Put takes
 // it over and recycles it.
@@ -207,7 +237,12 @@ func (w *Writer) Begin(name, kind string, mode os.FileMode) *FileWriter {
 
 // Put submits the file's next chunk (at most MaxChunk bytes). The writer
 // owns data from now on. It blocks while the queue is full.
-func (fw *FileWriter) Put(data []byte) error {
+func (fw *FileWriter) Put(data []byte) error { return fw.PutAt(data, 0) }
+
+// PutAt is Put for a chunk of memory at virtual address addr (0: none):
+// the address is the chunk's place, where the next generation looks for
+// its previous version when the memory layout has shifted.
+func (fw *FileWriter) PutAt(data []byte, addr uint64) error {
 	if len(data) > MaxChunk {
 		return fmt.Errorf("chunk of %d bytes exceeds %d", len(data), MaxChunk)
 	}
@@ -218,18 +253,29 @@ func (fw *FileWriter) Put(data []byte) error {
 	fw.w.mu.Lock()
 	idx := fw.next
 	fw.next++
-	fw.chunks = append(fw.chunks, pieceResult{})
+	fw.chunks = append(fw.chunks, pieceResult{c: Chunk{Addr: addr}})
 	fw.w.mu.Unlock()
+	place := placeKey(fw.file.Name, fw.file.Size, addr)
 	fw.file.Size += int64(len(data))
 	fw.w.pending.Add(1)
+	j := chunkJob{f: fw, idx: idx, data: data, place: place}
 	select {
-	case fw.w.jobs <- chunkJob{f: fw, idx: idx, data: data}:
+	case fw.w.jobs <- j:
 	default:
 		// The queue is full: holding on would stall the producer.
 		fw.w.Release()
-		fw.w.jobs <- chunkJob{f: fw, idx: idx, data: data}
+		fw.w.jobs <- j
 	}
 	return nil
+}
+
+// placeKey names where a chunk is: its address in a pages image, else its
+// offset in its file.
+func placeKey(file string, off int64, addr uint64) string {
+	if addr != 0 {
+		return file + "@a" + strconv.FormatUint(addr, 16)
+	}
+	return file + "@o" + strconv.FormatInt(off, 16)
 }
 
 func (w *Writer) work() {
@@ -238,17 +284,19 @@ func (w *Writer) work() {
 	if err != nil {
 		w.fail(err)
 	}
+	x := newHasher(w.key)
 	<-w.hold
 	for j := range w.jobs {
 		if cd != nil && w.Err() == nil {
 			var r pieceResult
 			var err error
-			r.c, r.fresh, err = w.putChunk(cd, j.data)
+			r.c, r.fresh, err = w.putChunk(cd, x, j)
 			r.done = true
 			if err != nil {
 				w.fail(err)
 			} else {
 				w.mu.Lock()
+				r.c.Addr = j.f.chunks[j.idx].c.Addr
 				j.f.chunks[j.idx] = r
 				w.mu.Unlock()
 			}
@@ -338,14 +386,15 @@ func splitPoints(size int64, cuts []int64) []int64 {
 
 // coder is one worker's encoder and buffers.
 type coder struct {
-	enc               *zstd.Encoder
-	zbuf, probe, sbuf []byte
+	enc                           *zstd.Encoder
+	zbuf, probe, sbuf, dbuf, bbuf []byte
+	pages                         []int
 }
 
 func newCoder() (*coder, error) {
 	// One encoder per worker: a shared encoder serialises EncodeAll.
-	// No frame checksum: every read checks the chunk file against its
-	// Check, or the content against its SHA-256 name.
+	// No frame checksum: every read checks the blob against its Check, or
+	// the content against its name.
 	// No entropy coding of literals: measured on the bench's 2 GiB job, it
 	// costs 5% more bytes (0.245x of raw instead of 0.23x) and saves
 	// 10-15% of a checkpoint's CPU, which on a 2-core node is its time; it
@@ -356,10 +405,8 @@ func newCoder() (*coder, error) {
 	if err != nil {
 		return nil, err
 	}
-	// zbuf is aligned and big enough for any compressed chunk, so that it
-	// can be written with O_DIRECT (direct.go).
-	return &coder{enc: enc, zbuf: alignedBuf(MaxChunk + 64<<10), probe: make([]byte, probeLen+64),
-		sbuf: make([]byte, MaxChunk)}, nil
+	return &coder{enc: enc, zbuf: make([]byte, 0, MaxChunk+64<<10), probe: make([]byte, probeLen+64),
+		sbuf: make([]byte, MaxChunk), dbuf: make([]byte, 0, MaxChunk+PageSize), bbuf: make([]byte, 0, MaxChunk)}, nil
 }
 
 // compress returns b compressed (compressChunk), in a buffer that the next
@@ -369,16 +416,43 @@ func (cd *coder) compress(b []byte) []byte {
 	return cd.zbuf
 }
 
-// putChunk stores b under its hash unless it is there already.
-func (w *Writer) putChunk(cd *coder, b []byte) (Chunk, bool, error) {
+// compressSmall compresses a chunk of an image other than memory (CRIU's
+// metadata, its log: kilobytes to a few megabytes a generation, written
+// anew by most generations) harder, with entropy coding: it costs little
+// time and, for the log, most of what a generation after a small change
+// stores besides the pages.
+// One encoder for them all, made when first needed: its tables are
+// megabytes, one per worker would be a good part of the writer's memory,
+// and the chunks it compresses are a few per generation.
+func (cd *coder) compressSmall(b []byte) []byte {
+	enc := betterEncoder()
+	if enc == nil {
+		return cd.compress(b)
+	}
+	cd.zbuf = enc.EncodeAll(b, cd.zbuf[:0])
+	return cd.zbuf
+}
+
+var betterEncoder = sync.OnceValue(func() *zstd.Encoder {
+	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedBetterCompression), zstd.WithLowerEncoderMem(true),
+		zstd.WithEncoderConcurrency(1), zstd.WithEncoderCRC(false), zstd.WithWindowSize(MaxChunk))
+	if err != nil {
+		return nil
+	}
+	return enc
+})
+
+// putChunk stores a chunk unless the store has it already: whole, or as a
+// delta on its previous version's base (delta.go).
+func (w *Writer) putChunk(cd *coder, x *hasher, j chunkJob) (Chunk, bool, error) {
+	b := j.data
 	if isZero(b) {
 		// Zero memory is common (touched, never written, or cleared) and
 		// needs neither hashing, compressing nor storing: the manifest
 		// says so and restore leaves a hole.
-		return Chunk{Hash: zeroHash(len(b)), Len: int64(len(b)), Zero: true}, false, nil
+		return Chunk{Len: int64(len(b)), Zero: true}, false, nil
 	}
-	sum := sha256.Sum256(b)
-	hash := hex.EncodeToString(sum[:])
+	hash := x.name(b)
 	c := Chunk{Hash: hash, Len: int64(len(b))}
 	// The same content twice in one generation is written once: later
 	// comers wait for the first.
@@ -389,26 +463,114 @@ func (w *Writer) putChunk(cd *coder, b []byte) (Chunk, bool, error) {
 		return p.c, false, p.err
 	}
 	defer close(st.done)
-	c, fresh, err := w.storeChunk(cd, c, b)
+	c, fresh, err := w.storeChunk(cd, c, j)
 	st.c, st.err = c, err
 	return c, fresh, err
 }
 
-// fileHolds reports whether the chunk file at path decompresses to b, and
-// then its Check.
-func (s *Store) fileHolds(path string, b []byte) (check string, ok bool) {
-	_ = s.direct.readChunkFile(path, func(z []byte) error {
-		data, err := decodeFrame(z, nil)
-		if ok = err == nil && bytes.Equal(data, b); ok {
-			check = fileCheck(z)
+type inflight struct {
+	done chan struct{}
+	c    Chunk
+	err  error
+}
+
+func (w *Writer) storeChunk(cd *coder, c Chunk, j chunkJob) (Chunk, bool, error) {
+	b := j.data
+	hb, _ := hashBytes(c.Hash)
+	if locs := w.ix.lookup(hb); len(locs) > 0 {
+		// Stored already (by an earlier generation, or by a checkpoint that
+		// did not commit: a pack is durable and whole before it has its
+		// name).
+		c.Stored, c.Check = int64(locs[0].z), checkString(locs[0].check)
+		if w.rep.have(c) {
+			return c, false, nil
 		}
-		return nil
-	})
-	return check, ok
+		// The store's copy is damaged (the replica's copy showed it): both
+		// get a fresh one, which heals the store too.
+	}
+	if j.f.file.Kind == "pages" {
+		if r, payload, ok := w.delta(cd, b, j); ok {
+			r.hash, r.n = hb, uint32(len(b))
+			return w.appendRec(c, r, cd.compress(payload))
+		}
+		return w.appendRec(c, record{kind: kindFull, hash: hb, n: uint32(len(b))}, cd.compress(b))
+	}
+	return w.appendRec(c, record{kind: kindFull, hash: hb, n: uint32(len(b))}, cd.compressSmall(b))
+}
+
+// appendRec appends a chunk's record to the store's pack and the
+// replica's.
+func (w *Writer) appendRec(c Chunk, r record, z []byte) (Chunk, bool, error) {
+	loc, err := w.pw.append(r, z)
+	if err != nil {
+		return c, false, err
+	}
+	c.Stored, c.Check = int64(loc.z), checkString(loc.check)
+	n := int64(len(z))
+	w.rep.put(loc.record, z)
+	w.mu.Lock()
+	w.newBytes += n
+	if r.kind == kindDelta {
+		w.deltas++
+	}
+	w.mu.Unlock()
+	return c, true, nil
+}
+
+// delta returns the record and payload of b as a delta on the base of the
+// chunk's previous version, when there is one and at most half of b's
+// pages differ from it. The base is read from the store and compared page
+// by page: only a chunk that changed pays for it (an unchanged one has its
+// name already), and nothing but the content itself decides what changed.
+func (w *Writer) delta(cd *coder, b []byte, j chunkJob) (record, []byte, bool) {
+	var r record
+	pc, ok := w.prev()[j.place]
+	if !ok || pc.Len != int64(len(b)) {
+		return r, nil, false
+	}
+	r.kind = kindDelta
+	var base []byte
+	if pc.Zero {
+		r.zeroBase, base = true, zeros[:len(b)]
+	} else {
+		h, ok := hashBytes(pc.Hash)
+		if !ok {
+			return r, nil, false
+		}
+		if locs := w.ix.lookup(h); len(locs) > 0 && locs[0].kind == kindDelta {
+			h, r.zeroBase = locs[0].base, locs[0].zeroBase
+		}
+		r.base = h
+		if r.zeroBase {
+			base = zeros[:len(b)]
+		} else {
+			var err error
+			if cd.bbuf, err = w.s.readBase(h, len(b), cd.bbuf[:0]); err != nil {
+				return r, nil, false // stored whole, which needs no base
+			}
+			base = cd.bbuf
+		}
+	}
+	np := pagesOf(len(b))
+	cd.pages = cd.pages[:0]
+	for p := range np {
+		lo, hi := p*PageSize, min((p+1)*PageSize, len(b))
+		if !bytes.Equal(b[lo:hi], base[lo:hi]) {
+			if cd.pages = append(cd.pages, p); 2*len(cd.pages) > np {
+				return r, nil, false
+			}
+		}
+	}
+	if len(cd.pages) == 0 {
+		return r, nil, false // the same content as its base: named alike, stored already
+	}
+	cd.dbuf = encodeDelta(cd.dbuf, b, cd.pages)
+	return r, cd.dbuf, true
 }
 
 // newestChunks indexes the chunks of the newest generation whose manifest
-// reads, looking at the three newest at most (nil in a new store).
+// reads, looking at the three newest at most (nil in a new store), by
+// place.
 func (s *Store) newestChunks() map[string]Chunk {
 	gens, err := s.Generations()
 	if err != nil {
@@ -419,56 +581,20 @@ func (s *Store) newestChunks() map[string]Chunk {
 		if err != nil {
 			continue
 		}
+		if m.Format < 3 {
+			return nil // chunks named by content SHA-256, without digest tables
+		}
 		known := map[string]Chunk{}
 		for _, f := range m.Files {
+			var off int64
 			for _, c := range f.Chunks {
-				if !c.Zero {
-					known[c.Hash] = c
-				}
+				known[placeKey(f.Name, off, c.Addr)] = c
+				off += c.Len
 			}
 		}
 		return known
 	}
 	return nil
-}
-
-type inflight struct {
-	done chan struct{}
-	c    Chunk
-	err  error
-}
-
-func (w *Writer) storeChunk(cd *coder, c Chunk, b []byte) (Chunk, bool, error) {
-	path := w.s.ChunkPath(c.Hash)
-	if st, err := os.Stat(path); err == nil {
-		// The file is reused with the Check the newest generation
-		// recorded for it. Another file (an older generation's, or left by
-		// a checkpoint that did not commit) could hold anything, and a
-		// Check would vouch for it: it gets one only after it decompresses
-		// to this very content, and is written anew if it does not.
-		k, known := w.known()[c.Hash]
-		reuse := true
-		if known && k.Stored == st.Size() && k.Check != "" {
-			c.Check = k.Check
-		} else {
-			c.Check, reuse = w.s.fileHolds(path, b)
-		}
-		if reuse {
-			c.Stored = st.Size()
-			if w.rep != nil {
-				c.Stored = w.rep.have(cd, c, b)
-			}
-			return c, false, nil
-		}
-	}
-	z := cd.compress(b)
-	c.Stored = int64(len(z))
-	c.Check = fileCheck(z)
-	if err := w.s.writeChunk(path, z); err != nil {
-		return c, false, err
-	}
-	w.rep.put(c, z)
-	return c, true, nil
 }
 
 // Stats are the store-side statistics of everything submitted so far (call
@@ -484,10 +610,11 @@ func (w *Writer) Stats() Stats {
 			st.StoredBytes += r.c.Stored
 			if r.fresh {
 				st.NewChunks++
-				st.NewBytes += r.c.Stored
 			}
 		}
 	}
+	st.NewBytes = w.newBytes
+	st.DeltaChunks = w.deltas
 	return st
 }
 
@@ -512,15 +639,19 @@ func (w *Writer) stop() {
 	}
 }
 
-// Commit makes the generation durable and visible: syncfs flushes every
-// chunk at once, then the manifest is written and fsynced, and the staging
-// directory is renamed to checkpoints/<gen>, the commit point. m's Files,
-// Generation, Format and the store fields of Stats are filled in here.
+// Commit makes the generation durable and visible: the packs are closed
+// (each fsynced before it gets its name), then the manifest is written and
+// fsynced, and the staging directory is renamed to checkpoints/<gen>, the
+// commit point. m's Files, Generation, Format and the store fields of
+// Stats are filled in here.
 func (w *Writer) Commit(m *Manifest) (int, error) {
 	if err := w.Wait(); err != nil {
 		return 0, err
 	}
 	w.stop()
+	if err := w.pw.finish(); err != nil {
+		return 0, err
+	}
 	gens, err := w.s.Generations()
 	if err != nil {
 		return 0, err
@@ -531,9 +662,6 @@ func (w *Writer) Commit(m *Manifest) (int, error) {
 	}
 	gen = w.rep.nextGen(gen)
 	crashPoint("chunks-written")
-	if err := syncFS(w.s.Dir); err != nil {
-		return 0, err
-	}
 	m.Format = FormatVersion
 	m.Generation = gen
 	m.Files = nil
@@ -547,7 +675,7 @@ func (w *Writer) Commit(m *Manifest) (int, error) {
 		}
 		if len(f.Chunks) == 0 {
 			// An empty file still has one (empty) chunk.
-			f.Chunks = []Chunk{{Hash: zeroHash(0), Zero: true}}
+			f.Chunks = []Chunk{{Zero: true}}
 		}
 		f.Digest = fileDigest(f.Chunks)
 		m.Files = append(m.Files, f)
@@ -556,6 +684,7 @@ func (w *Writer) Commit(m *Manifest) (int, error) {
 	st.FrozenMS, st.DumpMS, st.DurableMS = m.Stats.FrozenMS, m.Stats.DumpMS, m.Stats.DurableMS
 	st.FreezingMS, st.MemdumpMS, st.MemwriteMS = m.Stats.FreezingMS, m.Stats.MemdumpMS, m.Stats.MemwriteMS
 	st.PagesScanned, st.PagesWritten = m.Stats.PagesScanned, m.Stats.PagesWritten
+	st.Packs = len(w.pw.finished)
 	m.Stats = st
 	if m.Created.IsZero() {
 		m.Created = time.Now().UTC()
@@ -564,55 +693,49 @@ func (w *Writer) Commit(m *Manifest) (int, error) {
 	if err != nil {
 		return 0, err
 	}
+	if int64(len(b)) > MaxManifest {
+		return 0, fmt.Errorf("the manifest would be %d bytes, more than the %d a store takes", len(b), MaxManifest)
+	}
 	// The replica commits first: once this store shows the generation, its
 	// copy is durable too.
 	if err := w.rep.commit(gen, b); err != nil {
 		return 0, err
 	}
 	// Only manifest.json may be in the generation directory.
-	ents, _ := os.ReadDir(w.staging)
-	for _, e := range ents {
-		os.RemoveAll(filepath.Join(w.staging, e.Name()))
+	if ents, err := w.s.r.readDir(w.staging); err == nil {
+		for _, e := range ents {
+			_ = w.s.r.removeAll(w.staging + "/" + e.Name())
+		}
 	}
-	if err := writeFileAtomic(filepath.Join(w.staging, "manifest.json"), b); err != nil {
+	if err := w.s.r.writeFileAtomic(w.staging+"/manifest.json", b); err != nil {
 		return 0, fmt.Errorf("write manifest: %w", err)
 	}
 	crashPoint("manifest-written")
-	if err := os.Rename(w.staging, w.s.GenDir(gen)); err != nil {
+	if err := w.s.r.rename(w.staging, genRel(gen)); err != nil {
 		return 0, fmt.Errorf("commit generation %d: %w", gen, err)
 	}
 	crashPoint("renamed")
-	if err := syncDir(filepath.Join(w.s.Dir, "checkpoints")); err != nil {
+	if err := w.s.r.syncDir("checkpoints"); err != nil {
 		return gen, err
 	}
-	_ = syncDir(filepath.Join(w.s.Dir, "staging"))
+	_ = w.s.r.syncDir("staging")
 	w.staging = ""
 	return gen, nil
 }
 
-// Abort discards the staging directory. Chunks written stay until GC.
+// Abort discards the staging directory and the pack being written. Packs
+// already finished stay until GC.
 func (w *Writer) Abort() error {
 	w.Release()
 	w.fail(errors.New("aborted"))
 	w.pending.Wait()
 	w.stop()
+	w.pw.abort()
 	w.rep.abort()
 	if w.staging == "" {
 		return nil
 	}
-	err := os.RemoveAll(w.staging)
+	err := w.s.r.removeAll(w.staging)
 	w.staging = ""
 	return err
-}
-
-func syncFS(dir string) error {
-	f, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	if err := unix.Syncfs(int(f.Fd())); err != nil {
-		return fmt.Errorf("syncfs %s: %w", dir, err)
-	}
-	return nil
 }

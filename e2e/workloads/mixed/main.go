@@ -17,7 +17,10 @@
 // -digest, which proves after a restore that the memory came back intact.
 // On SIGUSR2 it first changes about 5% of its memory (four contiguous
 // stretches, as a solver that advanced a few subdomains) and then does the
-// same. SIGTERM or SIGINT end it.
+// same. On SIGWINCH it changes one word in each of 0.1% of its pages,
+// scattered at random (as a job that updates a few values here and there),
+// writes those pages, as they are now, to -digest + ".changed" (for the
+// bench to compress), and then does the same. SIGTERM or SIGINT end it.
 package main
 
 import (
@@ -30,6 +33,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"syscall"
 	"time"
@@ -52,7 +56,7 @@ func main() {
 	}
 	// Ask for the signals before the (long) fill, so an early one is not fatal.
 	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGTERM, syscall.SIGINT)
+	signal.Notify(sigs, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH, syscall.SIGTERM, syscall.SIGINT)
 
 	mem, err := unix.Mmap(-1, 0, *mib*segment, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
 	if err != nil {
@@ -60,6 +64,7 @@ func main() {
 		os.Exit(1)
 	}
 	fill(mem)
+	scatterPicked = make([]int32, 0, max(len(mem)/4096/1000, 1))
 	sum := hash(mem)
 	if err := writeDigest(*digest, sum); err != nil {
 		fmt.Fprintln(os.Stderr, "mixed:", err)
@@ -78,6 +83,15 @@ func main() {
 			case syscall.SIGUSR2:
 				round++
 				mutate(mem, round)
+				fallthrough
+			case syscall.SIGWINCH:
+				if s == syscall.SIGWINCH {
+					round++
+					if err := scatter(mem, round, *digest+".changed"); err != nil {
+						fmt.Fprintln(os.Stderr, "mixed:", err)
+						os.Exit(1)
+					}
+				}
 				fallthrough
 			case syscall.SIGUSR1:
 				if err := writeDigest(*digest, hash(mem)); err != nil {
@@ -154,6 +168,45 @@ func mutate(mem []byte, round int) {
 		}
 	}
 }
+
+// scatter changes one 8-byte word in each of 0.1% of mem's pages, chosen
+// at random (the same ones for the same round), and writes those pages to
+// path. It keeps no copy of them and allocates nothing: a job that changes
+// a few words does not grow its heap by as much as it changed, and the
+// bench measures what the change costs, not this.
+func scatter(mem []byte, round int, path string) error {
+	const page = 4096
+	pages := len(mem) / page
+	picked := scatterPicked[:0]
+	rng := uint64(round)*0x9E3779B97F4A7C15 | 1
+	for len(picked) < cap(picked) {
+		rng ^= rng << 13
+		rng ^= rng >> 7
+		rng ^= rng << 17
+		p := int32(rng % uint64(pages))
+		if slices.Contains(picked, p) {
+			continue
+		}
+		picked = append(picked, p)
+		w := int(p)*page + int(rng>>40)%(page/8)*8
+		binary.LittleEndian.PutUint64(mem[w:], binary.LittleEndian.Uint64(mem[w:])^(rng|1))
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	for _, p := range picked {
+		if _, err := f.Write(mem[int(p)*page : int(p+1)*page]); err != nil {
+			f.Close()
+			return err
+		}
+	}
+	return f.Close()
+}
+
+// scatterPicked holds the pages scatter picks (0.1% of them), allocated
+// once when the memory is filled.
+var scatterPicked []int32
 
 func hash(mem []byte) string {
 	h := sha256.Sum256(mem)
