@@ -250,3 +250,75 @@ func mkdirAs(t *testing.T, u testUser, p string) {
 		t.Fatal(err)
 	}
 }
+
+// TestUserRunRestoresAKilledTree: cryo run as a user who is not root, with
+// a host and an offload worker in the job's own namespaces: the worker is
+// killed mid-run, cryo restores the last checkpoint from before, and the
+// job finishes with an uninterrupted run's answer, printed once; every
+// process of the job runs as the user, with no capability, in a PID
+// namespace of its own.
+func TestUserRunRestoresAKilledTree(t *testing.T) {
+	criu, u := requireUser(t)
+	buildOffload(t)
+	const items = 160
+	want := offloadReference(t, items)
+	dir := u.dir(t)
+	st, sock, fault := filepath.Join(dir, "store"), filepath.Join(dir, "w.sock"), filepath.Join(dir, "fault-done")
+	worker := fmt.Sprintf("%s -role worker -addr %s -fault kill -fault-at 100 -fault-file %s", bin("offload"), sock, fault)
+	script := fmt.Sprintf(`exec %s run --store %s --interval 1s --namespaces on --offload %q -- %s -role host -addr %s -items %d -delay 25ms >%s/run.out 2>%s/run.err`,
+		bin("cryo"), st, worker, bin("offload"), sock, items, dir, dir)
+	cmd := exec.Command("/bin/sh", "-c", script)
+	u.as(cmd)
+	cmd.Env = append(cmd.Env, "CRYO_CRIU="+criu)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	// While it runs: the job is the user's, with no capability, in a PID
+	// namespace that is not the node's.
+	own, _ := os.Readlink("/proc/self/ns/pid")
+	deadline := time.Now().Add(30 * time.Second)
+	seen := 0
+	for seen == 0 && time.Now().Before(deadline) {
+		tab, _ := proc.All()
+		for pid := range tab {
+			exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+			if err != nil || exe != bin("offload") {
+				continue
+			}
+			seen++
+			if got := readUserProcess(t, pid); !strings.HasPrefix(got.uids, strconv.Itoa(u.uid)+" ") || got.capEff != "0000000000000000" {
+				t.Errorf("pid %d of the job: uids %q, capabilities %s; want the user's and none", pid, got.uids, got.capEff)
+			}
+			if ns, _ := os.Readlink(fmt.Sprintf("/proc/%d/ns/pid", pid)); ns == own {
+				t.Errorf("pid %d of the job is in the node's PID namespace", pid)
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if seen == 0 {
+		t.Error("never saw the job's processes")
+	}
+	select {
+	case err := <-done:
+		msgs, _ := os.ReadFile(filepath.Join(dir, "run.err"))
+		if err != nil {
+			t.Fatalf("cryo run as the user: %v\n%s", err, msgs)
+		}
+		p := readProgress(t, filepath.Join(dir, "run.out"))
+		checkRun(t, "the user's restored job", p.steps, 1, items) // each step once, in order
+		if "result "+p.result != want {
+			t.Errorf("the job's answer %q, an uninterrupted run's %q\n%s", p.result, want, msgs)
+		}
+		if _, err := os.Stat(fault); err != nil {
+			t.Errorf("the fault never struck: %s", msgs)
+		}
+		if !strings.Contains(string(msgs), "restored: generation") {
+			t.Errorf("cryo did not restore a checkpoint:\n%s", msgs)
+		}
+	case <-time.After(3 * time.Minute):
+		cmd.Process.Kill()
+		t.Fatal("cryo run as the user did not finish in 3 min")
+	}
+}
