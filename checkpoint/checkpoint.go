@@ -269,7 +269,7 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 		Host:      host,
 		CreatedBy: "cryo " + Version,
 		Job:       store.Job{RootPID: o.PID, Trees: trees},
-		Offload:   offload.ToManifest(grp.Records()),
+		Offload:   offload.ToManifest(withJobPIDs(grp.Records())),
 		CRIU: store.CRIUInfo{Version: bin.VersionString(), LeaveRunning: !o.Kill,
 			TCPEstablished: copts.TCPEstablished, ShellJob: copts.ShellJob},
 		Stats: store.Stats{
@@ -493,4 +493,16 @@ func kill(ctx context.Context, o Options, tasks []criu.Task, reap bool) error {
 		return errors.New(strings.Join(gone, "; "))
 	}
 	return nil
+}
+
+// withJobPIDs notes, for each record, its process's PID in the job's own
+// PID namespace when that is not the PID cryo sees (a job in namespaces of
+// its own): a restore there finds the process by it.
+func withJobPIDs(recs []offload.Record) []offload.Record {
+	for i := range recs {
+		if ids, err := proc.NSpid(recs[i].PID); err == nil && len(ids) > 1 {
+			recs[i].JobPID = ids[len(ids)-1]
+		}
+	}
+	return recs
 }

@@ -29,6 +29,7 @@ type Group struct {
 	j       *Journal
 	log     *slog.Logger
 	m       DeviceMap // where Restore puts devices (restore operations)
+	reg     *Registry // the drivers the contexts came from (Rebind)
 	// unsettled is set when a context could not be brought back; Close then
 	// keeps the journal for Recover.
 	unsettled bool
@@ -171,7 +172,7 @@ type AttachOptions struct {
 // back. After the CRIU restore the caller calls Refresh, then Resume, which
 // restores every context (with the device map) and unlocks it, and Close.
 func Attach(ctx context.Context, o AttachOptions) (*Group, error) {
-	g := &Group{log: orDiscard(o.Logger), m: o.Map}
+	g := &Group{log: orDiscard(o.Logger), m: o.Map, reg: o.Registry}
 	if len(o.Records) == 0 {
 		return g, nil
 	}
@@ -194,6 +195,26 @@ func Attach(ctx context.Context, o AttachOptions) (*Group, error) {
 		return nil, errors.Join(err, g.j.Close())
 	}
 	return g, nil
+}
+
+// Rebind points the contexts at the PIDs their processes have after a
+// restore that gave them new ones (a job brought back in fresh PID
+// namespaces): pid returns a context's PID now, or 0 to keep the one it has.
+// Call it after CRIU restored the job, before Refresh.
+func (g *Group) Rebind(pid func(Record) int) error {
+	for _, m := range g.members {
+		p := pid(m.rec)
+		if p == 0 || p == m.rec.PID {
+			continue
+		}
+		m.rec.PID = p
+		cs, err := g.reg.Attach([]Record{m.rec})
+		if err != nil {
+			return fmt.Errorf("%s: %w", m.rec, err)
+		}
+		m.c = cs[0]
+	}
+	return g.noteContexts()
 }
 
 // Refresh records the start times of the processes that hold the contexts,

@@ -6,7 +6,7 @@ import "github.com/cryo-hpc/cryo/internal/store"
 func ToManifest(recs []Record) []store.Offload {
 	var out []store.Offload
 	for _, r := range recs {
-		o := store.Offload{Kind: r.Kind, PID: r.PID, State: r.Initial.String(), Attrs: r.Attrs}
+		o := store.Offload{Kind: r.Kind, PID: r.PID, JobPID: r.JobPID, State: r.Initial.String(), Attrs: r.Attrs}
 		for _, d := range r.Devices {
 			o.Devices = append(o.Devices, store.OffloadDevice{UUID: d.UUID, Model: d.Model, Index: d.Index, Memory: d.Memory})
 		}
@@ -23,7 +23,7 @@ func ToManifest(recs []Record) []store.Offload {
 func FromManifest(entries []store.Offload) []Record {
 	var out []Record
 	for _, o := range entries {
-		r := Record{Kind: o.Kind, PID: o.PID, Attrs: o.Attrs}
+		r := Record{Kind: o.Kind, PID: o.PID, JobPID: o.JobPID, Attrs: o.Attrs}
 		if st, err := ParseState(o.State); err == nil {
 			r.Initial = st
 		}

@@ -73,7 +73,11 @@ type Device struct {
 // again (Driver.Attach) and for a restore to check and pick target devices.
 type Record struct {
 	Kind string `json:"kind"` // the driver's Kind, e.g. "cuda"
-	PID  int    `json:"pid"`  // the process that holds the context
+	PID  int    `json:"pid"`  // the process that holds the context, as cryo sees it
+	// JobPID is that process's PID in the job's own PID namespace (as the
+	// images name it), when the job has one (0 otherwise): a restore in
+	// fresh namespaces gives the process another PID, found through this.
+	JobPID int `json:"job_pid,omitempty"`
 	// StartTime is PID's start time (clock ticks after boot); with PID it
 	// names the process across PID reuse. A process restored by CRIU keeps
 	// its PID but gets a new start time.

@@ -354,7 +354,24 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 	log.Debug("restored", "pid", pid, "took", res.Restore)
 	if grp.Len() > 0 {
 		// The job runs; its offload contexts wait, locked, for their state.
-		err := grp.Refresh()
+		// In fresh PID namespaces its processes have new PIDs on the node:
+		// found by those of the job's namespace, which the images keep.
+		var err error
+		if ownPIDNamespace(m) {
+			err = grp.Rebind(func(r offload.Record) int {
+				if r.JobPID == 0 {
+					return 0
+				}
+				t, terr := proc.All()
+				if terr != nil {
+					return 0
+				}
+				return proc.InnerPIDs(t, pid)[r.JobPID]
+			})
+		}
+		if err == nil {
+			err = grp.Refresh()
+		}
 		if err == nil {
 			err = grp.Resume(ctx)
 		}

@@ -181,8 +181,11 @@ func zeroHash(n int) string {
 
 // Offload is one offload context of the job (filled by the offload drivers).
 type Offload struct {
-	Kind   string `json:"kind"` // "cuda", "process"
-	PID    int    `json:"pid"`
+	Kind string `json:"kind"` // "cuda", "process"
+	PID  int    `json:"pid"`
+	// JobPID is PID's PID in the job's own PID namespace (the one the
+	// images name), for a job that has one; 0 when it is PID itself.
+	JobPID int    `json:"job_pid,omitempty"`
 	Device string `json:"device,omitempty"` // the first of Devices, for a quick look
 	// Devices are the devices the context held, so that a restore can check
 	// (and choose) its target devices before it starts.
