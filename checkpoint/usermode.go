@@ -42,7 +42,7 @@ func userModePreflight(roots []int) error {
 func userModeProcess(pid, uid int) error {
 	comm := commOf(pid)
 	ids, err := statusIDs(pid)
-	if errors.Is(err, os.ErrNotExist) {
+	if errors.Is(err, proc.ErrNoProcess) {
 		return nil // gone meanwhile: CRIU will not see it either
 	}
 	if err != nil {
@@ -72,26 +72,11 @@ func commOf(pid int) string {
 
 // statusIDs are the real, effective, saved and file-system uids of pid.
 func statusIDs(pid int) ([]int, error) {
-	f, err := os.Open(filepath.Join("/proc", strconv.Itoa(pid), "status"))
-	if err != nil {
-		return nil, err
+	ids, err := proc.StatusInts(pid, "Uid")
+	if err == nil && len(ids) == 0 {
+		err = fmt.Errorf("status has no Uid line")
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if rest, ok := strings.CutPrefix(sc.Text(), "Uid:"); ok {
-			var ids []int
-			for _, s := range strings.Fields(rest) {
-				n, err := strconv.Atoi(s)
-				if err != nil {
-					return nil, fmt.Errorf("status: bad Uid line %q", sc.Text())
-				}
-				ids = append(ids, n)
-			}
-			return ids, nil
-		}
-	}
-	return nil, fmt.Errorf("status has no Uid line")
+	return ids, err
 }
 
 // tcpListen is the state of a listening socket in /proc/net/tcp: the only

@@ -157,10 +157,9 @@ func RSS(pid int) (int64, error) {
 	return pages * int64(os.Getpagesize()), nil
 }
 
-// NSpid is the PID of pid in each PID namespace it is in, from the
-// outermost (the one pid is given in) to its own (the NSpid line of
-// /proc/PID/status).
-func NSpid(pid int) ([]int, error) {
+// StatusInts is the numbers of the field named key in /proc/PID/status
+// ("Uid", "NSpid", ...); nil with no error when there is no such field.
+func StatusInts(pid int, key string) ([]int, error) {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
@@ -169,19 +168,30 @@ func NSpid(pid int) ([]int, error) {
 		return nil, err
 	}
 	for _, line := range strings.Split(string(b), "\n") {
-		if rest, ok := strings.CutPrefix(line, "NSpid:"); ok {
+		if rest, ok := strings.CutPrefix(line, key+":"); ok {
 			var ids []int
 			for _, f := range strings.Fields(rest) {
 				n, err := strconv.Atoi(f)
 				if err != nil {
-					return nil, fmt.Errorf("pid %d: bad NSpid line %q", pid, line)
+					return nil, fmt.Errorf("pid %d: bad %s line %q", pid, key, line)
 				}
 				ids = append(ids, n)
 			}
 			return ids, nil
 		}
 	}
-	return []int{pid}, nil // a kernel without NSpid has no PID namespaces to tell
+	return nil, nil
+}
+
+// NSpid is the PID of pid in each PID namespace it is in, from the
+// outermost (the one pid is given in) to its own (the NSpid line of
+// /proc/PID/status).
+func NSpid(pid int) ([]int, error) {
+	ids, err := StatusInts(pid, "NSpid")
+	if err == nil && ids == nil {
+		return []int{pid}, nil // a kernel without NSpid has no PID namespaces to tell
+	}
+	return ids, err
 }
 
 // InnerPIDs maps the PIDs that the processes of t below root have in
