@@ -28,10 +28,10 @@ all: build
 build:
 	$(GO) build -o $(BIN) ./cmd/cryo
 
-$(CRIU):
-	scripts/install-criu.sh $(CRIU_PREFIX)
-
-criu: $(CRIU)
+# Always asks the script, which returns at once when the installed CRIU is
+# the right version, built with today's patches, and has its capability.
+criu:
+	scripts/install-criu.sh $(CRIU_PREFIX) >/dev/null
 
 $(STATICCHECK):
 	GOBIN=$(CURDIR)/.deps/bin $(GO) install honnef.co/go/tools/cmd/staticcheck@v0.6.1
