@@ -600,6 +600,7 @@ type jobProcess struct {
 	pid   int    // on the node
 	inner int    // in the job's PID namespace
 	ns    string // that namespace, "pid:[N]"
+	start uint64 // its start time
 }
 
 // name is the fake driver's name of the process (see fakegpu.h).
@@ -640,7 +641,7 @@ func (w *cudaWorld) jobProcesses(t *testing.T, r *runJob, n int, old ...int) map
 			if args := strings.Split(string(b), "\x00"); slices.Index(args, "-device") >= 0 && slices.Index(args, "-device")+1 < len(args) {
 				dev, _ = strconv.Atoi(args[slices.Index(args, "-device")+1])
 			}
-			found[dev] = jobProcess{pid: pid, inner: inner, ns: ns}
+			found[dev] = jobProcess{pid: pid, inner: inner, ns: ns, start: cudatest.StartTime(pid)}
 		}
 		if len(found) == n {
 			return found
@@ -687,12 +688,17 @@ func namespaced(t *testing.T, p jobProcess) {
 }
 
 // memoryOf lists the memory files of a process on a fake GPU (by index),
-// by its name.
+// by its name and start time (a later process may have the same name: the
+// kernel reuses the inode numbers of namespaces that are gone).
 func (w *cudaWorld) memoryOf(gpu int, p jobProcess) []string {
 	ents, _ := os.ReadDir(filepath.Join(w.f.Root, "mem", cudatest.UUID(gpu)))
 	var out []string
 	for _, e := range ents {
-		if strings.HasPrefix(e.Name(), p.name()+".") {
+		f := strings.SplitN(e.Name(), ".", 3)
+		if len(f) != 3 || f[0] != p.name() {
+			continue
+		}
+		if s, err := strconv.ParseUint(f[1], 10, 64); err == nil && s+1 >= p.start && s <= p.start+1 {
 			out = append(out, e.Name())
 		}
 	}
