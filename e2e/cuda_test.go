@@ -11,9 +11,11 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -575,5 +577,320 @@ func TestCUDAGpusCommand(t *testing.T) {
 	if g.UUID != cudatest.UUID(1) || g.Model != cudatest.ModelA || g.Persistence == nil || !*g.Persistence ||
 		len(g.Processes) != 1 || g.Processes[0].PID != w.PID || g.Processes[0].Memory != 256<<10 || g.Processes[0].State != "running" {
 		t.Errorf("GPU 1 %+v", g)
+	}
+}
+
+// The CUDA job under `cryo run` in namespaces of its own: its processes
+// have one PID in the job's PID namespace and another on the node, and a
+// restore brings them back in fresh namespaces, with the same inner PIDs
+// and new ones on the node.
+
+// run starts `cryo run` of the workload (cudaArgs, -delay ms) with
+// namespaces on and the world's environment, for the job too.
+func (w *cudaWorld) run(t *testing.T, delay int, flags ...string) *runJob {
+	t.Helper()
+	args := append([]string{"--store", w.store, "--namespaces", "on"}, flags...)
+	args = append(append(append(args, "--", w.f.Workload), cudaArgs...), "-delay", strconv.Itoa(delay))
+	env := append(append([]string{}, w.env...), w.f.Env()...)
+	return startRunEnv(t, w.criu, env, false, args...)
+}
+
+// jobProcess is the workload process of a namespaced job.
+type jobProcess struct {
+	pid   int    // on the node
+	inner int    // in the job's PID namespace
+	ns    string // that namespace, "pid:[N]"
+	start uint64 // its start time
+}
+
+// name is the fake driver's name of the process (see fakegpu.h).
+func (p jobProcess) name() string {
+	return strings.TrimSuffix(strings.TrimPrefix(p.ns, "pid:["), "]") + "-" + strconv.Itoa(p.inner)
+}
+
+// jobProcess waits for the live workload process other than old (its
+// node PID; 0 for none) and returns it.
+func (w *cudaWorld) jobProcess(t *testing.T, r *runJob, old int) jobProcess {
+	t.Helper()
+	return w.jobProcesses(t, r, 1, old)[0]
+}
+
+// jobProcesses waits for n live workload processes, none of them one of
+// old (node PIDs), and returns them by the GPU index each was started on.
+func (w *cudaWorld) jobProcesses(t *testing.T, r *runJob, n int, old ...int) map[int]jobProcess {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		found := map[int]jobProcess{}
+		ents, _ := os.ReadDir("/proc")
+		for _, e := range ents {
+			pid, err := strconv.Atoi(e.Name())
+			if err != nil || slices.Contains(old, pid) || !alive(pid) {
+				continue
+			}
+			if exe, err := os.Readlink("/proc/" + e.Name() + "/exe"); err != nil || exe != w.f.Workload {
+				continue
+			}
+			ns, err := os.Readlink("/proc/" + e.Name() + "/ns/pid")
+			inner, ierr := cudatest.InnerPID(pid)
+			b, cerr := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+			if err != nil || ierr != nil || cerr != nil {
+				continue
+			}
+			dev := 0
+			if args := strings.Split(string(b), "\x00"); slices.Index(args, "-device") >= 0 && slices.Index(args, "-device")+1 < len(args) {
+				dev, _ = strconv.Atoi(args[slices.Index(args, "-device")+1])
+			}
+			found[dev] = jobProcess{pid: pid, inner: inner, ns: ns, start: cudatest.StartTime(pid)}
+		}
+		if len(found) == n {
+			return found
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d workload processes of the job after 30s, want %d\ncryo said:\n%s", len(found), n, r.messages(t))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// waitJobStep waits until the job's output shows step n or later (after
+// its "ready" line), and fails when it shows its end or a CUDA error.
+func waitJobStep(t *testing.T, r *runJob, n int) { waitFileStep(t, r, r.out, n) }
+
+// waitFileStep is waitJobStep for a workload that writes to out.
+func waitFileStep(t *testing.T, r *runJob, out string, n int) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		p := readProgress(t, out)
+		if p.last() >= n {
+			return
+		}
+		for _, line := range p.other {
+			if !strings.HasPrefix(line, "ready ") {
+				t.Fatalf("waiting for step %d: the job printed %q\ncryo said:\n%s", n, line, r.messages(t))
+			}
+		}
+		if p.result != "" || time.Now().After(deadline) {
+			t.Fatalf("no step %d (result %q)\ncryo said:\n%s", n, p.result, r.messages(t))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// namespaced checks that the job's process is in a PID namespace of its
+// own, with a PID there that is not its PID on the node.
+func namespaced(t *testing.T, p jobProcess) {
+	t.Helper()
+	if own, _ := os.Readlink("/proc/self/ns/pid"); p.ns == own || p.inner == p.pid {
+		t.Fatalf("the job's process (pid %d, %d inside, %s) is not in a PID namespace of its own", p.pid, p.inner, p.ns)
+	}
+}
+
+// memoryOf lists the memory files of a process on a fake GPU (by index),
+// by its name and start time (a later process may have the same name: the
+// kernel reuses the inode numbers of namespaces that are gone).
+func (w *cudaWorld) memoryOf(gpu int, p jobProcess) []string {
+	ents, _ := os.ReadDir(filepath.Join(w.f.Root, "mem", cudatest.UUID(gpu)))
+	var out []string
+	for _, e := range ents {
+		f := strings.SplitN(e.Name(), ".", 3)
+		if len(f) != 3 || f[0] != p.name() {
+			continue
+		}
+		if s, err := strconv.ParseUint(f[1], 10, 64); err == nil && s+1 >= p.start && s <= p.start+1 {
+			out = append(out, e.Name())
+		}
+	}
+	return out
+}
+
+// restoredOnGPU checks that the restored job's context was restored onto
+// GPU 0 and unlocked: the driver, asked by its PID on the node, says it
+// runs, and it holds its 1 MiB there again.
+func (w *cudaWorld) restoredOnGPU(t *testing.T, before, after jobProcess) {
+	t.Helper()
+	w.restoredOn(t, 0, before, after)
+}
+
+// restoredOn is restoredOnGPU for a process of the job on GPU gpu.
+func (w *cudaWorld) restoredOn(t *testing.T, gpu int, before, after jobProcess) {
+	t.Helper()
+	namespaced(t, after)
+	// (The fresh namespace may have the inode number of the old one: the
+	// kernel reuses them once a namespace is gone.)
+	if after.inner != before.inner {
+		t.Errorf("restored process: pid %d inside its namespace, want %d as before", after.inner, before.inner)
+	}
+	w.wantState(t, after.pid, offload.Running)
+	if n, _ := w.f.DeviceBytes(cudatest.UUID(gpu), after.pid); n != 1<<20 {
+		t.Errorf("restored job (pid %d) holds %d bytes on GPU %d, want %d", after.pid, n, gpu, 1<<20)
+	}
+}
+
+// checkJobPID checks a generation's record of the job's CUDA context: by
+// its PID on the node when checkpointed, and by its PID in the job's
+// namespace, which a restore finds it by.
+func (w *cudaWorld) checkJobPID(t *testing.T, gen int, p jobProcess) {
+	t.Helper()
+	m := manifest(t, w.store, gen)
+	if len(m.Offload) != 1 || m.Offload[0].Kind != "cuda" || m.Offload[0].JobPID != p.inner || m.Offload[0].State != "running" {
+		t.Fatalf("generation %d's offload entries %+v, want one cuda context with job_pid %d", gen, m.Offload, p.inner)
+	}
+}
+
+// TestCUDARunNamespacedRestoresKilledJob: a CUDA job under cryo run, in
+// namespaces of its own, checkpointed every second; its process is killed
+// mid-run. cryo restores it in fresh namespaces, where it has a new PID on
+// the node; its CUDA context is restored onto the GPU and unlocked, and it
+// finishes with an uninterrupted run's result, each step printed once.
+func TestCUDARunNamespacedRestoresKilledJob(t *testing.T) {
+	w := newCUDAWorld(t, true)
+	want := w.reference(t)
+	r := w.run(t, 80, "--interval", "1s")
+	first := w.jobProcess(t, r, 0)
+	namespaced(t, first)
+	// The driver answers for the job's process by its PID on the node.
+	w.wantState(t, first.pid, offload.Running)
+	if n, _ := w.f.DeviceBytes(cudatest.UUID(0), first.pid); n != 1<<20 {
+		t.Fatalf("the job holds %d bytes on GPU 0, want %d", n, 1<<20)
+	}
+
+	r.waitFor(t, "checkpoint: generation 1", 30*time.Second)
+	w.checkJobPID(t, 1, first)
+	at := readProgress(t, r.out).last()
+	waitJobStep(t, r, at+2)
+	if err := syscall.Kill(first.pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	killedAt := readProgress(t, r.out).last()
+	r.waitFor(t, "restored: generation", 60*time.Second)
+	second := w.jobProcess(t, r, first.pid)
+	w.restoredOnGPU(t, first, second)
+
+	if code := r.wait(t, 90*time.Second); code != 0 {
+		t.Fatalf("cryo run exited %d, want 0\ncryo said:\n%s", code, r.messages(t))
+	}
+	p := readProgress(t, r.out)
+	if killedAt >= cudaSteps {
+		t.Fatalf("the job ended before it was killed: the test proves nothing")
+	}
+	if p.result != want {
+		t.Errorf("result %q, uninterrupted run %q\ncryo said:\n%s", p.result, want, r.messages(t))
+	}
+	checkRun(t, "CUDA job restored in fresh namespaces", p.steps, 1, cudaSteps)
+	if left := w.memoryOf(0, first); len(left) > 0 {
+		t.Errorf("the killed process's device memory was never freed: %v", left)
+	}
+}
+
+// TestCUDARunNamespacedStopAndResume: `cryo ctl stop` checkpoints a
+// namespaced CUDA job (its device memory into the checkpoint) and ends it;
+// `cryo run` again resumes it in fresh namespaces from there, and it
+// finishes with an uninterrupted run's result. Without NVML here: cryo
+// finds the CUDA process by asking the driver about each of the job's.
+func TestCUDARunNamespacedStopAndResume(t *testing.T) {
+	w := newCUDAWorld(t, false)
+	want := w.reference(t)
+	r := w.run(t, 60)
+	first := w.jobProcess(t, r, 0)
+	namespaced(t, first)
+	waitJobStep(t, r, 10)
+	if res := w.cryo(t, nil, "ctl", "--store", w.store, "stop"); res.code != 0 {
+		t.Fatalf("ctl stop: %s", res)
+	}
+	if code := r.wait(t, 30*time.Second); code != 143 {
+		t.Fatalf("cryo run after ctl stop exited %d, want 143\ncryo said:\n%s", code, r.messages(t))
+	}
+	if !strings.Contains(r.messages(t), "stopped: checkpointed as generation 1") {
+		t.Fatalf("ctl stop did not checkpoint:\n%s", r.messages(t))
+	}
+	waitEnded(t, 10*time.Second, first.pid)
+	w.checkJobPID(t, 1, first)
+	// Its device memory went into the checkpoint (the driver released it
+	// there), not down with the process.
+	if left := w.memoryOf(0, first); len(left) > 0 {
+		t.Errorf("the stopped job's device memory was not checkpointed: %v still on GPU 0", left)
+	}
+	stoppedAt := readProgress(t, r.out).last()
+	if stoppedAt >= cudaSteps {
+		t.Fatalf("the job finished before it could be stopped")
+	}
+
+	r2 := w.run(t, 60)
+	r2.waitFor(t, "restored: generation 1", 60*time.Second)
+	second := w.jobProcess(t, r2, first.pid)
+	w.restoredOnGPU(t, first, second)
+	if code := r2.wait(t, 60*time.Second); code != 0 {
+		t.Fatalf("resumed cryo run exited %d\ncryo said:\n%s", code, r2.messages(t))
+	}
+	// The restored job goes on writing the output file it had.
+	p := readProgress(t, r.out)
+	if p.result != want {
+		t.Errorf("result %q, uninterrupted run %q\ncryo said:\n%s", p.result, want, r2.messages(t))
+	}
+	checkRun(t, "CUDA job stopped and resumed", p.steps, 1, cudaSteps)
+}
+
+// TestCUDARunNamespacedGPUFailure: a namespaced job of two CUDA processes,
+// each on a GPU of its own; GPU 1 reports an Xid 79 mid-run. cryo, which
+// sees the job's processes by their PIDs on the node, finds that the Xid
+// hit the job, and restores both in fresh namespaces, each context onto
+// its GPU in the process that held it; both finish with an uninterrupted
+// run's result.
+func TestCUDARunNamespacedGPUFailure(t *testing.T) {
+	w := newCUDAWorld(t, true)
+	want := w.reference(t)
+	outs := map[int]string{0: filepath.Join(w.dir, "gpu0.out"), 1: filepath.Join(w.dir, "gpu1.out")}
+	work := func(gpu int) string {
+		return fmt.Sprintf("%s %s -delay 80 -device %d >>%s", w.f.Workload, strings.Join(cudaArgs, " "), gpu, outs[gpu])
+	}
+	args := []string{"--store", w.store, "--namespaces", "on", "--interval", "1s", "--",
+		"/bin/sh", "-c", work(1) + " & " + work(0) + "; wait"}
+	r := startRunEnv(t, w.criu, append(append([]string{}, w.env...), w.f.Env()...), false, args...)
+	before := w.jobProcesses(t, r, 2)
+	for gpu, p := range before {
+		namespaced(t, p)
+		w.wantState(t, p.pid, offload.Running)
+		if n, _ := w.f.DeviceBytes(cudatest.UUID(gpu), p.pid); n != 1<<20 {
+			t.Fatalf("the job's process on GPU %d holds %d bytes there, want %d", gpu, n, 1<<20)
+		}
+	}
+
+	r.waitFor(t, "checkpoint: generation 1", 30*time.Second)
+	m := manifest(t, w.store, 1)
+	byJobPID := map[int]int{} // job_pid -> GPU index
+	for _, o := range m.Offload {
+		if len(o.Devices) == 1 {
+			byJobPID[o.JobPID] = o.Devices[0].Index
+		}
+	}
+	if len(m.Offload) != 2 || byJobPID[before[0].inner] != 0 || byJobPID[before[1].inner] != 1 {
+		t.Fatalf("generation 1's offload entries %+v, want job_pid %d on GPU 0 and %d on GPU 1", m.Offload, before[0].inner, before[1].inner)
+	}
+	waitFileStep(t, r, outs[1], readProgress(t, outs[1]).last()+2)
+	w.f.Xid(t, cudatest.UUID(1), 79)
+	r.waitFor(t, "restored: generation", 60*time.Second)
+	if msgs := r.messages(t); !strings.Contains(msgs, "Xid 79 on GPU 1 ("+cudatest.UUID(1)+")") {
+		t.Errorf("cryo did not report the Xid on the job's GPU as its failure:\n%s", msgs)
+	}
+	after := w.jobProcesses(t, r, 2, before[0].pid, before[1].pid)
+	for gpu := range before {
+		w.restoredOn(t, gpu, before[gpu], after[gpu])
+	}
+
+	if code := r.wait(t, 90*time.Second); code != 0 {
+		t.Fatalf("cryo run exited %d, want 0\ncryo said:\n%s", code, r.messages(t))
+	}
+	for gpu, out := range outs {
+		// Appended to by each run: the restored ones go on after the
+		// lines of those that were ended.
+		p := readProgress(t, out)
+		if p.result != want || strings.Count(string(readOrEmpty(out)), "result ") != 1 {
+			t.Errorf("the job's process on GPU %d: result %q, want one, %q (steps %s)", gpu, p.result, want, compact(p.steps))
+		}
+		if p.last() != cudaSteps {
+			t.Errorf("the job's process on GPU %d ended at step %d, want %d", gpu, p.last(), cudaSteps)
+		}
 	}
 }

@@ -79,6 +79,12 @@ func startRun(t *testing.T, criu string, args ...string) *runJob {
 // is then what cryo's stdout showed.
 func startRunWith(t *testing.T, criu string, pipe bool, args ...string) *runJob {
 	t.Helper()
+	return startRunEnv(t, criu, nil, pipe, args...)
+}
+
+// startRunEnv is startRunWith with env added to cryo's environment.
+func startRunEnv(t *testing.T, criu string, env []string, pipe bool, args ...string) *runJob {
+	t.Helper()
 	dir := t.TempDir()
 	r := &runJob{out: filepath.Join(dir, "job.out"), err: filepath.Join(dir, "cryo.err"), done: make(chan struct{})}
 	outf, _ := os.Create(r.out)
@@ -88,7 +94,7 @@ func startRunWith(t *testing.T, criu string, pipe bool, args ...string) *runJob 
 	if pipe {
 		r.cmd.Stdout = &syncFile{f: outf} // not an *os.File: exec copies it through a pipe
 	}
-	r.cmd.Env = append(os.Environ(), "CRYO_CRIU="+criu)
+	r.cmd.Env = append(append(os.Environ(), "CRYO_CRIU="+criu), env...)
 	r.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := r.cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -33,6 +33,9 @@ type Group struct {
 	// unsettled is set when a context could not be brought back; Close then
 	// keeps the journal for Recover.
 	unsettled bool
+	// unbound is set while the contexts' PIDs are those of a job that comes
+	// back in fresh PID namespaces, until Rebind gives them their new ones.
+	unbound bool
 }
 
 type member struct {
@@ -164,7 +167,14 @@ type AttachOptions struct {
 	// job exists).
 	Job        JobRef
 	JournalDir string
-	Logger     *slog.Logger
+	// Rebind says the job comes back in fresh PID namespaces: the records'
+	// PIDs are those it had on the node, which name other processes, or
+	// none, once it is restored. Until Rebind gives the contexts the PIDs
+	// of the restored processes, the journal names none of them (a killed
+	// cryo's Recover must not touch whatever holds the old PIDs), and
+	// Refresh and Resume refuse.
+	Rebind bool
+	Logger *slog.Logger
 }
 
 // Attach prepares the recorded contexts of a checkpoint for a restore: it
@@ -172,7 +182,7 @@ type AttachOptions struct {
 // back. After the CRIU restore the caller calls Refresh, then Resume, which
 // restores every context (with the device map) and unlocks it, and Close.
 func Attach(ctx context.Context, o AttachOptions) (*Group, error) {
-	g := &Group{log: orDiscard(o.Logger), m: o.Map, reg: o.Registry}
+	g := &Group{log: orDiscard(o.Logger), m: o.Map, reg: o.Registry, unbound: o.Rebind && len(o.Records) > 0}
 	if len(o.Records) == 0 {
 		return g, nil
 	}
@@ -199,27 +209,47 @@ func Attach(ctx context.Context, o AttachOptions) (*Group, error) {
 
 // Rebind points the contexts at the PIDs their processes have after a
 // restore that gave them new ones (a job brought back in fresh PID
-// namespaces): pid returns a context's PID now, or 0 to keep the one it has.
-// Call it after CRIU restored the job, before Refresh.
-func (g *Group) Rebind(pid func(Record) int) error {
-	for _, m := range g.members {
-		p := pid(m.rec)
-		if p == 0 || p == m.rec.PID {
-			continue
+// namespaces, see AttachOptions.Rebind): pid returns the PID a context's
+// process has now, or an error when it has none (it was not restored). Call
+// it after CRIU restored the job, before Refresh. It fails, naming the
+// context, on the first it cannot rebind; the group then stays unbound.
+func (g *Group) Rebind(pid func(Record) (int, error)) error {
+	if g.Len() == 0 {
+		return nil
+	}
+	pids := make([]int, len(g.members))
+	for i, m := range g.members {
+		p, err := pid(m.rec)
+		if err == nil && p <= 0 {
+			err = fmt.Errorf("no PID for it (%d)", p)
 		}
-		m.rec.PID = p
-		cs, err := g.reg.Attach([]Record{m.rec})
 		if err != nil {
 			return fmt.Errorf("%s: %w", m.rec, err)
 		}
-		m.c = cs[0]
+		pids[i] = p
 	}
+	for i, m := range g.members {
+		rec := m.rec
+		rec.PID = pids[i]
+		cs, err := g.reg.Attach([]Record{rec})
+		if err != nil {
+			return fmt.Errorf("%s: %w", rec, err)
+		}
+		m.c, m.rec = cs[0], rec
+	}
+	g.unbound = false
 	return g.noteContexts()
 }
+
+// errUnbound is Refresh's and Resume's answer before a needed Rebind.
+var errUnbound = errors.New("offload contexts not yet rebound to the restored processes")
 
 // Refresh records the start times of the processes that hold the contexts,
 // once they exist (after CRIU restored them).
 func (g *Group) Refresh() error {
+	if g.Len() > 0 && g.unbound {
+		return errUnbound
+	}
 	for _, m := range g.members {
 		m.rec.StartTime = startTime(m.rec.PID)
 	}
@@ -254,6 +284,9 @@ func (g *Group) Records() []Record {
 func (g *Group) Resume(ctx context.Context) error {
 	if g.Len() == 0 {
 		return nil
+	}
+	if g.unbound {
+		return errUnbound
 	}
 	t0 := time.Now()
 	errs := g.parallel(func(m *member) error { return g.settle(ctx, m) })
@@ -308,6 +341,9 @@ func (g *Group) Close() error {
 }
 
 func (g *Group) noteContexts() error {
+	if g.unbound {
+		return nil // their PIDs name no process of the job (yet)
+	}
 	for _, m := range g.members {
 		rec := m.rec
 		if err := g.j.append(Entry{Event: "context", Context: &rec}); err != nil {

@@ -470,3 +470,86 @@ func waitState(t *testing.T, pid int, want byte) {
 	st, _ := proc.ReadStat(pid)
 	t.Fatalf("pid %d is in state %c, want %c", pid, st.State, want)
 }
+
+// A job restored in fresh PID namespaces: its contexts' recorded PIDs are
+// those it had on the node before, which now name other processes (here
+// one of another job, locked mid-checkpoint). A cryo killed before or after
+// it rebound the contexts to the restored processes leaves a journal whose
+// recovery brings those back and never touches the holders of the old PIDs.
+func TestRebindNeverJournalsTheOldPIDs(t *testing.T) {
+	for _, killed := range []string{"before rebind", "after rebind"} {
+		t.Run(killed, func(t *testing.T) {
+			w := newWorld(t, 2)
+			other, restored := w.ctxs[0], w.ctxs[1]
+			other.st = Locked          // another job's, mid-checkpoint
+			restored.st = Checkpointed // as CRIU restores it
+			rec := other.rec           // recorded under the PID it had then
+			rec.JobPID = 7
+			g, err := Attach(context.Background(), AttachOptions{Registry: w.reg, Records: []Record{rec}, Job: JobRef{RootPID: rec.PID},
+				JournalDir: w.dir, Rebind: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if killed == "after rebind" {
+				err := g.Rebind(func(r Record) (int, error) {
+					if r.JobPID != 7 {
+						t.Errorf("rebinding %+v, want job pid 7", r)
+					}
+					return restored.rec.PID, nil
+				})
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := g.Refresh(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			g.j.Abandon()
+			rs, err := Recover(context.Background(), RecoverOptions{Registry: w.reg, JournalDir: w.dir})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if st, _ := other.State(context.Background()); st != Locked {
+				t.Errorf("the process that holds the old PID now was touched: %v", st)
+			}
+			for _, r := range rs {
+				for _, c := range r.Contexts {
+					if c.PID == other.rec.PID {
+						t.Errorf("recovered a context by its old PID: %+v", c)
+					}
+				}
+			}
+			want := Checkpointed // nothing knew where it was
+			if killed == "after rebind" {
+				want = Running
+			}
+			if st, _ := restored.State(context.Background()); st != want {
+				t.Errorf("the restored process's context is %v, want %v", st, want)
+			}
+		})
+	}
+}
+
+// Rebind fails, naming the context, where a restored process is not found:
+// the contexts must not stay bound to PIDs that name other processes.
+func TestRebindFailsWithoutTheProcess(t *testing.T) {
+	w := newWorld(t, 1)
+	rec := w.ctxs[0].rec
+	rec.JobPID = 9
+	g, err := Attach(context.Background(), AttachOptions{Registry: w.reg, Records: []Record{rec}, Job: JobRef{RootPID: rec.PID},
+		JournalDir: w.dir, Rebind: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	lost := errors.New("not among the restored processes")
+	if err := g.Rebind(func(Record) (int, error) { return 0, lost }); !errors.Is(err, lost) || !strings.Contains(err.Error(), fmt.Sprint(rec.PID)) {
+		t.Errorf("Rebind = %v, want the lookup's error naming the context", err)
+	}
+	if err := g.Refresh(); err == nil {
+		t.Error("Refresh of contexts that were never rebound succeeded")
+	}
+	if err := g.Resume(context.Background()); err == nil {
+		t.Error("Resume of contexts that were never rebound succeeded")
+	}
+}

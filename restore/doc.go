@@ -15,6 +15,12 @@
 // state, and the checkpoint can be tried again) -> report the restored
 // root PID.
 //
+// A job in PID namespaces of its own (cryo run's: its root is their PID 1)
+// comes back in fresh ones: its PIDs need not be free on the node, and its
+// offload contexts follow its processes to the PIDs they have on the node
+// now, found by those they have in the job's namespace (a context whose
+// process is not found fails the restore, as above).
+//
 // It reads the store under a shared lock (so retention and GC wait) and
 // never modifies a generation. Outside the store it changes no file but
 // the output files TruncateOutputs cuts.

@@ -290,10 +290,14 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 	log.Debug("materialized", "generation", gen, "bytes", m.RawBytes(), "took", res.Materialize)
 
 	job := offload.JobRef{RootPID: m.Job.RootPID}
-	for _, p := range m.Job.Processes {
-		job.Procs = append(job.Procs, offload.ProcRef{PID: p.PID})
+	if !ownPIDNamespace(m) {
+		// (In a PID namespace of its own the job's PIDs are the
+		// namespace's: the same numbers on the node are others'.)
+		for _, p := range m.Job.Processes {
+			job.Procs = append(job.Procs, offload.ProcRef{PID: p.PID})
+		}
 	}
-	grp, err := offload.Attach(ctx, offload.AttachOptions{Registry: reg, Records: recs, Map: dmap, Job: job,
+	grp, err := offload.Attach(ctx, offload.AttachOptions{Registry: reg, Records: recs, Map: dmap, Job: job, Rebind: ownPIDNamespace(m),
 		JournalDir: st.JournalDir(), Logger: log})
 	if err != nil {
 		return nil, err
@@ -358,16 +362,7 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 		// found by those of the job's namespace, which the images keep.
 		var err error
 		if ownPIDNamespace(m) {
-			err = grp.Rebind(func(r offload.Record) int {
-				if r.JobPID == 0 {
-					return 0
-				}
-				t, terr := proc.All()
-				if terr != nil {
-					return 0
-				}
-				return proc.InnerPIDs(t, pid)[r.JobPID]
-			})
+			err = rebind(grp, pid)
 		}
 		if err == nil {
 			err = grp.Refresh()
@@ -468,6 +463,28 @@ func killJob(m *store.Manifest, root int) error {
 		errs = append(errs, proc.WaitGone(ctx, pid))
 	}
 	return errors.Join(errs...)
+}
+
+// rebind points the offload contexts of a job restored in fresh PID
+// namespaces, with its root at root (the node's PID), at the PIDs their
+// processes have on the node now: those with the PIDs the records name in
+// the job's namespace. A context whose process is not found is an error:
+// its old PID on the node names another process now, or none.
+func rebind(grp *offload.Group, root int) error {
+	t, err := proc.All()
+	if err != nil {
+		return fmt.Errorf("offload contexts: find the restored processes: %w", err)
+	}
+	inner := proc.InnerPIDs(t, root)
+	return grp.Rebind(func(r offload.Record) (int, error) {
+		if r.JobPID <= 0 {
+			return 0, errors.New("the checkpoint does not say which PID its process has in the job's namespace (written by an older cryo?)")
+		}
+		if p := inner[r.JobPID]; p > 0 {
+			return p, nil
+		}
+		return 0, fmt.Errorf("its process (pid %d in the job's namespace) is not among the restored ones", r.JobPID)
+	})
 }
 
 // ownPIDNamespace tells whether the generation's job lives in a PID

@@ -3,14 +3,17 @@ package cuda
 import (
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/cryo-hpc/cryo/offload"
 	"github.com/cryo-hpc/cryo/offload/cuda/cudatest"
+	"github.com/cryo-hpc/cryo/offload/nvml"
 )
 
 // These tests drive the real Lib (dlopen, cgo, argument structs) against
@@ -290,8 +293,88 @@ func TestFakeReclaimsDeadProcessMemory(t *testing.T) {
 	// Any later allocation on the GPU sweeps the dead process's memory.
 	r2 := f.Start(t, t.TempDir(), "-steps", "100000", "-kib", "64", "-delay", "5")
 	ents, _ := os.ReadDir(dir)
-	if len(ents) != 1 || !strings.HasPrefix(ents[0].Name(), itoa(r2.PID)+".") {
-		t.Errorf("memory files after the owner died: %v, want only pid %d's", ents, r2.PID)
+	name, err := cudatest.Name(r2.PID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ents) != 1 || !strings.HasPrefix(ents[0].Name(), name+".") {
+		var names []string
+		for _, e := range ents {
+			names = append(names, e.Name())
+		}
+		t.Errorf("memory files after the owner died: %v, want only pid %d's (%s)", names, r2.PID, name)
+	}
+}
+
+// A process in a PID namespace of its own (as a job's under cryo run) has
+// one PID there and another on the node. The driver takes, and NVML
+// reports, the PID its caller sees; the PID the process has inside names
+// another process on the node, or none, and reaches nothing of it.
+func TestLibNamespacedProcess(t *testing.T) {
+	f := buildFake(t)
+	want := f.Reference(t, work...)
+	l := openFake(t, f)
+	attr := &syscall.SysProcAttr{Setsid: true, Cloneflags: syscall.CLONE_NEWPID}
+	if os.Getuid() != 0 {
+		attr.Cloneflags |= syscall.CLONE_NEWUSER
+		attr.UidMappings = []syscall.SysProcIDMap{{ContainerID: os.Getuid(), HostID: os.Getuid(), Size: 1}}
+		attr.GidMappings = []syscall.SysProcIDMap{{ContainerID: os.Getgid(), HostID: os.Getgid(), Size: 1}}
+	}
+	probe := exec.Command("/bin/true")
+	probe.SysProcAttr = attr
+	if err := probe.Run(); err != nil {
+		if os.Getenv("CRYO_NO_SKIP") == "1" {
+			t.Fatalf("no PID namespace for the workload: %v", err)
+		}
+		t.Skipf("no PID namespace for the workload: %v", err)
+	}
+	r := f.StartWith(t, t.TempDir(), attr, work...)
+	inner, err := cudatest.InnerPID(r.PID)
+	if err != nil || inner == r.PID {
+		t.Fatalf("pid %d is %d in its namespace (%v): not a namespace of its own", r.PID, inner, err)
+	}
+
+	nv, err := nvml.Open(f.LibNVML)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nv.Close()
+	held, err := nv.Holders([]int{r.PID, inner})
+	if err != nil || len(held) != 1 || len(held[r.PID]) != 1 || held[r.PID][0].Memory != 256<<10 {
+		t.Errorf("NVML holders of pids %d and %d: %+v, %v; want pid %d with 256 KiB", r.PID, inner, held, err, r.PID)
+	}
+	for _, op := range []struct {
+		name string
+		call func(int) error
+	}{
+		{"state", func(pid int) error { _, err := l.State(pid); return err }},
+		{"lock", func(pid int) error { return l.Lock(pid, time.Second) }},
+	} {
+		if err := op.call(inner); !errors.Is(err, offload.ErrNoContext) {
+			t.Errorf("%s of pid %d (the workload's pid inside its namespace): %v, want ErrNoContext", op.name, inner, err)
+		}
+	}
+
+	wantState(t, l, r.PID, offload.Running)
+	mustOK(t, l.Lock(r.PID, 5*time.Second))
+	wantState(t, l, r.PID, offload.Locked)
+	mustOK(t, l.Checkpoint(r.PID))
+	wantState(t, l, r.PID, offload.Checkpointed)
+	if _, held := f.DeviceBytes(cudatest.UUID(0), r.PID); held {
+		t.Error("checkpointed process still holds device memory")
+	}
+	mustOK(t, l.Restore(r.PID, nil))
+	if n, _ := f.DeviceBytes(cudatest.UUID(0), r.PID); n != 256<<10 {
+		t.Errorf("restored device memory on GPU 0 = %d bytes, want %d", n, 256<<10)
+	}
+	mustOK(t, l.Unlock(r.PID))
+	wantState(t, l, r.PID, offload.Running)
+	got, err := r.Result(30 * time.Second)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, r.Output())
+	}
+	if got != want {
+		t.Errorf("result after checkpoint/restore %s, uninterrupted %s", got, want)
 	}
 }
 

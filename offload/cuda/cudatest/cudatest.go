@@ -199,19 +199,23 @@ func (f *Fake) Env() []string {
 	return []string{"FAKECUDA_ROOT=" + f.Root, "CUDAWORK_LIBCUDA=" + f.LibCUDA}
 }
 
-// DeviceBytes is the device memory a live process holds on a GPU, and
-// whether it holds any context there at all.
+// DeviceBytes is the device memory a live process (pid as the test sees
+// it) holds on a GPU, and whether it holds any context there at all.
 func (f *Fake) DeviceBytes(uuid string, pid int) (int64, bool) {
 	ents, err := os.ReadDir(filepath.Join(f.Root, "mem", uuid))
 	if err != nil {
 		return 0, false
 	}
 	start := StartTime(pid)
+	name, err := Name(pid)
+	if err != nil {
+		return 0, false
+	}
 	var n int64
 	found := false
 	for _, e := range ents {
 		parts := strings.SplitN(e.Name(), ".", 3)
-		if len(parts) != 3 || parts[0] != strconv.Itoa(pid) || start == 0 {
+		if len(parts) != 3 || parts[0] != name || start == 0 {
 			continue
 		}
 		// The fake names memory by its owner's start time on the root
@@ -225,6 +229,45 @@ func (f *Fake) DeviceBytes(uuid string, pid int) (int64, bool) {
 		}
 	}
 	return n, found
+}
+
+// Name is the fake's name of a process (pid as the test sees it): the
+// inode of its PID namespace and its PID there, "<ns>-<pid>" (see
+// fakegpu.h). Memory files and mailboxes go by it.
+func Name(pid int) (string, error) {
+	link, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/pid", pid))
+	if err != nil {
+		return "", err
+	}
+	ns, pre := strings.CutPrefix(link, "pid:[")
+	ns, post := strings.CutSuffix(ns, "]")
+	if !pre || !post {
+		return "", fmt.Errorf("pid %d: PID namespace %q", pid, link)
+	}
+	inner, err := InnerPID(pid)
+	if err != nil {
+		return "", err
+	}
+	return ns + "-" + strconv.Itoa(inner), nil
+}
+
+// InnerPID is a process's PID in its own PID namespace (pid as the test
+// sees it): the last field of NSpid in its status.
+func InnerPID(pid int) (int, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "NSpid:"); ok {
+			f := strings.Fields(rest)
+			if len(f) == 0 {
+				break
+			}
+			return strconv.Atoi(f[len(f)-1])
+		}
+	}
+	return 0, fmt.Errorf("pid %d: no NSpid in its status", pid)
 }
 
 // StartTime is a process's start time from /proc (0: no such process).
@@ -261,6 +304,13 @@ type Run struct {
 // file in dir, and waits until its CUDA context is ready.
 func (f *Fake) Start(t testing.TB, dir string, args ...string) *Run {
 	t.Helper()
+	return f.StartWith(t, dir, &syscall.SysProcAttr{Setsid: true}, args...)
+}
+
+// StartWith is Start with the process attributes given (a PID namespace of
+// its own, say); a start that attr makes fail fails the test.
+func (f *Fake) StartWith(t testing.TB, dir string, attr *syscall.SysProcAttr, args ...string) *Run {
+	t.Helper()
 	out := filepath.Join(dir, fmt.Sprintf("cudawork-%d.out", time.Now().UnixNano()))
 	fh, err := os.OpenFile(out, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
 	if err != nil {
@@ -275,7 +325,7 @@ func (f *Fake) Start(t testing.TB, dir string, args ...string) *Run {
 	cmd := exec.Command(f.Workload, args...)
 	cmd.Env = append(os.Environ(), f.Env()...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = devnull, fh, fh
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	cmd.SysProcAttr = attr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}

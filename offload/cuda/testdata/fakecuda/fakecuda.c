@@ -20,8 +20,10 @@
  * process (cryo) with a target pid. The controller validates the argument
  * structs (64 bytes, reserved fields zero, the restore layout of the
  * configured driver version), then asks the target's driver thread through
- * the mailbox $FAKECUDA_ROOT/proc/<pid>/ (req and resp files, a wake-up
- * signal) and waits for its answer.
+ * the mailbox $FAKECUDA_ROOT/proc/<name>/ (req and resp files, a wake-up
+ * signal) and waits for its answer. The target pid is as the caller sees it;
+ * <name> is the target's name in the fake (see fakegpu.h), the same whether
+ * the target is in the caller's PID namespace or in one of its own.
  *
  * The state machine is the documented one and is enforced:
  *
@@ -58,6 +60,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/file.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 
 typedef int CUresult;
@@ -162,13 +165,25 @@ static int threads_started;
 
 /* ---------------------------------------------------------------- helpers */
 
-static unsigned long long self_start(void) { return fg_proc_start(getpid()); }
+static unsigned long long self_start(void) { return fg_proc_start(0); }
+
+/* self_name is this process's name to the fake (see fakegpu.h), computed
+ * afresh: a process that CRIU restored in a new PID namespace has another. */
+static void self_name(char *out, size_t len)
+{
+	struct fg_name n;
+	if (fg_name_of(0, &n) != 0)
+		n = (struct fg_name){ 0, (int)getpid() };
+	fg_name_format(&n, out, len);
+}
 
 static CUdeviceptr ctx_base(const struct fc_ctx *c) { return (CUdeviceptr)(c->id + 1) << 40; }
 
 static void memfile_path(const struct fc_ctx *c, char *out, size_t len)
 {
-	snprintf(out, len, "%s/mem/%s/%d.%llu.%d", W.root, c->uuid, (int)getpid(), c->start, c->id);
+	char name[64];
+	self_name(name, sizeof(name));
+	snprintf(out, len, "%s/mem/%s/%s.%llu.%d", W.root, c->uuid, name, c->start, c->id);
 }
 
 static int queue_idle(void) { return qhead == qtail && !qbusy; }
@@ -273,12 +288,25 @@ static CUresult run_mix(struct fc_ctx *c, unsigned long long off, size_t n, unsi
 	return r;
 }
 
+/* name_self names the calling thread, and says so. A thread names itself:
+ * pthread_setname_np on another thread goes through /proc/self/task/<tid>
+ * with its tid in the process's own PID namespace, which names another
+ * thread, or none, where /proc is of another namespace. */
+static void name_self(const char *name, int *named)
+{
+	prctl(PR_SET_NAME, name, 0, 0, 0);
+	__atomic_store_n(named, 1, __ATOMIC_SEQ_CST);
+}
+
+static int gpu_named, drv_named;
+
 static void *gpu_main(void *unused)
 {
 	(void)unused;
 	sigset_t all;
 	sigfillset(&all);
 	pthread_sigmask(SIG_BLOCK, &all, NULL);
+	name_self(GPU_NAME, &gpu_named);
 	for (;;) {
 		pthread_mutex_lock(&mu);
 		while (qhead == qtail)
@@ -493,14 +521,15 @@ static CUresult do_unlock(void)
 	return CUDA_SUCCESS;
 }
 
-static void mailbox_dir(int pid, char *out, size_t len) { snprintf(out, len, "%s/proc/%d", W.root, pid); }
+static void mailbox_dir(const char *name, char *out, size_t len) { snprintf(out, len, "%s/proc/%s", W.root, name); }
 
 /* serve answers one request from the mailbox, if there is one. Request:
  * "SEQ OP TIMEOUT_MS NPAIRS [OLD NEW]...", answer: "SEQ RESULT STATE". */
 static void serve(void)
 {
-	char dir[PATH_MAX], req[PATH_MAX + 16], resp[PATH_MAX + 16];
-	mailbox_dir(getpid(), dir, sizeof(dir));
+	char dir[PATH_MAX], req[PATH_MAX + 16], resp[PATH_MAX + 16], name[64];
+	self_name(name, sizeof(name));
+	mailbox_dir(name, dir, sizeof(dir));
 	snprintf(req, sizeof(req), "%s/req", dir);
 	snprintf(resp, sizeof(resp), "%s/resp", dir);
 	FILE *f = fopen(req, "re");
@@ -544,6 +573,7 @@ static void *drv_main(void *unused)
 	pthread_sigmask(SIG_BLOCK, &all, NULL);
 	sigemptyset(&wake);
 	sigaddset(&wake, WAKE_SIG);
+	name_self(DRV_NAME, &drv_named);
 	for (;;) {
 		/* Wake on the controller's signal, or look every 100 ms anyway. */
 		struct timespec ts = { 0, 100 * 1000000L };
@@ -566,15 +596,17 @@ static int start_threads(void)
 	pthread_t g, d;
 	int err = pthread_create(&g, NULL, gpu_main, NULL);
 	if (err == 0) {
-		pthread_setname_np(g, GPU_NAME);
 		pthread_detach(g);
 		err = pthread_create(&d, NULL, drv_main, NULL);
 	}
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
 	if (err != 0)
 		return -1;
-	pthread_setname_np(d, DRV_NAME);
 	pthread_detach(d);
+	/* A controller finds the driver thread by its name: it has it before
+	 * the first context exists. */
+	while (!__atomic_load_n(&gpu_named, __ATOMIC_SEQ_CST) || !__atomic_load_n(&drv_named, __ATOMIC_SEQ_CST))
+		fg_sleep_ms(1);
 	threads_started = 1;
 	return 0;
 }
@@ -944,8 +976,15 @@ static CUresult request(int pid, char op, unsigned int timeout_ms, int npairs, c
 	int tid = find_driver_thread(pid);
 	if (tid == 0)
 		return CUDA_ERROR_NOT_FOUND; /* not a CUDA process */
-	char dir[PATH_MAX], p[PATH_MAX + 16], resp[PATH_MAX + 16];
-	mailbox_dir(pid, dir, sizeof(dir));
+	/* The target's name, which its driver thread serves under: the PID we
+	 * were given is the one we see, on the node, and the target may be in
+	 * a PID namespace of its own, where it has another. */
+	struct fg_name target;
+	if (fg_name_of(pid, &target) != 0)
+		return CUDA_ERROR_NOT_FOUND; /* gone, or not ours to inspect */
+	char dir[PATH_MAX], p[PATH_MAX + 16], resp[PATH_MAX + 16], name[64];
+	fg_name_format(&target, name, sizeof(name));
+	mailbox_dir(name, dir, sizeof(dir));
 	fg_mkdirs(dir);
 	snprintf(p, sizeof(p), "%s/lock", dir);
 	int lk = open(p, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
@@ -1111,6 +1150,14 @@ EXPORT CUresult cuCheckpointProcessRestore(int pid, void *args)
 			n = (int)a.gpuPairsCount;
 		}
 	}
+	/* The real driver frees a process's device memory when it dies. The
+	 * fake reclaims it when a scanner can tell its owner is gone, which a
+	 * restored process in a new PID namespace cannot for its former self
+	 * (in a namespace it does not see): the caller, on the node, sweeps. */
+	struct fg_world now;
+	if (fg_load(&now) == 0)
+		for (int gi = 0; gi < now.n; gi++)
+			fg_scan(&now, gi, NULL, NULL);
 	return request(pid, 'R', 0, n, olds, news, NULL);
 }
 

@@ -7,13 +7,22 @@
  *   gpus                  one GPU per line: "UUID MEMORY_MIB MODEL..." (index = line order)
  *   driver                optional: "CUDA_VERSION DRIVER_VERSION", e.g. "13000 580.65.06"
  *   inject                optional: "key=value" lines read at each request (see fakecuda.c)
- *   mem/<UUID>/<pid>.<start>.<ctx>
+ *   mem/<UUID>/<name>.<start>.<ctx>
  *                         device memory of one context: the bytes of its allocations.
- *                         It is owned by the process (pid, start time); once that
+ *                         It is owned by the process (name, start time); once that
  *                         process is gone the file is reclaimed, as the real driver
  *                         frees a dead process's contexts.
- *   proc/<pid>/           mailbox between a controller and the target's driver thread
+ *   proc/<name>/          mailbox between a controller and the target's driver thread
  *   xid                   optional: "UUID XID" lines, delivered as NVML Xid events
+ *
+ * A process is named "<ns>-<pid>": the inode of its PID namespace
+ * (/proc/<pid>/ns/pid reads "pid:[<ns>]") and its PID in that namespace (the
+ * last NSpid of /proc/<pid>/status). A process in a PID namespace of its own
+ * (a job under cryo run) has one PID inside and another on the node; this
+ * name is the same from both sides: the process computes it from getpid(),
+ * a controller on the node from the PID it sees (fg_name_of), and a scanner
+ * turns it back into the PID it sees (fg_resolve). As the real driver does,
+ * every API takes and reports PIDs as its caller sees them.
  *
  * Device memory is never in a process's address space: it is reachable only
  * through the fake API, so a CRIU image of a process that was not CUDA-
@@ -174,11 +183,14 @@ static __attribute__((unused)) long long fg_boot_offset_ticks(void)
  * root namespace's clock, 0 if there is no such process. With the pid it
  * names a process uniquely; a process that CRIU restored has the same pid
  * but a new start time. Seen through a time namespace it may be off by
- * one tick: compare with fg_same_start. */
+ * one tick: compare with fg_same_start. pid 0 is the caller. */
 static __attribute__((unused)) unsigned long long fg_proc_start(int pid)
 {
 	char p[64], buf[1024];
-	snprintf(p, sizeof(p), "/proc/%d/stat", pid);
+	if (pid == 0)
+		snprintf(p, sizeof(p), "/proc/self/stat"); /* whatever namespace /proc is of */
+	else
+		snprintf(p, sizeof(p), "/proc/%d/stat", pid);
 	int fd = open(p, O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
 		return 0;
@@ -224,6 +236,128 @@ static __attribute__((unused)) char fg_proc_state(int pid)
 	return (s != NULL && s[1] == ' ') ? s[2] : 0;
 }
 
+/* fg_name is how the fake names a process across PID namespaces. */
+struct fg_name {
+	unsigned long long ns; /* inode of its PID namespace */
+	int pid;               /* its PID there */
+};
+
+/* fg_ns_inode reads the PID namespace inode of pid (0: the caller); 0 when
+ * it cannot be read (no such process, or not ours to inspect). */
+static __attribute__((unused)) unsigned long long fg_ns_inode(int pid)
+{
+	char p[64], link[64];
+	if (pid == 0)
+		snprintf(p, sizeof(p), "/proc/self/ns/pid");
+	else
+		snprintf(p, sizeof(p), "/proc/%d/ns/pid", pid);
+	ssize_t n = readlink(p, link, sizeof(link) - 1);
+	if (n <= 0)
+		return 0;
+	link[n] = 0;
+	unsigned long long ino;
+	return sscanf(link, "pid:[%llu]", &ino) == 1 ? ino : 0;
+}
+
+/* fg_inner_pid is pid's PID in its own PID namespace: the last field of the
+ * NSpid line of its status (pid itself on kernels without one); 0 if it
+ * cannot be read. */
+static __attribute__((unused)) int fg_inner_pid(int pid)
+{
+	char p[64], buf[4096];
+	snprintf(p, sizeof(p), "/proc/%d/status", pid);
+	int fd = open(p, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return 0;
+	ssize_t n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return 0;
+	buf[n] = 0;
+	char *l = strstr(buf, "\nNSpid:");
+	if (l == NULL)
+		return pid;
+	l += strlen("\nNSpid:");
+	int last = 0;
+	for (;;) {
+		while (*l == ' ' || *l == '\t')
+			l++;
+		if (!isdigit((unsigned char)*l))
+			break;
+		last = (int)strtol(l, &l, 10);
+	}
+	return last;
+}
+
+/* fg_name_of names pid as seen by the caller (0: the caller itself);
+ * 0 on success, -1 when the process cannot be inspected. */
+static __attribute__((unused)) int fg_name_of(int pid, struct fg_name *out)
+{
+	out->ns = fg_ns_inode(pid);
+	out->pid = pid == 0 ? (int)getpid() : fg_inner_pid(pid);
+	return out->ns != 0 && out->pid > 0 ? 0 : -1;
+}
+
+/* fg_name_format writes "<ns>-<pid>". */
+static __attribute__((unused)) void fg_name_format(const struct fg_name *n, char *out, size_t len)
+{
+	snprintf(out, len, "%llu-%d", n->ns, n->pid);
+}
+
+/* The initial PID namespace's inode (PROC_PID_INIT_INO of the kernel): a
+ * process there sees every process of the node. */
+#define FG_INIT_PID_NS 0xEFFFFFFCULL
+
+enum { FG_SEEN = 0, FG_GONE = 1, FG_UNSEEN = 2 };
+
+/* fg_resolve finds the process named n that started at start (as
+ * fg_proc_start gives it), as the caller sees it. FG_SEEN: it is *pid.
+ * FG_GONE: it is no more, as the caller can tell: n's namespace is one it
+ * sees (its own, or one it sees processes of) and the process is not in it,
+ * or the caller sees every process of the node (it is in the initial PID
+ * namespace) and none could be that one. FG_UNSEEN: the caller cannot
+ * tell, as a process in a job's PID namespace cannot see those outside. */
+static __attribute__((unused)) int fg_resolve(const struct fg_name *n, unsigned long long start, int *pid)
+{
+	unsigned long long own = fg_ns_inode(0);
+	if (own != 0 && n->ns == own && fg_ns_inode(n->pid) == own && fg_inner_pid(n->pid) == n->pid) {
+		/* Our own namespace, and /proc is of it: its PIDs are ours. */
+		*pid = n->pid;
+		return fg_same_start(fg_proc_start(n->pid), start) ? FG_SEEN : FG_GONE;
+	}
+	DIR *d = opendir("/proc");
+	if (d == NULL)
+		return FG_UNSEEN;
+	int members = 0, maybe = 0, how = -1;
+	struct dirent *e;
+	while (how < 0 && (e = readdir(d)) != NULL) {
+		if (!isdigit((unsigned char)e->d_name[0]))
+			continue;
+		int x = atoi(e->d_name);
+		unsigned long long ns = fg_ns_inode(x);
+		if (ns == 0) {
+			/* Not ours to inspect (or just gone): it could be the one
+			 * only if it started when that one did. */
+			maybe += fg_same_start(fg_proc_start(x), start);
+			continue;
+		}
+		if (ns != n->ns)
+			continue;
+		members++;
+		if (fg_inner_pid(x) == n->pid) {
+			*pid = x;
+			/* The name is taken by another process: the one is gone. */
+			how = fg_same_start(fg_proc_start(x), start) ? FG_SEEN : FG_GONE;
+		}
+	}
+	closedir(d);
+	if (how >= 0)
+		return how;
+	if (members > 0 || (own == FG_INIT_PID_NS && maybe == 0))
+		return FG_GONE;
+	return FG_UNSEEN;
+}
+
 static __attribute__((unused)) void fg_mkdirs(const char *path)
 {
 	char tmp[PATH_MAX];
@@ -243,18 +377,20 @@ static __attribute__((unused)) void fg_mem_dir(const struct fg_world *w, const c
 	snprintf(out, len, "%s/mem/%s", w->root, uuid);
 }
 
-/* fg_memfile_owner parses "<pid>.<start>.<ctx>". */
-static __attribute__((unused)) int fg_memfile_owner(const char *name, int *pid, unsigned long long *start)
+/* fg_memfile_owner parses "<ns>-<pid>.<start>.<ctx>". */
+static __attribute__((unused)) int fg_memfile_owner(const char *name, struct fg_name *owner, unsigned long long *start)
 {
-	return sscanf(name, "%d.%llu.", pid, start) == 2 ? 0 : -1;
+	return sscanf(name, "%llu-%d.%llu.", &owner->ns, &owner->pid, start) == 3 && owner->pid > 0 ? 0 : -1;
 }
 
-/* fg_usage is the callback of fg_scan for one live context's memory. */
+/* fg_usage is the callback of fg_scan for one live context's memory; pid
+ * is its owner as the caller sees it. */
 typedef void (*fg_usage_fn)(void *arg, int pid, unsigned long long bytes);
 
 /* fg_scan walks the device memory of GPU gi: it reclaims memory whose
- * owner is gone, reports each live context through fn (may be NULL) and
- * returns the bytes in use. */
+ * owner is gone, reports each live context whose owner the caller sees
+ * through fn (may be NULL) and returns the bytes in use, those of owners
+ * it cannot see included. */
 static __attribute__((unused)) unsigned long long fg_scan(const struct fg_world *w, int gi, fg_usage_fn fn, void *arg)
 {
 	char dir[PATH_MAX];
@@ -265,13 +401,14 @@ static __attribute__((unused)) unsigned long long fg_scan(const struct fg_world 
 	unsigned long long used = 0;
 	struct dirent *e;
 	while ((e = readdir(d)) != NULL) {
-		int pid;
+		struct fg_name owner;
 		unsigned long long start;
-		if (e->d_name[0] == '.' || fg_memfile_owner(e->d_name, &pid, &start) != 0)
+		if (e->d_name[0] == '.' || fg_memfile_owner(e->d_name, &owner, &start) != 0)
 			continue;
 		char p[PATH_MAX + 300];
 		snprintf(p, sizeof(p), "%s/%s", dir, e->d_name);
-		if (!fg_same_start(fg_proc_start(pid), start)) {
+		int pid = 0, how = fg_resolve(&owner, start, &pid);
+		if (how == FG_GONE) {
 			unlink(p); /* the owner died: the driver frees its memory */
 			continue;
 		}
@@ -279,7 +416,7 @@ static __attribute__((unused)) unsigned long long fg_scan(const struct fg_world 
 		if (stat(p, &st) != 0)
 			continue;
 		used += (unsigned long long)st.st_size;
-		if (fn != NULL)
+		if (fn != NULL && how == FG_SEEN)
 			fn(arg, pid, (unsigned long long)st.st_size);
 	}
 	closedir(d);

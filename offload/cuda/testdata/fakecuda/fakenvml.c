@@ -9,7 +9,10 @@
  * compute processes on each device with the device memory they hold, and
  * Xid events read from $FAKECUDA_ROOT/xid ("UUID XID" lines). Memory in use
  * is what the live contexts of fakecuda hold; a checkpointed process holds
- * none and is not listed, as with the real driver.
+ * none and is not listed, as with the real driver. Processes are listed by
+ * their PIDs as the caller sees them (a job in a PID namespace of its own
+ * by its PIDs on the node); one the caller cannot see (outside its own PID
+ * namespace) is not listed, though its memory counts as used.
  */
 #include "fakegpu.h"
 
