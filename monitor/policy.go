@@ -11,11 +11,13 @@ import (
 	"fmt"
 	"sort"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/cryo-hpc/cryo/internal/criu"
 	"github.com/cryo-hpc/cryo/internal/store"
 	"github.com/cryo-hpc/cryo/restore"
+	"golang.org/x/sys/unix"
 )
 
 // Failure kinds.
@@ -72,6 +74,10 @@ func (e treeEnd) describe() string {
 //     host's own end follows from that, so that is the failure.
 //   - The host was killed by a signal, or job-init ended without reporting
 //     the host's end (it was killed): a crash.
+//   - The host exited with 128+N, N a signal's number: how shells and MPI
+//     launchers (mpirun, mpiexec, srun) report that a process of theirs,
+//     a rank, was killed by signal N. The job did not give an answer: a
+//     crash too.
 //   - The host exited with another code: the job's answer, passed through,
 //     unless restartOnExit makes it a failure.
 func judgeEnd(initHow string, host *treeEnd, pending failure, restartOnExit bool, now time.Time) (f failure, code int, done bool) {
@@ -85,11 +91,27 @@ func judgeEnd(initHow string, host *treeEnd, pending failure, restartOnExit bool
 	case host.signal != "":
 		return failure{kind: kindCrash, tree: host.tree, code: host.code, onset: host.at,
 			detail: fmt.Sprintf("host tree (pid %d) %s", host.pid, host.describe())}, 0, false
+	case reportedSignal(host.code) != "":
+		return failure{kind: kindCrash, tree: host.tree, code: host.code, onset: host.at,
+			detail: fmt.Sprintf("host tree (pid %d) %s: a process of the job was killed by %s (128+%d is how shells and MPI launchers report that)",
+				host.pid, host.describe(), reportedSignal(host.code), host.code-128)}, 0, false
 	case restartOnExit:
 		return failure{kind: kindExit, tree: host.tree, code: host.code, onset: host.at,
 			detail: fmt.Sprintf("host tree (pid %d) %s", host.pid, host.describe())}, 0, false
 	}
 	return failure{}, host.code, true
+}
+
+// reportedSignal is the name of the signal an exit code of 128+N reports
+// (N from 1 to 64, the kernel's signals), or "" for any other code.
+func reportedSignal(code int) string {
+	if code <= 128 || code > 128+64 {
+		return ""
+	}
+	if name := unix.SignalName(syscall.Signal(code - 128)); name != "" {
+		return name
+	}
+	return fmt.Sprintf("signal %d", code-128)
 }
 
 // Generation is a committed generation, as the supervisor sees it.

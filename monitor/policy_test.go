@@ -52,6 +52,10 @@ func TestJudgeEnd(t *testing.T) {
 		{name: "a plain exit code is the job's answer", host: host(3, ""), wantDone: true, wantCode: 3},
 		{name: "with --restart-on-exit it is a failure", host: host(3, ""), restartOnExit: true, wantKind: kindExit},
 		{name: "a signal is a crash", host: host(139, "SIGSEGV"), wantKind: kindCrash},
+		{name: "a launcher reporting a rank killed by SIGKILL is a crash", host: host(137, ""), wantKind: kindCrash},
+		{name: "so is one reporting SIGSEGV, with --restart-on-exit too", host: host(139, ""), restartOnExit: true, wantKind: kindCrash},
+		{name: "128 itself is a plain code", host: host(128, ""), wantDone: true, wantCode: 128},
+		{name: "above 128+64 is a plain code", host: host(255, ""), wantDone: true, wantCode: 255},
 		{name: "an offload tree that died first is the failure", host: host(4, ""), pending: offload, wantKind: kindTree},
 		{name: "job-init gone without the host's end", wantKind: kindCrash},
 	}
