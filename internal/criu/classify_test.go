@@ -33,6 +33,7 @@ func TestErrorClassifies(t *testing.T) {
 			name:   "ghost limit",
 			log:    "(00.1) Error (criu/files-reg.c:930): Can't dump ghost file /dev/shm/ucx_shm_posix_1 of 4296704 size, increase limit\n(00.2) Error (criu/cr-dump.c:2000): Dumping FAILED.\n",
 			reason: "Can't dump ghost file /dev/shm/ucx_shm_posix_1 of 4296704 size, increase limit", recurs: true,
+			briefParts: []string{"larger than CRIU's ghost limit", "--ghost-limit raises it"},
 		},
 		{
 			name:   "a taken pid is not recurring",

@@ -151,6 +151,7 @@ var recurring = []struct{ match, what string }{
 	{"has bad size", "a file the job had open changed size"},
 	{"has bad mode", "a file the job had open changed mode"},
 	{"has bad build-ID", "a file the job had open was replaced"},
+	{"Can't dump ghost file", "a deleted file the job holds open (shared memory of an MPI library, say) is larger than CRIU's ghost limit; --ghost-limit raises it"},
 	{"increase limit", "a CRIU limit was reached"},
 	{"doesn't live in IPC ns", "the job uses SysV IPC outside an IPC namespace of its own"},
 	{"Unsupported proto", "the job holds a socket CRIU cannot checkpoint"},
