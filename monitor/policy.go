@@ -155,7 +155,18 @@ type policy struct {
 	passed   map[int]pass
 	tries    map[int]int // transient restore failures per generation, this recovery
 	last     lastRestore
+	// addrSince is when, in this recovery, restores first found an address
+	// the job binds in use (zero: not yet).
+	addrSince time.Time
 }
+
+// AddrWait is how long restores keep trying while an address the job
+// binds is in use on the node (criu.ErrAddressInUse), and addrRetry how
+// often: Linux keeps a closed connection's port in TIME_WAIT for 60 s.
+const (
+	AddrWait  = 75 * time.Second
+	addrRetry = 3 * time.Second
+)
 
 func newPolicy(cfg Config) policy {
 	return policy{maxRestarts: cfg.MaxRestarts, backoff: cfg.Backoff, repeatWindow: cfg.RepeatWindow,
@@ -193,7 +204,7 @@ func (p *policy) failed(f failure) {
 	if l.valid && l.gen > 0 && !l.checkpointed && f.same(l.cause) && f.onset.Sub(l.at) < p.repeatWindow {
 		p.passOver(l.gen, fmt.Sprintf("the job failed the same way (%s) right after it was restored from it", f.kind), true)
 	}
-	p.onset, p.cause, p.tries = f.onset, f, map[int]int{}
+	p.onset, p.cause, p.tries, p.addrSince = f.onset, f, map[int]int{}, time.Time{}
 }
 
 // attempt says whether another attempt to bring the job back may be made,
@@ -287,6 +298,7 @@ const (
 	retryLater verdict = iota // back off, then try again from the newest candidate
 	tryOlder                  // the generation is passed over: try the next one now
 	stop                      // no generation can be restored here now: give up
+	waitRetry                 // wait (addrRetry) and try the same again: not a restart
 )
 
 // restoreFailed decides what a failed restore of generation g means, from
@@ -294,14 +306,26 @@ const (
 //   - a PID the job needs is held by a live process outside it: no
 //     generation restores on this node while it lives, and cryo never
 //     signals it (stop);
+//   - an address the job binds is in use on the node: most likely its own
+//     old connections in TCP's TIME_WAIT, gone within a minute; wait and
+//     try again (waitRetry, not counted as a restart) for up to AddrWait,
+//     then it is another's, and no generation restores here now (stop);
 //   - the generation is damaged, or CRIU's failure recurs (a missing file,
 //     a limit): that generation will never restore (tryOlder);
 //   - anything else may pass (a dying process still holding a PID): retry
 //     after the backoff, and pass the generation over when it fails twice.
-func (p *policy) restoreFailed(g int, err error) verdict {
+func (p *policy) restoreFailed(g int, err error, now time.Time) verdict {
 	var pe *restore.PIDError
 	switch {
 	case errors.As(err, &pe) && pe.Live:
+		return stop
+	case errors.Is(err, criu.ErrAddressInUse):
+		if p.addrSince.IsZero() {
+			p.addrSince = now
+		}
+		if now.Sub(p.addrSince) < AddrWait {
+			return waitRetry
+		}
 		return stop
 	case errors.Is(err, store.ErrCorrupt):
 		p.passOver(g, "it is damaged", false)
@@ -322,7 +346,7 @@ func (p *policy) restoreFailed(g int, err error) verdict {
 // the beginning) at now.
 func (p *policy) restored(gen int, now time.Time) {
 	p.last = lastRestore{valid: true, gen: gen, at: now, cause: p.cause}
-	p.onset, p.tries = time.Time{}, map[int]int{}
+	p.onset, p.tries, p.addrSince = time.Time{}, map[int]int{}, time.Time{}
 }
 
 // checkpointed records that the job was checkpointed.

@@ -205,20 +205,20 @@ func TestRestoreFailureVerdicts(t *testing.T) {
 	p := testPolicy()
 	p.failed(failure{kind: kindCrash, onset: at(10)})
 	gens := gensEvery(3)
-	if v := p.restoreFailed(3, fmt.Errorf("restore generation 3: %w", recurring)); v != tryOlder {
+	if v := p.restoreFailed(3, fmt.Errorf("restore generation 3: %w", recurring), at(11)); v != tryOlder {
 		t.Errorf("a missing file: %v, want tryOlder", v)
 	}
 	if c := p.choose(gens); c.gen != 2 {
 		t.Errorf("after 3 does not restore: %+v, want 2", c)
 	}
-	if v := p.restoreFailed(2, damaged); v != tryOlder {
+	if v := p.restoreFailed(2, damaged, at(11)); v != tryOlder {
 		t.Errorf("damage: %v, want tryOlder", v)
 	}
 	// A dying holder may pass: retry, and after a second time pass over.
-	if v := p.restoreFailed(1, dyingPID); v != retryLater {
+	if v := p.restoreFailed(1, dyingPID, at(11)); v != retryLater {
 		t.Errorf("a dying holder: %v, want retryLater", v)
 	}
-	if v := p.restoreFailed(1, dyingPID); v != tryOlder {
+	if v := p.restoreFailed(1, dyingPID, at(11)); v != tryOlder {
 		t.Errorf("a dying holder twice: %v, want tryOlder", v)
 	}
 	// Nothing left that restores: give up, do not throw the work away.
@@ -227,8 +227,37 @@ func TestRestoreFailureVerdicts(t *testing.T) {
 	}
 	// A live process outside the job holds a PID: stop at once.
 	q := testPolicy()
-	if v := q.restoreFailed(3, fmt.Errorf("restore: %w", taken)); v != stop {
+	if v := q.restoreFailed(3, fmt.Errorf("restore: %w", taken), at(11)); v != stop {
 		t.Errorf("a live holder: %v, want stop", v)
+	}
+}
+
+// A port the job listens on still in use (its old connections in TCP's
+// TIME_WAIT): the same restore is tried again, without counting restarts,
+// for up to AddrWait; then the address is another's, and nothing restores
+// here now. A new failure starts the wait afresh.
+func TestRestoreWaitsForAnAddressInUse(t *testing.T) {
+	dir := t.TempDir()
+	inUse := &criu.Error{Err: errors.New("criu RESTORE failed"), Log: dir + "/restore.log"}
+	writeLog(t, inUse.Log, "(00.1)     1: Error (criu/sk-inet.c:1059): inet: Can't bind inet socket (id 96): Address already in use\n")
+	err := fmt.Errorf("restore generation 3: %w", inUse)
+	p := testPolicy()
+	p.failed(failure{kind: kindCrash, onset: at(10)})
+	t0 := at(11)
+	for _, d := range []time.Duration{0, addrRetry, AddrWait - time.Second} {
+		if v := p.restoreFailed(3, err, t0.Add(d)); v != waitRetry {
+			t.Errorf("address in use for %v: %v, want waitRetry", d, v)
+		}
+	}
+	if p.restarts != 0 || p.tries[3] != 0 {
+		t.Errorf("waiting for an address counted restarts %d, tries %d", p.restarts, p.tries[3])
+	}
+	if v := p.restoreFailed(3, err, t0.Add(AddrWait)); v != stop {
+		t.Errorf("address in use for AddrWait: %v, want stop", v)
+	}
+	p.failed(failure{kind: kindCrash, onset: at(20)})
+	if v := p.restoreFailed(3, err, at(21)); v != waitRetry {
+		t.Errorf("after a new failure: %v, want waitRetry again", v)
 	}
 }
 

@@ -36,6 +36,13 @@ func TestErrorClassifies(t *testing.T) {
 			briefParts: []string{"larger than CRIU's ghost limit", "--ghost-limit raises it"},
 		},
 		{
+			name: "a port in use may pass",
+			log: "(00.1)     1: Error (criu/sk-inet.c:1059): inet: Can't bind inet socket (id 96): Address already in use\n" +
+				"(00.2) Error (criu/cr-restore.c:2600): Restoring FAILED.\n",
+			reason: "inet: Can't bind inet socket (id 96): Address already in use", recurs: false,
+			briefParts: []string{"a port the job listens on is in use on this node", "TIME_WAIT"},
+		},
+		{
 			name:   "a taken pid is not recurring",
 			log:    "(00.1) Error (criu/cr-restore.c:1500): Can't fork for 10286: File exists\n(00.2) Error (criu/cr-restore.c:2600): Restoring FAILED.\n",
 			reason: "Can't fork for 10286: File exists", recurs: false,
@@ -59,6 +66,9 @@ func TestErrorClassifies(t *testing.T) {
 			}
 			if got := errors.Is(wrapped, ErrRecurring); got != tc.recurs {
 				t.Errorf("errors.Is(err, ErrRecurring) = %v, want %v", got, tc.recurs)
+			}
+			if got, want := errors.Is(wrapped, ErrAddressInUse), strings.Contains(tc.reason, "Address already in use"); got != want {
+				t.Errorf("errors.Is(err, ErrAddressInUse) = %v, want %v", got, want)
 			}
 			b := e.Brief()
 			if strings.Contains(b, "\n") || !strings.Contains(b, tc.reason) || !strings.Contains(b, p) {
