@@ -1,7 +1,6 @@
 package cli
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -367,83 +366,6 @@ func stdoutFor(explicit string, own, ownErr *os.File, fallback string) (string, 
 		}
 	}
 	return fallback, fallback
-}
-
-// relay copies what the job appends to its output files to cryo's own
-// streams: stdout as it is, stderr a line at a time, each line prefixed
-// "host: ". After a restore has cut a file back, what the restored job
-// writes again up to where the relay had got is not relayed twice.
-func relay(ctx context.Context, outPath string, out io.Writer, errPath string, errw io.Writer) func() {
-	ctx, cancel := context.WithCancel(ctx)
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		offs := map[string]int64{}
-		if outPath != "" {
-			offs[outPath], _ = fileSizeOf(outPath)
-		}
-		if errPath != "" {
-			offs[errPath], _ = fileSizeOf(errPath)
-		}
-		var partial []byte // of stderr: the line not yet ended
-		lines := func(b []byte, flush bool) {
-			partial = append(partial, b...)
-			for {
-				i := bytes.IndexByte(partial, '\n')
-				if i < 0 {
-					break
-				}
-				fmt.Fprintf(errw, "host: %s\n", partial[:i])
-				partial = partial[i+1:]
-			}
-			if flush && len(partial) > 0 {
-				fmt.Fprintf(errw, "host: %s\n", partial)
-				partial = nil
-			}
-		}
-		pump := func(flush bool) {
-			for _, p := range []string{outPath, errPath} {
-				if p == "" {
-					continue
-				}
-				f, err := os.Open(p)
-				if err != nil {
-					continue
-				}
-				var b []byte
-				if _, err := f.Seek(offs[p], io.SeekStart); err == nil {
-					b, _ = io.ReadAll(io.LimitReader(f, 16<<20))
-					offs[p] += int64(len(b))
-				}
-				f.Close()
-				if p == outPath {
-					out.Write(b)
-				} else {
-					lines(b, flush)
-				}
-			}
-		}
-		t := time.NewTicker(100 * time.Millisecond)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				pump(true)
-				return
-			case <-t.C:
-				pump(false)
-			}
-		}
-	}()
-	return func() { cancel(); <-done }
-}
-
-func fileSizeOf(p string) (int64, error) {
-	st, err := os.Stat(p)
-	if err != nil {
-		return 0, err
-	}
-	return st.Size(), nil
 }
 
 func mustGetwd() string {
