@@ -28,7 +28,9 @@ all: build
 build:
 	$(GO) build -o $(BIN) ./cmd/cryo
 
-$(CRIU):
+# Rebuilt when cryo's CRIU patches or the script change (the script itself
+# finds an up-to-date binary and stops at once).
+$(CRIU): scripts/install-criu.sh $(wildcard scripts/criu-patches/*.patch)
 	scripts/install-criu.sh $(CRIU_PREFIX)
 
 criu: $(CRIU)
