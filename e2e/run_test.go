@@ -79,6 +79,13 @@ func startRun(t *testing.T, criu string, args ...string) *runJob {
 // is then what cryo's stdout showed.
 func startRunWith(t *testing.T, criu string, pipe bool, args ...string) *runJob {
 	t.Helper()
+	return startRunPrep(t, criu, pipe, nil, args...)
+}
+
+// startRunPrep is startRunWith with prep applied to the command before it
+// starts (another environment, another user, a working directory).
+func startRunPrep(t *testing.T, criu string, pipe bool, prep func(*exec.Cmd), args ...string) *runJob {
+	t.Helper()
 	dir := t.TempDir()
 	r := &runJob{out: filepath.Join(dir, "job.out"), err: filepath.Join(dir, "cryo.err"), done: make(chan struct{})}
 	outf, _ := os.Create(r.out)
@@ -90,6 +97,9 @@ func startRunWith(t *testing.T, criu string, pipe bool, args ...string) *runJob 
 	}
 	r.cmd.Env = append(os.Environ(), "CRYO_CRIU="+criu)
 	r.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if prep != nil {
+		prep(r.cmd)
+	}
 	if err := r.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
