@@ -499,7 +499,8 @@ func TestAppsRestoreWhilePIDsAreTaken(t *testing.T) {
 // has unlinked from the job's /dev/shm, 4 MiB of it, more than CRIU keeps
 // of a deleted file by default. Without --ghost-limit the checkpoint fails
 // in one line that names the flag (and the job goes on to its normal end);
-// with it, the same job is checkpointed.
+// with it, or the same limit in a --criu-config file, the same job is
+// checkpointed.
 func TestAppMPICHNeedsGhostLimit(t *testing.T) {
 	criu := requireCRIU(t)
 	a := apps["mpich"]
@@ -522,12 +523,20 @@ func TestAppMPICHNeedsGhostLimit(t *testing.T) {
 		t.Errorf("the job whose checkpoint failed printed other than an uninterrupted run:\n%s", firstDiff(got, ref.stdout))
 	}
 
-	j = startApp(t, criu, a, appInputs(t, t.TempDir(), -1, -1), nil)
-	j.waitProgress(t, 5, 2*time.Minute)
-	j.checkpoint(t, 1)
-	j.r.cmd.Process.Signal(syscall.SIGTERM)
-	if code := j.r.wait(t, time.Minute); code != 143 {
-		t.Errorf("stop after the checkpoint: exit %d, want 143\n%s", code, j.r.messages(t))
+	// With the flag, or with the same limit in a CRIU configuration file
+	// (--criu-config, CRIU's own syntax), the job is checkpointed.
+	conf := filepath.Join(t.TempDir(), "criu.conf")
+	if err := os.WriteFile(conf, []byte("# for MPICH's shared memory\nghost-limit 16M\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, flags := range [][]string{{"--ghost-limit", "16M"}, {"--criu-config", conf}} {
+		j = startApp(t, criu, without, appInputs(t, t.TempDir(), -1, -1), nil, flags...)
+		j.waitProgress(t, 5, 2*time.Minute)
+		j.checkpoint(t, 1)
+		j.r.cmd.Process.Signal(syscall.SIGTERM)
+		if code := j.r.wait(t, time.Minute); code != 143 {
+			t.Errorf("%v: stop after the checkpoint: exit %d, want 143\n%s", flags, code, j.r.messages(t))
+		}
 	}
 }
 
