@@ -84,7 +84,7 @@ var apps = map[string]app{
 			// A node shared with other jobs (as the test machines are) has
 			// fewer idle cores than ranks at times: the ranks yield when
 			// they wait, rather than spin.
-			return []string{"mpirun", "-np", "2", "--oversubscribe", "--mca", "mpi_yield_when_idle", "1",
+			return []string{"mpirun.openmpi", "-np", "2", "--oversubscribe", "--mca", "mpi_yield_when_idle", "1",
 				"lmp", "-in", filepath.Join(in, "melt.in"), "-var", "steps", "10000", "-log", log}
 		},
 		env: ompiAsRoot, rank: "lmp", progress: thermoRow, mask: maskLAMMPS,
@@ -116,7 +116,7 @@ var apps = map[string]app{
 func requireApp(t *testing.T, a app) {
 	t.Helper()
 	need := map[string][]string{
-		"lammps": {"lmp"}, "lammps-openmpi": {"lmp", "mpirun"}, "mpich": {"mpiexec.mpich", "mpicc.mpich"},
+		"lammps": {"lmp"}, "lammps-openmpi": {"lmp", "mpirun.openmpi"}, "mpich": {"mpiexec.mpich", "mpicc.mpich"},
 		"pytorch": {"/usr/bin/python3"},
 	}[a.name]
 	for _, p := range need {

@@ -41,6 +41,10 @@ type failure struct {
 	code   int    // exit code, or 128+signal, for exits and crashes
 	detail string
 	onset  time.Time
+	// reported: the host exited with a code of its own that reports a
+	// failure of a process below it (an MPI launcher's rank): that
+	// process may have died well before the host ended (see choose).
+	reported bool
 }
 
 func (f failure) String() string { return f.kind + ": " + f.detail }
@@ -92,11 +96,11 @@ func judgeEnd(initHow string, host *treeEnd, pending failure, restartOnExit bool
 		return failure{kind: kindCrash, tree: host.tree, code: host.code, onset: host.at,
 			detail: fmt.Sprintf("host tree (pid %d) %s", host.pid, host.describe())}, 0, false
 	case reportedSignal(host.code) != "":
-		return failure{kind: kindCrash, tree: host.tree, code: host.code, onset: host.at,
+		return failure{kind: kindCrash, tree: host.tree, code: host.code, onset: host.at, reported: true,
 			detail: fmt.Sprintf("host tree (pid %d) %s: a process of the job was killed by %s (128+%d is how shells and MPI launchers report that)",
 				host.pid, host.describe(), reportedSignal(host.code), host.code-128)}, 0, false
 	case restartOnExit:
-		return failure{kind: kindExit, tree: host.tree, code: host.code, onset: host.at,
+		return failure{kind: kindExit, tree: host.tree, code: host.code, onset: host.at, reported: true,
 			detail: fmt.Sprintf("host tree (pid %d) %s", host.pid, host.describe())}, 0, false
 	}
 	return failure{}, host.code, true
@@ -239,7 +243,11 @@ type choice struct {
 
 // choose picks the newest generation that was taken before the failure's
 // onset and is not passed over. Generations taken after the onset are
-// passed over from then on (they may hold the fault), not deleted. With none left the job starts from the beginning,
+// passed over from then on (they may hold the fault), not deleted. When
+// the host reported the failure of a process below it (an MPI launcher's
+// exit code for a dead rank), that process may have died well before the
+// host ended, and a generation taken meanwhile lacks it: one with fewer
+// processes than the generation before it is passed over too. With none left the job starts from the beginning,
 // unless some generation failed to restore for a reason that recurs (then
 // the user has to act: a fresh start would throw the work away).
 func (p *policy) choose(gens []Generation) choice {
@@ -258,6 +266,11 @@ func (p *policy) choose(gens []Generation) choice {
 		if !p.onset.IsZero() && !g.Began.Before(p.onset) {
 			c.after = append(c.after, g.N)
 			p.passOver(g.N, fmt.Sprintf("it was taken after a failure may have begun (%s)", p.onset.Format("15:04:05.000")), true)
+			continue
+		}
+		if p.cause.reported && i > 0 && len(g.PIDs) < len(gens[i-1].PIDs) {
+			p.passOver(g.N, fmt.Sprintf("it holds %d processes, fewer than the %d of the generation before: the process whose failure the host reported may have been gone already",
+				len(g.PIDs), len(gens[i-1].PIDs)), true)
 			continue
 		}
 		c.gen = g.N

@@ -232,6 +232,34 @@ func TestRestoreFailureVerdicts(t *testing.T) {
 	}
 }
 
+// mpirun exits 137 some time after a rank was killed; a checkpoint taken
+// meanwhile lacks the rank. When the host reports a failure of a process
+// below it, a generation with fewer processes than the one before is
+// passed over; for a crash of the host itself, process counts say nothing.
+func TestAReportedFailurePassesOverGenerationsThatLackAProcess(t *testing.T) {
+	gens := gensEvery(4)
+	for i, n := range []int{4, 4, 4, 3} { // generation 4: a rank is gone
+		for k := 0; k < n; k++ {
+			gens[i].PIDs = append(gens[i].PIDs, 10+k)
+		}
+	}
+	p := testPolicy()
+	host := &treeEnd{tree: "host", pid: 7, code: 137, at: at(10)}
+	f, _, done := judgeEnd("", host, failure{}, false, at(10))
+	if done || !f.reported {
+		t.Fatalf("mpirun's 137: %+v, done %v; want a reported crash", f, done)
+	}
+	p.failed(f)
+	if c := p.choose(gens); c.gen != 3 || !strings.Contains(p.passed[4].why, "fewer than the 4") {
+		t.Errorf("choose = %+v, passed %v; want 3, and 4 passed over for lacking a process", c, p.passed)
+	}
+	q := testPolicy()
+	q.failed(failure{kind: kindCrash, tree: "host", code: 137, onset: at(10)}) // the host itself was killed
+	if c := q.choose(gens); c.gen != 4 {
+		t.Errorf("a crash of the host itself: choose = %+v, want the newest, 4", c)
+	}
+}
+
 // A port the job listens on still in use (its old connections in TCP's
 // TIME_WAIT): the same restore is tried again, without counting restarts,
 // for up to AddrWait; then the address is another's, and nothing restores
