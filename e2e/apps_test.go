@@ -446,9 +446,23 @@ func TestAppsRestoreWhilePIDsAreTaken(t *testing.T) {
 	criu := requireCRIU(t)
 	a := apps["lammps-openmpi"]
 	requireApp(t, a)
+	restoreWhilePIDsAreTaken(t, criu, a, appInputs(t, t.TempDir(), -1, -1), nil)
+}
+
+// TestUserAppsRestoreWhilePIDsAreTaken: the same for a user's MPI job
+// (MPICH: a user cannot checkpoint OpenMPI's mpirun), in namespaces the
+// user owns; the holders are root's.
+func TestUserAppsRestoreWhilePIDsAreTaken(t *testing.T) {
+	criu, u := requireUser(t)
+	a := apps["mpich"]
+	requireApp(t, a)
+	restoreWhilePIDsAreTaken(t, criu, a, appInputs(t, u.dir(t), u.uid, u.gid), &u)
+}
+
+func restoreWhilePIDsAreTaken(t *testing.T, criu string, a app, dir string, u *testUser) {
+	t.Helper()
 	appReference(t, a)
-	dir := appInputs(t, t.TempDir(), -1, -1)
-	j := startApp(t, criu, a, dir, nil, "--namespaces", "on")
+	j := startApp(t, criu, a, dir, u, "--namespaces", "on")
 	j.waitProgress(t, 8, 2*time.Minute)
 	m := jobInitRE.FindStringSubmatch(j.r.messages(t))
 	if m == nil {
@@ -461,7 +475,7 @@ func TestAppsRestoreWhilePIDsAreTaken(t *testing.T) {
 	}
 	old := namespaceMembers(t, ns)
 	if len(old) < 4 {
-		t.Fatalf("the job has %d processes on the node (%v), want job-init, mpirun and 2 ranks", len(old), old)
+		t.Fatalf("the job has %d processes on the node (%v), want job-init, the launcher and 2 ranks at least", len(old), old)
 	}
 	j.r.cmd.Process.Signal(syscall.SIGTERM)
 	if code := j.r.wait(t, time.Minute); code != 143 {
@@ -480,7 +494,7 @@ func TestAppsRestoreWhilePIDsAreTaken(t *testing.T) {
 		t.Cleanup(func() { h.Process.Kill(); h.Wait() })
 	}
 	first := j.r
-	j.r = startApp(t, criu, a, dir, nil, "--namespaces", "on").r
+	j.r = startApp(t, criu, a, dir, u, "--namespaces", "on").r
 	if code := j.r.wait(t, 3*time.Minute); code != 0 {
 		t.Fatalf("the resumed job exited %d, want 0\ncryo said:\n%s", code, j.r.messages(t))
 	}
