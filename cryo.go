@@ -80,6 +80,14 @@ type CheckpointOptions struct {
 	// is missing) unless ReplicaRequired.
 	Replica         string
 	ReplicaRequired bool
+	// GhostLimit is the largest deleted file the job holds open (the
+	// shared memory an MPI library maps and unlinks, say) whose contents
+	// CRIU saves with the checkpoint, in bytes (0: CRIU's 1 MiB).
+	GhostLimit uint32
+	// CRIUConfig is a CRIU configuration file for the options cryo has
+	// none of; as root it must be root's alone (see internal/criu's
+	// ConfigFile for what it must not set).
+	CRIUConfig string
 	// Offload is the node's offload drivers (offload/drivers.Open), opened
 	// once by a process that checkpoints or restores more than once; nil
 	// opens them for this call and closes them after it.
@@ -108,7 +116,7 @@ func Checkpoint(ctx context.Context, o CheckpointOptions) (*CheckpointResult, er
 		Store: o.Store, PID: o.PID, MorePIDs: o.MorePIDs, Kill: o.Kill, CRIU: bin, WorkDir: o.WorkDir,
 		Keep: o.Keep, LockWait: o.LockWait, CheckCache: criu.CheckCache, Offload: reg,
 		OffloadLockTimeout: o.OffloadTimeout, Replica: o.Replica, ReplicaRequired: o.ReplicaRequired,
-		Progress: o.Progress, Logger: o.Logger,
+		GhostLimit: o.GhostLimit, CRIUConfig: o.CRIUConfig, Progress: o.Progress, Logger: o.Logger,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("checkpoint of pid %d failed: %w", o.PID, err)
@@ -152,6 +160,8 @@ type RestoreOptions struct {
 	// NoStream materializes the images into WorkDir instead of streaming
 	// them from the store into CRIU.
 	NoStream bool
+	// CRIUConfig is as in CheckpointOptions.
+	CRIUConfig string
 	// Offload is as in CheckpointOptions.
 	Offload  *offload.Registry
 	Progress *Progress // counts the image bytes verified so far
@@ -177,7 +187,7 @@ func Restore(ctx context.Context, o RestoreOptions) (*RestoreResult, error) {
 		Store: o.Store, Generation: o.Generation, Fallback: o.Fallback, CRIU: bin, WorkDir: o.WorkDir,
 		PIDWait: o.PIDWait, LockWait: o.LockWait, Sibling: o.Child, CheckCache: criu.CheckCache,
 		DeviceMap: o.DeviceMap, Offload: reg, Replica: o.Replica, Lazy: o.Lazy, NoStream: o.NoStream,
-		Progress: o.Progress, Logger: o.Logger,
+		CRIUConfig: o.CRIUConfig, Progress: o.Progress, Logger: o.Logger,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("restore failed: %w", err)

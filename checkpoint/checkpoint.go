@@ -77,6 +77,13 @@ type Options struct {
 	// Progress, when set, counts the image bytes stored so far.
 	Progress *store.Progress
 	Logger   *slog.Logger
+	// GhostLimit is the largest deleted file the job holds open (the
+	// shared memory an MPI library maps and unlinks, say) whose contents
+	// CRIU saves with the checkpoint, in bytes (0: CRIU's 1 MiB).
+	GhostLimit uint32
+	// CRIUConfig is a CRIU configuration file for what cryo has no option
+	// for (criu.ConfigFile vets it and says what it must not set).
+	CRIUConfig string
 	// Accept, when set, is called just before the commit with what the
 	// generation holds; an error refuses it: nothing is committed,
 	// retention does not run, a Kill job is resumed, and Take returns an
@@ -124,6 +131,10 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 		if !proc.Live(p) {
 			return nil, fmt.Errorf("pid %d: %w", p, ErrNoProcess)
 		}
+	}
+	criuConfig, err := criu.ConfigFile(o.CRIUConfig)
+	if err != nil {
+		return nil, err
 	}
 	bin, err := criu.Vet(ctx, o.CRIU, o.CheckCache)
 	if err != nil {
@@ -186,6 +197,7 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 	copts := criu.JobOptions(bin)
 	copts.ImagesDir, copts.WorkDir, copts.LogFile = images, work, "dump.log"
 	copts.Pid, copts.LeaveRunning, copts.LeaveStopped = o.PID, !o.Kill, o.Kill
+	copts.GhostLimit, copts.ConfigFile = o.GhostLimit, criuConfig
 	// Offload contexts: lock, then checkpoint, so their device state is in
 	// host memory for CRIU. Until Resume (or the job's end) every failure
 	// path must bring them back, after the tree runs again.

@@ -22,6 +22,7 @@ type checkpointOpts struct {
 	offloadWait  time.Duration
 	replica      string
 	replicaReq   bool
+	limits       criuLimits
 }
 
 func checkpointCommand(e *env) *ucli.Command {
@@ -30,7 +31,7 @@ func checkpointCommand(e *env) *ucli.Command {
 		Name:      "checkpoint",
 		Usage:     "checkpoint the process tree rooted at PID into a new generation of the store",
 		ArgsUsage: "PID [PID...]",
-		Flags: append(o.common.flags(),
+		Flags: append(append(o.common.flags(),
 			&ucli.StringFlag{Name: "store", Usage: "store directory (created if missing)", Destination: &o.store, EnvVars: []string{"CRYO_STORE"}, Required: true},
 			&ucli.BoolFlag{Name: "leave-running", Usage: "let the job go on after the checkpoint (default)", Destination: &o.leaveRunning},
 			&ucli.BoolFlag{Name: "kill", Usage: "stop the job once its checkpoint is committed", Destination: &o.kill},
@@ -40,7 +41,7 @@ func checkpointCommand(e *env) *ucli.Command {
 			&ucli.DurationFlag{Name: "offload-timeout", Usage: "how long GPU work in flight may take to drain when the job's CUDA contexts are locked", Value: offload.DefaultLockTimeout, Destination: &o.offloadWait, EnvVars: []string{"CRYO_OFFLOAD_TIMEOUT"}},
 			&ucli.StringFlag{Name: "replica", Usage: "also copy the checkpoint to this store directory (another disk, a partner node's mount); if that fails the checkpoint is kept in --store only, with a warning", Destination: &o.replica, EnvVars: []string{"CRYO_REPLICA"}},
 			&ucli.BoolFlag{Name: "replica-required", Usage: "fail the checkpoint (the job goes on) when the --replica copy cannot be made", Destination: &o.replicaReq, EnvVars: []string{"CRYO_REPLICA_REQUIRED"}},
-		),
+		), o.limits.flags(true)...),
 		Action: o.action(e, func(c *ucli.Context) error {
 			if c.NArg() < 1 {
 				return usagef("checkpoint needs the PID of the job's root (or of each of its trees)")
@@ -63,13 +64,18 @@ func checkpointCommand(e *env) *ucli.Command {
 			if o.replicaReq && o.replica == "" {
 				return usagef("--replica-required needs --replica DIR")
 			}
+			ghostLimit, criuConfig, err := o.limits.parse()
+			if err != nil {
+				return err
+			}
 			reg := o.offload(e)
 			defer reg.Close()
 			prog, done := o.progress(e, "checkpoint: stored")
 			res, err := cryo.Checkpoint(c.Context, cryo.CheckpointOptions{
 				Store: o.store, PID: pid, MorePIDs: pids[1:], Kill: o.kill, CRIU: o.criu, WorkDir: o.workDir,
 				Keep: o.keep, LockWait: o.lockWait, OffloadTimeout: o.offloadWait,
-				Replica: o.replica, ReplicaRequired: o.replicaReq, Offload: reg, Progress: prog, Logger: o.logger(e),
+				Replica: o.replica, ReplicaRequired: o.replicaReq, GhostLimit: ghostLimit, CRIUConfig: criuConfig,
+				Offload: reg, Progress: prog, Logger: o.logger(e),
 			})
 			done()
 			if err != nil {

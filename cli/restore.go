@@ -22,6 +22,7 @@ type restoreOpts struct {
 	fallback   bool
 	lazy       bool
 	noStream   bool
+	limits     criuLimits
 }
 
 func restoreCommand(e *env) *ucli.Command {
@@ -29,7 +30,7 @@ func restoreCommand(e *env) *ucli.Command {
 	return &ucli.Command{
 		Name:  "restore",
 		Usage: "restore the newest good generation (or --generation N), detached, and print the restored root PID",
-		Flags: append(o.common.flags(),
+		Flags: append(append(o.common.flags(),
 			&ucli.StringFlag{Name: "store", Usage: "store directory", Destination: &o.store, EnvVars: []string{"CRYO_STORE"}, Required: true},
 			&ucli.IntFlag{Name: "generation", Usage: "generation to restore (default: newest)", Destination: &o.generation},
 			&ucli.StringFlag{Name: "work-dir", Usage: "where images are materialized (default: /dev/shm when it has room)", Destination: &o.workDir, EnvVars: []string{"CRYO_WORK_DIR"}},
@@ -39,7 +40,7 @@ func restoreCommand(e *env) *ucli.Command {
 			&ucli.BoolFlag{Name: "lazy", Usage: "start the job before its memory is back: pages come on demand (userfaultfd) and in the background; cryo prints the PID at once and exits when every page is home", Destination: &o.lazy, EnvVars: []string{"CRYO_LAZY"}},
 			&ucli.BoolFlag{Name: "fallback", Usage: "when the generation is damaged and cannot be healed, restore the newest older intact one instead", Destination: &o.fallback, EnvVars: []string{"CRYO_FALLBACK"}},
 			&ucli.BoolFlag{Name: "no-stream", Usage: "write the images into --work-dir and let CRIU read them from there, instead of streaming them from the store into CRIU (lazy restores and jobs of several trees always do)", Destination: &o.noStream, EnvVars: []string{"CRYO_NO_STREAM"}},
-		),
+		), o.limits.flags(false)...),
 		Action: o.action(e, func(c *ucli.Context) error {
 			if c.NArg() != 0 {
 				return usagef("restore takes no arguments, got %q", c.Args().Slice())
@@ -51,12 +52,16 @@ func restoreCommand(e *env) *ucli.Command {
 			if err != nil {
 				return usagef("--device-map: %v", err)
 			}
+			_, criuConfig, err := o.limits.parse()
+			if err != nil {
+				return err
+			}
 			reg := o.offload(e)
 			defer reg.Close()
 			prog, done := o.progress(e, "restore: verified")
 			res, err := cryo.Restore(c.Context, cryo.RestoreOptions{
 				Store: o.store, Generation: o.generation, Fallback: o.fallback, CRIU: o.criu, WorkDir: o.workDir,
-				PIDWait: o.pidWait, DeviceMap: dmap, Replica: o.replica, Lazy: o.lazy, NoStream: o.noStream,
+				PIDWait: o.pidWait, DeviceMap: dmap, Replica: o.replica, Lazy: o.lazy, NoStream: o.noStream, CRIUConfig: criuConfig,
 				Offload: reg, Progress: prog, Logger: o.logger(e),
 			})
 			done()

@@ -1,7 +1,6 @@
 package cli
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -52,6 +51,7 @@ type runOpts struct {
 	requeue    bool
 	ckptSignal string
 	startOver  bool
+	limits     criuLimits
 }
 
 func runCommand(e *env) *ucli.Command {
@@ -63,8 +63,9 @@ func runCommand(e *env) *ucli.Command {
 		Description: `The job's trees run under one job-init process, so one checkpoint captures
 all of them with the channels between them. SIGUSR1 checkpoints now;
 SIGTERM or SIGINT checkpoints and stops the job (exit 143). When the job
-crashes (a signal kills the host tree or job-init), a link between its trees
-breaks, or it hangs, cryo ends every process of the job and restores the
+crashes (a signal kills the host tree or job-init, or the host exits with
+128+N, which is how shells and MPI launchers report a process of theirs, a
+rank, killed by signal N), a link between its trees breaks, or it hangs, cryo ends every process of the job and restores the
 newest checkpoint taken before the failure began. A plain non-zero exit of
 the host tree is the job's answer: cryo exits with it at once (unless
 --restart-on-exit). Run again with the same store to resume an unfinished job.
@@ -81,7 +82,7 @@ survives requeues. With --requeue, the checkpoint signal (sbatch
 --signal=B:USR1@300) checkpoints and stops the job and requeues it; when
 Slurm runs the script again, cryo resumes the job. Start cryo with exec, so
 that the signal reaches it (docs/slurm.md).`,
-		Flags: append(o.common.flags(),
+		Flags: append(append(o.common.flags(),
 			&ucli.StringFlag{Name: "store", Usage: "store directory for the job's checkpoints and logs (default in a Slurm job: STORE-ROOT/cryo-$SLURM_JOB_ID)", Destination: &o.store, EnvVars: []string{"CRYO_STORE"}},
 			&ucli.StringSliceFlag{Name: "offload", Usage: "an offload tree's command line (repeatable)", Destination: &o.offload},
 			&ucli.StringFlag{Name: "interval", Usage: "time between checkpoints (e.g. 10m), 'auto' (needs --mtbf), or 0 for none", Value: "0", Destination: &o.interval, EnvVars: []string{"CRYO_INTERVAL"}},
@@ -105,7 +106,7 @@ that the signal reaches it (docs/slurm.md).`,
 			&ucli.StringFlag{Name: "checkpoint-signal", Usage: "signal that checkpoints the job now (with --requeue: checkpoints, stops and requeues it); when another is named, SIGUSR1 still takes a plain checkpoint", Value: "USR1", Destination: &o.ckptSignal, EnvVars: []string{"CRYO_CHECKPOINT_SIGNAL"}},
 			&ucli.BoolFlag{Name: "requeue", Usage: "in a Slurm batch job: on the checkpoint signal, checkpoint, stop and requeue the job (scontrol requeue); when it runs again it resumes (see docs/slurm.md)", Destination: &o.requeue, EnvVars: []string{"CRYO_REQUEUE"}},
 			&ucli.BoolFlag{Name: "start-over", Usage: "when resuming and no checkpoint of the store is intact, start the job from the beginning instead of failing (verifies the store first)", Destination: &o.startOver, EnvVars: []string{"CRYO_START_OVER"}},
-		),
+		), o.limits.flags(true)...),
 		Action: func(c *ucli.Context) error {
 			if c.NArg() == 0 {
 				return usagef("run needs the host command after --")
@@ -162,6 +163,10 @@ func (o *runOpts) config(c *ucli.Context, e *env) (monitor.Config, error) {
 		return cfg, usagef("--hang-timeout watches offload trees: the job has none (--offload)")
 	case c.IsSet("channel-grace") && len(o.offload.Value()) == 0:
 		return cfg, usagef("--channel-grace watches channels between the job's trees: the job has one (--offload adds more)")
+	}
+	var err error
+	if cfg.GhostLimit, cfg.CRIUConfig, err = o.limits.parse(); err != nil {
+		return cfg, err
 	}
 	switch o.namespaces {
 	case "off":
@@ -361,83 +366,6 @@ func stdoutFor(explicit string, own, ownErr *os.File, fallback string) (string, 
 		}
 	}
 	return fallback, fallback
-}
-
-// relay copies what the job appends to its output files to cryo's own
-// streams: stdout as it is, stderr a line at a time, each line prefixed
-// "host: ". After a restore has cut a file back, what the restored job
-// writes again up to where the relay had got is not relayed twice.
-func relay(ctx context.Context, outPath string, out io.Writer, errPath string, errw io.Writer) func() {
-	ctx, cancel := context.WithCancel(ctx)
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		offs := map[string]int64{}
-		if outPath != "" {
-			offs[outPath], _ = fileSizeOf(outPath)
-		}
-		if errPath != "" {
-			offs[errPath], _ = fileSizeOf(errPath)
-		}
-		var partial []byte // of stderr: the line not yet ended
-		lines := func(b []byte, flush bool) {
-			partial = append(partial, b...)
-			for {
-				i := bytes.IndexByte(partial, '\n')
-				if i < 0 {
-					break
-				}
-				fmt.Fprintf(errw, "host: %s\n", partial[:i])
-				partial = partial[i+1:]
-			}
-			if flush && len(partial) > 0 {
-				fmt.Fprintf(errw, "host: %s\n", partial)
-				partial = nil
-			}
-		}
-		pump := func(flush bool) {
-			for _, p := range []string{outPath, errPath} {
-				if p == "" {
-					continue
-				}
-				f, err := os.Open(p)
-				if err != nil {
-					continue
-				}
-				var b []byte
-				if _, err := f.Seek(offs[p], io.SeekStart); err == nil {
-					b, _ = io.ReadAll(io.LimitReader(f, 16<<20))
-					offs[p] += int64(len(b))
-				}
-				f.Close()
-				if p == outPath {
-					out.Write(b)
-				} else {
-					lines(b, flush)
-				}
-			}
-		}
-		t := time.NewTicker(100 * time.Millisecond)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				pump(true)
-				return
-			case <-t.C:
-				pump(false)
-			}
-		}
-	}()
-	return func() { cancel(); <-done }
-}
-
-func fileSizeOf(p string) (int64, error) {
-	st, err := os.Stat(p)
-	if err != nil {
-		return 0, err
-	}
-	return st.Size(), nil
 }
 
 func mustGetwd() string {

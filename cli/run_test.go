@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"bytes"
 	"os"
 	"path/filepath"
 	"slices"
@@ -68,5 +69,77 @@ func TestStdoutFor(t *testing.T) {
 	}
 	if p, relay := stdoutFor("x.out", out, errf, fallback); !filepath.IsAbs(p) || relay != "" {
 		t.Errorf("explicit: %q relay %q", p, relay)
+	}
+}
+
+// After a restore cuts host.out back, the restored job writes the same
+// again and goes on: the relay shows each of the job's lines once, and
+// what only the failed run printed (a launcher's report of a dead rank)
+// where it was, never in place of the job's own lines.
+func TestRelayAfterACut(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "host.out")
+	write := func(s string, flags int) {
+		f, err := os.OpenFile(p, flags, 0o600)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.WriteString(s)
+		f.Close()
+	}
+	write("before cryo\n", os.O_CREATE|os.O_WRONLY)
+	var out bytes.Buffer
+	f := newRelayFile(p, &out, false)
+	appendTo := func(s string) { write(s, os.O_WRONLY|os.O_APPEND) }
+	appendTo("step 1\nstep 2\n")
+	f.pump(false)
+	appendTo("step 3\n== BAD TERMINATION ==\n")
+	f.pump(false)
+	// The restore cuts back to the checkpoint (after step 2); the job
+	// writes step 3 again, then step 4, before the relay looks.
+	if err := os.Truncate(p, int64(len("before cryo\nstep 1\nstep 2\n"))); err != nil {
+		t.Fatal(err)
+	}
+	appendTo("step 3\nstep 4\nstep 5\n")
+	f.pump(false)
+	appendTo("step 6\n")
+	f.pump(true)
+	want := "step 1\nstep 2\nstep 3\n== BAD TERMINATION ==\nstep 4\nstep 5\nstep 6\n"
+	if out.String() != want {
+		t.Errorf("relayed %q, want %q", out.String(), want)
+	}
+
+	// A cut with nothing different written again: nothing twice.
+	out.Reset()
+	g := newRelayFile(p, &out, true)
+	appendTo("a\nb\n")
+	g.pump(false)
+	st, _ := os.Stat(p)
+	os.Truncate(p, st.Size()-2)
+	g.pump(false)
+	appendTo("b\nc\n")
+	g.pump(true)
+	if want := "host: a\nhost: b\nhost: c\n"; out.String() != want {
+		t.Errorf("relayed %q, want %q", out.String(), want)
+	}
+}
+
+// A cut below what the relay keeps: the part it cannot compare is taken as
+// written again unchanged, the rest is compared.
+func TestRelayCutBelowWhatItKeeps(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "host.out")
+	if err := os.WriteFile(p, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	f := newRelayFile(p, &out, false)
+	long := bytes.Repeat([]byte("x"), relayTail+10)
+	os.WriteFile(p, append(long, "tail\n"...), 0o600)
+	f.pump(false)
+	os.WriteFile(p, long[:5], 0o600) // cut far back
+	f.pump(false)
+	os.WriteFile(p, append(long, "tail\nnew\n"...), 0o600) // written again, and on
+	f.pump(true)
+	if got := out.String(); got != string(long)+"tail\nnew\n" {
+		t.Errorf("relayed %d bytes ending %q, want %d ending %q", len(got), got[max(0, len(got)-12):], len(long)+9, "tail\nnew\n")
 	}
 }

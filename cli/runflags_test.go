@@ -39,3 +39,32 @@ func TestRunRefusesFlagsItCannotHonour(t *testing.T) {
 		t.Errorf("cryo ctl without a store: exit %d, %q", code, stderr)
 	}
 }
+
+// --ghost-limit and --criu-config are checked before anything runs, on
+// every command that takes them; --ghost-limit only where CRIU dumps.
+func TestCRIULimitFlags(t *testing.T) {
+	dir := t.TempDir()
+	st := filepath.Join(dir, "store")
+	missing := filepath.Join(dir, "none.conf")
+	for _, tc := range []struct {
+		name string
+		args []string
+		msg  string
+	}{
+		{"run: a ghost limit that is not a size", []string{"run", "--store", st, "--ghost-limit", "big", "--", "true"}, `--ghost-limit: "big" is not a size`},
+		{"run: more than CRIU takes", []string{"run", "--store", st, "--ghost-limit", "4G", "--", "true"}, "more than CRIU takes"},
+		{"run: a missing configuration", []string{"run", "--store", st, "--criu-config", missing, "--", "true"}, "--criu-config: "},
+		{"checkpoint: a ghost limit that is not a size", []string{"checkpoint", "--store", st, "--ghost-limit", "1.5M", "1"}, `--ghost-limit: "1.5M" is not a size`},
+		{"checkpoint: a missing configuration", []string{"checkpoint", "--store", st, "--criu-config", missing, "1"}, "none.conf"},
+		{"restore: a missing configuration", []string{"restore", "--store", st, "--criu-config", missing}, "none.conf"},
+		{"restore takes no ghost limit: it dumps nothing", []string{"restore", "--store", st, "--ghost-limit", "8M"}, "ghost-limit"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			args := append([]string{tc.args[0], "--criu=/bin/true"}, tc.args[1:]...)
+			code, _, stderr := run(t, args...)
+			if code != cli.ExitUsage || !strings.Contains(stderr, tc.msg) || strings.Count(strings.TrimSpace(stderr), "\n") > 0 {
+				t.Errorf("cryo %s: exit %d, stderr %q; want exit 2 and one line saying %q", strings.Join(args, " "), code, stderr, tc.msg)
+			}
+		})
+	}
+}

@@ -79,11 +79,18 @@ func startRun(t *testing.T, criu string, args ...string) *runJob {
 // is then what cryo's stdout showed.
 func startRunWith(t *testing.T, criu string, pipe bool, args ...string) *runJob {
 	t.Helper()
-	return startRunEnv(t, criu, nil, pipe, args...)
+	return startRunPrep(t, criu, pipe, nil, args...)
 }
 
 // startRunEnv is startRunWith with env added to cryo's environment.
 func startRunEnv(t *testing.T, criu string, env []string, pipe bool, args ...string) *runJob {
+	t.Helper()
+	return startRunPrep(t, criu, pipe, func(c *exec.Cmd) { c.Env = append(c.Env, env...) }, args...)
+}
+
+// startRunPrep is startRunWith with prep applied to the command before it
+// starts (another environment, another user, a working directory).
+func startRunPrep(t *testing.T, criu string, pipe bool, prep func(*exec.Cmd), args ...string) *runJob {
 	t.Helper()
 	dir := t.TempDir()
 	r := &runJob{out: filepath.Join(dir, "job.out"), err: filepath.Join(dir, "cryo.err"), done: make(chan struct{})}
@@ -94,8 +101,11 @@ func startRunEnv(t *testing.T, criu string, env []string, pipe bool, args ...str
 	if pipe {
 		r.cmd.Stdout = &syncFile{f: outf} // not an *os.File: exec copies it through a pipe
 	}
-	r.cmd.Env = append(append(os.Environ(), "CRYO_CRIU="+criu), env...)
+	r.cmd.Env = append(os.Environ(), "CRYO_CRIU="+criu)
 	r.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if prep != nil {
+		prep(r.cmd)
+	}
 	if err := r.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}

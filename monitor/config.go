@@ -27,7 +27,8 @@ type Config struct {
 	MTBF         time.Duration
 	// MaxRestarts bounds how many times a failed job is brought back.
 	MaxRestarts int
-	// RestartOnExit makes a plain non-zero exit of the host tree a failure
+	// RestartOnExit makes a plain non-zero exit of the host tree (not
+	// 128+N, which reports a process killed by signal N: a crash) a failure
 	// to restore from; without it the exit code is the job's answer and
 	// passes straight through (see judgeEnd).
 	RestartOnExit bool
@@ -66,8 +67,12 @@ type Config struct {
 	// meanwhile.
 	RepeatWindow time.Duration
 	CRIU         criu.Binary
-	CheckCache   string
-	WorkDir      string
+	// GhostLimit and CRIUConfig reach every checkpoint (both) and restore
+	// (the configuration) of the job: checkpoint.Options' fields.
+	GhostLimit uint32
+	CRIUConfig string
+	CheckCache string
+	WorkDir    string
 	// Replica is a second store that every checkpoint is copied to and
 	// restores heal damaged chunks from (checkpoint.Options.Replica).
 	Replica string

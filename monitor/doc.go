@@ -1,9 +1,10 @@
 // Package monitor supervises jobs (`cryo run`): it starts a job's trees
 // under one job-init process, takes periodic checkpoints, watches for
-// failures (a crash, an offload tree ending while the host needs it, a
-// broken host-offload channel, a missed heartbeat, a hung offload tree,
-// GPU Xid errors; it warns of memory growth), and on a failure ends every
-// process of the job and restores it.
+// failures (a crash, or a host exit code of 128+N by which an MPI launcher
+// reports a rank killed by signal N; an offload tree ending while the host
+// needs it, a broken host-offload channel, a missed heartbeat, a hung
+// offload tree, GPU Xid errors; it warns of memory growth), and on a
+// failure ends every process of the job and restores it.
 //
 // The Supervisor is a loop that carries out decisions made by pure
 // functions of what happened (policy.go: what an end of the job means,

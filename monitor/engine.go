@@ -139,6 +139,7 @@ func (e *criuEngine) Checkpoint(ctx context.Context, pid int, kill bool, accept 
 	return checkpoint.Take(ctx, checkpoint.Options{
 		Store: e.cfg.Store, PID: pid, Kill: kill, CRIU: e.cfg.CRIU, WorkDir: e.cfg.WorkDir,
 		CheckCache: e.cfg.CheckCache, Logger: e.log, Reap: true, Replica: e.cfg.Replica, Accept: accept, Offload: e.cfg.Offload,
+		GhostLimit: e.cfg.GhostLimit, CRIUConfig: e.cfg.CRIUConfig,
 	})
 }
 
@@ -151,6 +152,7 @@ func (e *criuEngine) Restore(ctx context.Context, gen int) (*Restored, error) {
 	res, err := restore.Restore(ctx, restore.Options{
 		Store: e.cfg.Store, Generation: gen, CRIU: e.cfg.CRIU, Sibling: true, Replica: e.cfg.Replica,
 		WorkDir: e.cfg.WorkDir, CheckCache: e.cfg.CheckCache, Logger: e.log, TruncateOutputs: true, Offload: e.cfg.Offload,
+		CRIUConfig: e.cfg.CRIUConfig,
 	})
 	if err != nil {
 		return nil, err

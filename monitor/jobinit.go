@@ -294,6 +294,16 @@ func startTree(t TreeSpec) (int, error) {
 	if !slices.ContainsFunc(env, func(kv string) bool { return strings.HasPrefix(kv, "GODEBUG=") }) {
 		env = append(env, "GODEBUG=multipathtcp=0")
 	}
+	// An OpenMPI program started without mpirun (a "singleton": serial
+	// LAMMPS from Debian is one) forks an orted and talks to it over TCP,
+	// which a user's CRIU cannot checkpoint (no TCP repair); an isolated
+	// singleton needs no orted, and loses only MPI_Comm_spawn and its
+	// kin. Unless told otherwise, singletons of the job are isolated.
+	// (Ranks started by mpirun are not singletons: it changes nothing
+	// for them.)
+	if !slices.ContainsFunc(env, func(kv string) bool { return strings.HasPrefix(kv, singletonIsolated+"=") }) {
+		env = append(env, singletonIsolated+"=1")
+	}
 	// syscall.ForkExec, not os/exec: no pidfd is left in job-init, so
 	// nothing in the checkpointed tree refers to a process outside it.
 	return syscall.ForkExec(path, t.Argv, &syscall.ProcAttr{
@@ -303,6 +313,9 @@ func startTree(t TreeSpec) (int, error) {
 		Sys:   &syscall.SysProcAttr{Setsid: true},
 	})
 }
+
+// singletonIsolated is OpenMPI's setting for singletons without an orted.
+const singletonIsolated = "OMPI_MCA_ess_singleton_isolated"
 
 // lookPath resolves a command name on the PATH of env.
 func lookPath(name string, env []string) (string, error) {

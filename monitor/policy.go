@@ -11,11 +11,13 @@ import (
 	"fmt"
 	"sort"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/cryo-hpc/cryo/internal/criu"
 	"github.com/cryo-hpc/cryo/internal/store"
 	"github.com/cryo-hpc/cryo/restore"
+	"golang.org/x/sys/unix"
 )
 
 // Failure kinds.
@@ -39,6 +41,10 @@ type failure struct {
 	code   int    // exit code, or 128+signal, for exits and crashes
 	detail string
 	onset  time.Time
+	// reported: the host exited with a code of its own that reports a
+	// failure of a process below it (an MPI launcher's rank): that
+	// process may have died well before the host ended (see choose).
+	reported bool
 }
 
 func (f failure) String() string { return f.kind + ": " + f.detail }
@@ -72,6 +78,10 @@ func (e treeEnd) describe() string {
 //     host's own end follows from that, so that is the failure.
 //   - The host was killed by a signal, or job-init ended without reporting
 //     the host's end (it was killed): a crash.
+//   - The host exited with 128+N, N a signal's number: how shells and MPI
+//     launchers (mpirun, mpiexec, srun) report that a process of theirs,
+//     a rank, was killed by signal N. The job did not give an answer: a
+//     crash too.
 //   - The host exited with another code: the job's answer, passed through,
 //     unless restartOnExit makes it a failure.
 func judgeEnd(initHow string, host *treeEnd, pending failure, restartOnExit bool, now time.Time) (f failure, code int, done bool) {
@@ -85,11 +95,27 @@ func judgeEnd(initHow string, host *treeEnd, pending failure, restartOnExit bool
 	case host.signal != "":
 		return failure{kind: kindCrash, tree: host.tree, code: host.code, onset: host.at,
 			detail: fmt.Sprintf("host tree (pid %d) %s", host.pid, host.describe())}, 0, false
+	case reportedSignal(host.code) != "":
+		return failure{kind: kindCrash, tree: host.tree, code: host.code, onset: host.at, reported: true,
+			detail: fmt.Sprintf("host tree (pid %d) %s: a process of the job was killed by %s (128+%d is how shells and MPI launchers report that)",
+				host.pid, host.describe(), reportedSignal(host.code), host.code-128)}, 0, false
 	case restartOnExit:
-		return failure{kind: kindExit, tree: host.tree, code: host.code, onset: host.at,
+		return failure{kind: kindExit, tree: host.tree, code: host.code, onset: host.at, reported: true,
 			detail: fmt.Sprintf("host tree (pid %d) %s", host.pid, host.describe())}, 0, false
 	}
 	return failure{}, host.code, true
+}
+
+// reportedSignal is the name of the signal an exit code of 128+N reports
+// (N from 1 to 64, the kernel's signals), or "" for any other code.
+func reportedSignal(code int) string {
+	if code <= 128 || code > 128+64 {
+		return ""
+	}
+	if name := unix.SignalName(syscall.Signal(code - 128)); name != "" {
+		return name
+	}
+	return fmt.Sprintf("signal %d", code-128)
 }
 
 // Generation is a committed generation, as the supervisor sees it.
@@ -133,7 +159,18 @@ type policy struct {
 	passed   map[int]pass
 	tries    map[int]int // transient restore failures per generation, this recovery
 	last     lastRestore
+	// addrSince is when, in this recovery, restores first found an address
+	// the job binds in use (zero: not yet).
+	addrSince time.Time
 }
+
+// AddrWait is how long restores keep trying while an address the job
+// binds is in use on the node (criu.ErrAddressInUse), and addrRetry how
+// often: Linux keeps a closed connection's port in TIME_WAIT for 60 s.
+const (
+	AddrWait  = 75 * time.Second
+	addrRetry = 3 * time.Second
+)
 
 func newPolicy(cfg Config) policy {
 	return policy{maxRestarts: cfg.MaxRestarts, backoff: cfg.Backoff, repeatWindow: cfg.RepeatWindow,
@@ -171,7 +208,7 @@ func (p *policy) failed(f failure) {
 	if l.valid && l.gen > 0 && !l.checkpointed && f.same(l.cause) && f.onset.Sub(l.at) < p.repeatWindow {
 		p.passOver(l.gen, fmt.Sprintf("the job failed the same way (%s) right after it was restored from it", f.kind), true)
 	}
-	p.onset, p.cause, p.tries = f.onset, f, map[int]int{}
+	p.onset, p.cause, p.tries, p.addrSince = f.onset, f, map[int]int{}, time.Time{}
 }
 
 // attempt says whether another attempt to bring the job back may be made,
@@ -206,7 +243,11 @@ type choice struct {
 
 // choose picks the newest generation that was taken before the failure's
 // onset and is not passed over. Generations taken after the onset are
-// passed over from then on (they may hold the fault), not deleted. With none left the job starts from the beginning,
+// passed over from then on (they may hold the fault), not deleted. When
+// the host reported the failure of a process below it (an MPI launcher's
+// exit code for a dead rank), that process may have died well before the
+// host ended, and a generation taken meanwhile lacks it: one with fewer
+// processes than the generation before it is passed over too. With none left the job starts from the beginning,
 // unless some generation failed to restore for a reason that recurs (then
 // the user has to act: a fresh start would throw the work away).
 func (p *policy) choose(gens []Generation) choice {
@@ -225,6 +266,11 @@ func (p *policy) choose(gens []Generation) choice {
 		if !p.onset.IsZero() && !g.Began.Before(p.onset) {
 			c.after = append(c.after, g.N)
 			p.passOver(g.N, fmt.Sprintf("it was taken after a failure may have begun (%s)", p.onset.Format("15:04:05.000")), true)
+			continue
+		}
+		if p.cause.reported && i > 0 && len(g.PIDs) < len(gens[i-1].PIDs) {
+			p.passOver(g.N, fmt.Sprintf("it holds %d processes, fewer than the %d of the generation before: the process whose failure the host reported may have been gone already",
+				len(g.PIDs), len(gens[i-1].PIDs)), true)
 			continue
 		}
 		c.gen = g.N
@@ -265,6 +311,7 @@ const (
 	retryLater verdict = iota // back off, then try again from the newest candidate
 	tryOlder                  // the generation is passed over: try the next one now
 	stop                      // no generation can be restored here now: give up
+	waitRetry                 // wait (addrRetry) and try the same again: not a restart
 )
 
 // restoreFailed decides what a failed restore of generation g means, from
@@ -272,14 +319,26 @@ const (
 //   - a PID the job needs is held by a live process outside it: no
 //     generation restores on this node while it lives, and cryo never
 //     signals it (stop);
+//   - an address the job binds is in use on the node: most likely its own
+//     old connections in TCP's TIME_WAIT, gone within a minute; wait and
+//     try again (waitRetry, not counted as a restart) for up to AddrWait,
+//     then it is another's, and no generation restores here now (stop);
 //   - the generation is damaged, or CRIU's failure recurs (a missing file,
 //     a limit): that generation will never restore (tryOlder);
 //   - anything else may pass (a dying process still holding a PID): retry
 //     after the backoff, and pass the generation over when it fails twice.
-func (p *policy) restoreFailed(g int, err error) verdict {
+func (p *policy) restoreFailed(g int, err error, now time.Time) verdict {
 	var pe *restore.PIDError
 	switch {
 	case errors.As(err, &pe) && pe.Live:
+		return stop
+	case errors.Is(err, criu.ErrAddressInUse):
+		if p.addrSince.IsZero() {
+			p.addrSince = now
+		}
+		if now.Sub(p.addrSince) < AddrWait {
+			return waitRetry
+		}
 		return stop
 	case errors.Is(err, store.ErrCorrupt):
 		p.passOver(g, "it is damaged", false)
@@ -300,7 +359,7 @@ func (p *policy) restoreFailed(g int, err error) verdict {
 // the beginning) at now.
 func (p *policy) restored(gen int, now time.Time) {
 	p.last = lastRestore{valid: true, gen: gen, at: now, cause: p.cause}
-	p.onset, p.tries = time.Time{}, map[int]int{}
+	p.onset, p.tries, p.addrSince = time.Time{}, map[int]int{}, time.Time{}
 }
 
 // checkpointed records that the job was checkpointed.

@@ -52,6 +52,10 @@ func TestJudgeEnd(t *testing.T) {
 		{name: "a plain exit code is the job's answer", host: host(3, ""), wantDone: true, wantCode: 3},
 		{name: "with --restart-on-exit it is a failure", host: host(3, ""), restartOnExit: true, wantKind: kindExit},
 		{name: "a signal is a crash", host: host(139, "SIGSEGV"), wantKind: kindCrash},
+		{name: "a launcher reporting a rank killed by SIGKILL is a crash", host: host(137, ""), wantKind: kindCrash},
+		{name: "so is one reporting SIGSEGV, with --restart-on-exit too", host: host(139, ""), restartOnExit: true, wantKind: kindCrash},
+		{name: "128 itself is a plain code", host: host(128, ""), wantDone: true, wantCode: 128},
+		{name: "above 128+64 is a plain code", host: host(255, ""), wantDone: true, wantCode: 255},
 		{name: "an offload tree that died first is the failure", host: host(4, ""), pending: offload, wantKind: kindTree},
 		{name: "job-init gone without the host's end", wantKind: kindCrash},
 	}
@@ -201,20 +205,20 @@ func TestRestoreFailureVerdicts(t *testing.T) {
 	p := testPolicy()
 	p.failed(failure{kind: kindCrash, onset: at(10)})
 	gens := gensEvery(3)
-	if v := p.restoreFailed(3, fmt.Errorf("restore generation 3: %w", recurring)); v != tryOlder {
+	if v := p.restoreFailed(3, fmt.Errorf("restore generation 3: %w", recurring), at(11)); v != tryOlder {
 		t.Errorf("a missing file: %v, want tryOlder", v)
 	}
 	if c := p.choose(gens); c.gen != 2 {
 		t.Errorf("after 3 does not restore: %+v, want 2", c)
 	}
-	if v := p.restoreFailed(2, damaged); v != tryOlder {
+	if v := p.restoreFailed(2, damaged, at(11)); v != tryOlder {
 		t.Errorf("damage: %v, want tryOlder", v)
 	}
 	// A dying holder may pass: retry, and after a second time pass over.
-	if v := p.restoreFailed(1, dyingPID); v != retryLater {
+	if v := p.restoreFailed(1, dyingPID, at(11)); v != retryLater {
 		t.Errorf("a dying holder: %v, want retryLater", v)
 	}
-	if v := p.restoreFailed(1, dyingPID); v != tryOlder {
+	if v := p.restoreFailed(1, dyingPID, at(11)); v != tryOlder {
 		t.Errorf("a dying holder twice: %v, want tryOlder", v)
 	}
 	// Nothing left that restores: give up, do not throw the work away.
@@ -223,8 +227,65 @@ func TestRestoreFailureVerdicts(t *testing.T) {
 	}
 	// A live process outside the job holds a PID: stop at once.
 	q := testPolicy()
-	if v := q.restoreFailed(3, fmt.Errorf("restore: %w", taken)); v != stop {
+	if v := q.restoreFailed(3, fmt.Errorf("restore: %w", taken), at(11)); v != stop {
 		t.Errorf("a live holder: %v, want stop", v)
+	}
+}
+
+// mpirun exits 137 some time after a rank was killed; a checkpoint taken
+// meanwhile lacks the rank. When the host reports a failure of a process
+// below it, a generation with fewer processes than the one before is
+// passed over; for a crash of the host itself, process counts say nothing.
+func TestAReportedFailurePassesOverGenerationsThatLackAProcess(t *testing.T) {
+	gens := gensEvery(4)
+	for i, n := range []int{4, 4, 4, 3} { // generation 4: a rank is gone
+		for k := 0; k < n; k++ {
+			gens[i].PIDs = append(gens[i].PIDs, 10+k)
+		}
+	}
+	p := testPolicy()
+	host := &treeEnd{tree: "host", pid: 7, code: 137, at: at(10)}
+	f, _, done := judgeEnd("", host, failure{}, false, at(10))
+	if done || !f.reported {
+		t.Fatalf("mpirun's 137: %+v, done %v; want a reported crash", f, done)
+	}
+	p.failed(f)
+	if c := p.choose(gens); c.gen != 3 || !strings.Contains(p.passed[4].why, "fewer than the 4") {
+		t.Errorf("choose = %+v, passed %v; want 3, and 4 passed over for lacking a process", c, p.passed)
+	}
+	q := testPolicy()
+	q.failed(failure{kind: kindCrash, tree: "host", code: 137, onset: at(10)}) // the host itself was killed
+	if c := q.choose(gens); c.gen != 4 {
+		t.Errorf("a crash of the host itself: choose = %+v, want the newest, 4", c)
+	}
+}
+
+// A port the job listens on still in use (its old connections in TCP's
+// TIME_WAIT): the same restore is tried again, without counting restarts,
+// for up to AddrWait; then the address is another's, and nothing restores
+// here now. A new failure starts the wait afresh.
+func TestRestoreWaitsForAnAddressInUse(t *testing.T) {
+	dir := t.TempDir()
+	inUse := &criu.Error{Err: errors.New("criu RESTORE failed"), Log: dir + "/restore.log"}
+	writeLog(t, inUse.Log, "(00.1)     1: Error (criu/sk-inet.c:1059): inet: Can't bind inet socket (id 96): Address already in use\n")
+	err := fmt.Errorf("restore generation 3: %w", inUse)
+	p := testPolicy()
+	p.failed(failure{kind: kindCrash, onset: at(10)})
+	t0 := at(11)
+	for _, d := range []time.Duration{0, addrRetry, AddrWait - time.Second} {
+		if v := p.restoreFailed(3, err, t0.Add(d)); v != waitRetry {
+			t.Errorf("address in use for %v: %v, want waitRetry", d, v)
+		}
+	}
+	if p.restarts != 0 || p.tries[3] != 0 {
+		t.Errorf("waiting for an address counted restarts %d, tries %d", p.restarts, p.tries[3])
+	}
+	if v := p.restoreFailed(3, err, t0.Add(AddrWait)); v != stop {
+		t.Errorf("address in use for AddrWait: %v, want stop", v)
+	}
+	p.failed(failure{kind: kindCrash, onset: at(20)})
+	if v := p.restoreFailed(3, err, at(21)); v != waitRetry {
+		t.Errorf("after a new failure: %v, want waitRetry again", v)
 	}
 }
 

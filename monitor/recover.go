@@ -81,6 +81,7 @@ func (s *Supervisor) recover(ctx context.Context, f *failure) error {
 // (retry after the backoff), or none is left. Each failure is reported
 // once, in one line; the one that ends supervision only in the error.
 func (s *Supervisor) attempt(ctx context.Context) (retry bool, err error) {
+	waiting := false // for an address in use: reported once
 	for {
 		gens, err := s.generations()
 		if err != nil {
@@ -104,7 +105,19 @@ func (s *Supervisor) attempt(ctx context.Context) (retry bool, err error) {
 			return false, nil
 		}
 		s.cfg.Metrics.Restore(s.cfg.Name, false)
-		v := s.pol.restoreFailed(c.gen, err)
+		v := s.pol.restoreFailed(c.gen, err, time.Now())
+		if v == waitRetry {
+			if !waiting {
+				waiting = true
+				s.event("restore-failed", fmt.Sprintf("%s; trying again every %s for up to %s", genBrief(c.gen, err), addrRetry, AddrWait), c.gen)
+			}
+			select {
+			case <-ctx.Done():
+				return false, ctx.Err()
+			case <-time.After(addrRetry):
+			}
+			continue
+		}
 		if v == stop {
 			return false, fmt.Errorf("%w: generation %d cannot be restored on this node now: %s; cryo never signals processes outside the job: run again once they are gone",
 				ErrGaveUp, c.gen, brief(err))

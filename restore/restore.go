@@ -67,6 +67,9 @@ type Options struct {
 	// CRIU's lazy-pages daemon, and the rest in the background. The caller
 	// must call Result.Wait to see every page home.
 	Lazy bool
+	// CRIUConfig is a CRIU configuration file for what cryo has no option
+	// for (criu.ConfigFile vets it and says what it must not set).
+	CRIUConfig string
 	// TruncateOutputs cuts the files the job had open for writing back to
 	// their sizes at the checkpoint before it runs again (see outputs.go):
 	// for a supervisor that restores a job whose output must not repeat.
@@ -129,6 +132,10 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 	log := o.Logger
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	criuConfig, err := criu.ConfigFile(o.CRIUConfig)
+	if err != nil {
+		return nil, err
 	}
 	st, err := store.Open(o.Store)
 	if err != nil {
@@ -312,6 +319,7 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 	copts := criu.JobOptions(bin)
 	copts.ImagesDir, copts.WorkDir, copts.LogFile = images, work, "restore.log"
 	copts.RestoreSibling, copts.RestoreDetached, copts.LazyPages = o.Sibling, !o.Sibling, o.Lazy
+	copts.ConfigFile = criuConfig
 	// A job is restored as it was dumped.
 	copts.TCPEstablished, copts.ShellJob = m.CRIU.TCPEstablished, m.CRIU.ShellJob
 	names := make([]string, 0, len(m.Files))

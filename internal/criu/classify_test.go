@@ -33,6 +33,14 @@ func TestErrorClassifies(t *testing.T) {
 			name:   "ghost limit",
 			log:    "(00.1) Error (criu/files-reg.c:930): Can't dump ghost file /dev/shm/ucx_shm_posix_1 of 4296704 size, increase limit\n(00.2) Error (criu/cr-dump.c:2000): Dumping FAILED.\n",
 			reason: "Can't dump ghost file /dev/shm/ucx_shm_posix_1 of 4296704 size, increase limit", recurs: true,
+			briefParts: []string{"larger than CRIU's ghost limit", "--ghost-limit raises it"},
+		},
+		{
+			name: "a port in use may pass",
+			log: "(00.1)     1: Error (criu/sk-inet.c:1059): inet: Can't bind inet socket (id 96): Address already in use\n" +
+				"(00.2) Error (criu/cr-restore.c:2600): Restoring FAILED.\n",
+			reason: "inet: Can't bind inet socket (id 96): Address already in use", recurs: false,
+			briefParts: []string{"a port the job listens on is in use on this node", "TIME_WAIT"},
 		},
 		{
 			name:   "a taken pid is not recurring",
@@ -58,6 +66,9 @@ func TestErrorClassifies(t *testing.T) {
 			}
 			if got := errors.Is(wrapped, ErrRecurring); got != tc.recurs {
 				t.Errorf("errors.Is(err, ErrRecurring) = %v, want %v", got, tc.recurs)
+			}
+			if got, want := errors.Is(wrapped, ErrAddressInUse), strings.Contains(tc.reason, "Address already in use"); got != want {
+				t.Errorf("errors.Is(err, ErrAddressInUse) = %v, want %v", got, want)
 			}
 			b := e.Brief()
 			if strings.Contains(b, "\n") || !strings.Contains(b, tc.reason) || !strings.Contains(b, p) {

@@ -73,6 +73,7 @@ var hints = []struct{ match, advice string }{
 	{"Can't get 1:16 opt", "this CRIU cannot dump TCP sockets on Linux >= 6.16; build it with scripts/install-criu.sh, which applies cryo's fix"},
 	{"has bad size", "a file the job had open changed size since the checkpoint; cryo run opens the job's output with O_APPEND, which CRIU does not check"},
 	{"File exists", "a PID or file the job needs is still taken: wait for the old job to be reaped"},
+	{"map_files", "this CRIU cannot dump a user's SysV shared memory (MPICH's); build it with scripts/install-criu.sh, which applies cryo's fix"},
 }
 
 func hint(path string) string {
@@ -151,6 +152,7 @@ var recurring = []struct{ match, what string }{
 	{"has bad size", "a file the job had open changed size"},
 	{"has bad mode", "a file the job had open changed mode"},
 	{"has bad build-ID", "a file the job had open was replaced"},
+	{"Can't dump ghost file", "a deleted file the job holds open (shared memory of an MPI library, say) is larger than CRIU's ghost limit; --ghost-limit raises it"},
 	{"increase limit", "a CRIU limit was reached"},
 	{"doesn't live in IPC ns", "the job uses SysV IPC outside an IPC namespace of its own"},
 	{"Unsupported proto", "the job holds a socket CRIU cannot checkpoint"},
@@ -158,17 +160,60 @@ var recurring = []struct{ match, what string }{
 	{"consider using --tcp-established", "the job holds a TCP connection CRIU may not checkpoint"},
 }
 
+// ErrAddressInUse marks a restore that failed because an address a socket
+// of the job binds (a port it listens on) is in use on this node. It
+// passes when that is TCP's TIME_WAIT of the job's own old connections,
+// which Linux keeps for 60 s: a job whose server side (an MPI launcher's
+// PMIx listener) was killed first leaves its port so, and the restored
+// listener cannot bind it until then. It may also be another process's.
+var ErrAddressInUse = errors.New("an address the job binds is in use on this node")
+
+// passingFailure is a failure that may pass by itself: the words of
+// CRIU's line that show it, the sentinel it matches, and what it means for
+// the user.
+type passingFailure struct {
+	match []string
+	err   error
+	what  string
+}
+
+var passing = []passingFailure{
+	{[]string{"Can't bind inet socket", "Address already in use"}, ErrAddressInUse,
+		"a port the job listens on is in use on this node (by its old connections' TIME_WAIT, up to 60 s, or by another process)"},
+}
+
 // consequences are Error lines CRIU logs because of an earlier one.
 var consequences = []string{"FAILED.", "Killing processes because of failure", "exited, status=",
 	"Can't wait or restore", "killed by signal", "aborting"}
 
-// Is makes an *Error whose log shows a recurring failure match ErrRecurring.
+// Is makes an *Error whose log shows a recurring failure match
+// ErrRecurring, and one that shows a failure that may pass match that
+// one's sentinel (ErrAddressInUse).
 func (e *Error) Is(target error) bool {
-	if target != ErrRecurring {
-		return false
+	switch target {
+	case ErrRecurring:
+		_, what := e.classify()
+		return what != "" && passingOf(e.Reason()) == nil
+	case ErrAddressInUse:
+		p := passingOf(e.Reason())
+		return p != nil && p.err == target
 	}
-	_, what := e.classify()
-	return what != ""
+	return false
+}
+
+// passingOf finds the failure that may pass which reason, one of CRIU's
+// lines, shows (nil for none).
+func passingOf(reason string) *passingFailure {
+	for i, p := range passing {
+		all := true
+		for _, m := range p.match {
+			all = all && strings.Contains(reason, m)
+		}
+		if all {
+			return &passing[i]
+		}
+	}
+	return nil
 }
 
 // Reason is the one line of CRIU's log that says why it failed (without
@@ -188,6 +233,9 @@ func (e *Error) Brief() string {
 	r, what := e.classify()
 	if r == "" {
 		r = e.Err.Error()
+	}
+	if p := passingOf(r); p != nil {
+		what = p.what
 	}
 	if what != "" {
 		r = what + ": " + r

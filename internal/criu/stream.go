@@ -105,10 +105,11 @@ func RestoreStreamed(ctx context.Context, b Binary, o Options, src ImageSource) 
 		serr = <-served
 		werr = fmt.Errorf("%w (%v)", ctx.Err(), werr)
 	}
-	if serr != nil && werr != nil {
+	if serr != nil && werr != nil && !errors.Is(serr, errStreamBroken) {
 		// The image's own error says what is wrong; CRIU's is its echo.
 		return 0, serr
 	}
+	// Else CRIU failed, and broke the stream off: its error says why.
 	// A CRIU that restored the job read every byte it needed, and each
 	// was verified before it was sent: an error sending what it did not
 	// read does not undo that.
@@ -151,6 +152,11 @@ func waitCRIU(ctx context.Context, cmd *exec.Cmd, exited chan error) error {
 // the answer a length-prefixed ImgStreamerReplyEntry; if the file exists,
 // CRIU then passes the write end of a pipe (SCM_RIGHTS, one byte of data)
 // and reads the image from the other end.
+// errStreamBroken marks a stream that ended because CRIU went away in the
+// middle of it (it failed for a reason of its own, which its error gives),
+// as opposed to an image that could not be sent.
+var errStreamBroken = errors.New("CRIU broke the image stream off")
+
 func serveImages(ctx context.Context, ln *net.UnixListener, src ImageSource) error {
 	type accepted struct {
 		c   *net.UnixConn
@@ -214,12 +220,12 @@ func serveImages(ctx context.Context, ln *net.UnixListener, src ImageSource) err
 			if ctx.Err() != nil {
 				return nil // CRIU exited; its own error says why
 			}
-			return fmt.Errorf("image streamer: read request: %w", err)
+			return fmt.Errorf("image streamer: read request: %w (%w)", errStreamBroken, err)
 		}
 		name := req.GetFilename()
 		ok := validImageName(name) && src.Has(name)
 		if err := writeMsg(conn, &streamer.ImgStreamerReplyEntry{Exists: proto.Bool(ok)}); err != nil {
-			return fmt.Errorf("image streamer: answer for %s: %w", name, err)
+			return fmt.Errorf("image streamer: answer for %s: %w (%w)", name, errStreamBroken, err)
 		}
 		if !ok {
 			continue
@@ -229,7 +235,7 @@ func serveImages(ctx context.Context, ln *net.UnixListener, src ImageSource) err
 			if ferr := firstErr(); ferr != nil {
 				return ferr
 			}
-			return fmt.Errorf("image streamer: pipe for %s: %w", name, err)
+			return fmt.Errorf("image streamer: pipe for %s: %w (%w)", name, errStreamBroken, err)
 		}
 		// Bigger pipes mean fewer wakeups per MiB; the kernel may refuse.
 		_, _ = unix.FcntlInt(pipe.Fd(), unix.F_SETPIPE_SZ, 1<<20)

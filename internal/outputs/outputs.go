@@ -45,8 +45,11 @@ type Open struct {
 }
 
 // Scan lists the regular files that the processes hold open for writing,
-// by path. Files under /proc, /sys and /dev, and deleted ones, are left
-// out.
+// by path. Files under /proc, /sys and /dev, deleted ones, and ones the
+// node does not see at their path are left out: the last are on mounts of
+// the job's own mount namespace (its private TMPDIR: an MPI library's
+// session files), whose contents CRIU saves and restores with the job, so
+// there is nothing to cut, and nothing at that path outside the job.
 func Scan(pids []int) map[string]Open {
 	out := map[string]Open{}
 	for _, pid := range pids {
@@ -66,6 +69,10 @@ func Scan(pids []int) map[string]Open {
 			}
 			var st unix.Stat_t
 			if unix.Stat(fd, &st) != nil || st.Mode&unix.S_IFMT != unix.S_IFREG {
+				continue
+			}
+			var node unix.Stat_t
+			if unix.Stat(path, &node) != nil || node.Dev != st.Dev || node.Ino != st.Ino {
 				continue
 			}
 			o := Open{Path: path, Dev: uint64(st.Dev), Ino: st.Ino, Size: st.Size}

@@ -111,3 +111,32 @@ func TestTruncateRefusesReplacedFiles(t *testing.T) {
 		t.Errorf("the other file was changed: %q", b)
 	}
 }
+
+// A file the job holds open that the node does not see at its path (on a
+// mount of the job's own namespace, such as its private TMPDIR; here: one
+// renamed over) is not the node's to cut: the scan leaves it out.
+func TestScanLeavesOutFilesNotAtTheirPath(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "session.sm")
+	if err := os.WriteFile(p, []byte("job's"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(p, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if o, ok := Scan([]int{os.Getpid()})[p]; !ok || o.Size != 5 {
+		t.Fatalf("the file at its own path: %+v (found %v)", o, ok)
+	}
+	other := filepath.Join(dir, "other")
+	if err := os.WriteFile(other, []byte("the node's"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(other, p); err != nil {
+		t.Fatal(err)
+	}
+	if o, ok := Scan([]int{os.Getpid()})[p]; ok {
+		t.Errorf("a file that is not the one at its path was scanned: %+v", o)
+	}
+}
