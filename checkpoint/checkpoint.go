@@ -197,6 +197,7 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 	copts := criu.JobOptions(bin)
 	copts.ImagesDir, copts.WorkDir, copts.LogFile = images, work, "dump.log"
 	copts.Pid, copts.LeaveRunning, copts.LeaveStopped = o.PID, !o.Kill, o.Kill
+	copts.SkipMounts = nodeMounts(o.PID)
 	copts.GhostLimit, copts.ConfigFile = o.GhostLimit, criuConfig
 	// Offload contexts: lock, then checkpoint, so their device state is in
 	// host memory for CRIU. Until Resume (or the job's end) every failure

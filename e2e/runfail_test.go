@@ -474,3 +474,54 @@ func readOrEmpty(p string) []byte {
 	b, _ := os.ReadFile(p)
 	return b
 }
+
+// The node's mounts change while a job in namespaces of its own runs (a
+// network namespace's nsfs mount in /run/netns comes and goes): its
+// checkpoints and its restore take the node's tree as it is then, and the
+// job finishes right.
+func TestRunNodeMountsComeAndGo(t *testing.T) {
+	criu := requireCRIU(t)
+	netns := func(op, name string) {
+		t.Helper()
+		if out, err := exec.Command("ip", "netns", op, name).CombinedOutput(); err != nil {
+			t.Fatalf("ip netns %s %s: %v %s", op, name, err, out)
+		}
+	}
+	names := []string{fmt.Sprintf("cryo-t%d-a", os.Getpid()), fmt.Sprintf("cryo-t%d-b", os.Getpid())}
+	t.Cleanup(func() {
+		for _, n := range names {
+			_ = exec.Command("ip", "netns", "del", n).Run()
+		}
+	})
+	netns("add", names[0]) // in the job's namespace from its start
+	const steps = 120
+	want := reference(t, "memstate", "-steps", strconv.Itoa(steps), "-mem", "4")
+	dir := t.TempDir()
+	st := filepath.Join(dir, "store")
+	r := startRun(t, criu, "--store", st, "--interval", "500ms", "--namespaces", "on", "--",
+		bin("memstate"), "-steps", strconv.Itoa(steps), "-mem", "4", "-delay", "30ms")
+	r.waitFor(t, "checkpoint: generation 1", 30*time.Second)
+	netns("del", names[0]) // gone from the node before the restore
+	host := hostPID(t, criu, st)
+	syscall.Kill(host, syscall.SIGKILL)
+	r.waitFor(t, "restored: generation", 30*time.Second)
+	netns("add", names[1]) // comes and goes after the restore
+	netns("del", names[1])
+	n := strings.Count(r.messages(t), "checkpoint: generation")
+	for deadline := time.Now().Add(30 * time.Second); strings.Count(r.messages(t), "checkpoint: generation") < n+2; {
+		if time.Now().After(deadline) {
+			t.Fatalf("no checkpoint after the node's mounts changed:\n%s", r.messages(t))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if code := r.wait(t, 90*time.Second); code != 0 {
+		t.Fatalf("cryo run exited %d\n%s", code, r.messages(t))
+	}
+	if msgs := r.messages(t); strings.Contains(msgs, "checkpoint-failed") || strings.Contains(msgs, "restore-failed") {
+		t.Errorf("a checkpoint or restore failed as the node's mounts changed:\n%s", msgs)
+	}
+	p := readProgress(t, r.out)
+	if p.result != want {
+		t.Errorf("the job finished with %q, an uninterrupted run with %q", p.result, want)
+	}
+}

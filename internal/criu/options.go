@@ -74,6 +74,10 @@ type Options struct {
 	ConfigFile string
 	// External resources, in CRIU's --external syntax.
 	External []string
+	// SkipMounts are mount points of the job's mount namespace a dump leaves
+	// out (--skip-mnt): mounts of the node's that need not, or cannot, be
+	// part of the job (see checkpoint's nodeMounts).
+	SkipMounts []string
 	// InheritFds maps a CRIU resource key (e.g. "pipe:[1234]") to a file that
 	// the restored tree receives in its place.
 	InheritFds map[string]*os.File
@@ -194,6 +198,7 @@ func (o Options) request() (ro *rpc.CriuOpts, open, extra []*os.File, err error)
 		}
 	}
 	ro.External = append(ro.External, o.External...)
+	ro.SkipMnt = append(ro.SkipMnt, o.SkipMounts...)
 	nextFd := func(f *os.File) int32 {
 		extra = append(extra, f)
 		return int32(3 + len(extra))
@@ -233,6 +238,9 @@ func (o Options) cmdline(cmd string) (args []string, extra []*os.File) {
 	}
 	for _, e := range o.External {
 		args = append(args, "--external", e)
+	}
+	for _, m := range o.SkipMounts {
+		args = append(args, "--skip-mnt", m)
 	}
 	if ps := o.PageServer; ps != nil && ps.File == nil {
 		args = append(args, "--page-server", "--address", ps.Address, "--port", strconv.Itoa(int(ps.Port)))

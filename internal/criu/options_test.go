@@ -47,7 +47,7 @@ func TestOptionsBothWays(t *testing.T) {
 		case reflect.String:
 			return reflect.ValueOf("x"), true
 		case reflect.Slice:
-			return reflect.ValueOf([]string{"mnt[x]:y"}), true
+			return reflect.ValueOf([]string{"/x"}), true
 		}
 		return reflect.Value{}, false
 	}
@@ -121,7 +121,7 @@ func TestOptionsCRIUKnowsEveryFlag(t *testing.T) {
 	all := Options{ImagesDir: dir, WorkDir: dir, LogFile: "x.log", Unprivileged: true, LeaveRunning: true,
 		Timeout: 5, FreezeCgroup: "x", RestoreDetached: true, LazyPages: true, Root: "/", TCPEstablished: true,
 		ShellJob: true, FileLocks: true, ExtUnixSockets: true, AutoExtMounts: true, GhostLimit: 1 << 20,
-		ConfigFile: conf, External: []string{"mnt[x]:y"}}
+		ConfigFile: conf, External: []string{"mnt[x]:y"}, SkipMounts: []string{"/x"}}
 	for _, cmd := range []string{"restore", "lazy-pages"} {
 		args, _ := all.cmdline(cmd)
 		for _, opt := range options {
