@@ -849,6 +849,9 @@ func TestCUDARunNamespacedGPUFailure(t *testing.T) {
 		"/bin/sh", "-c", work(1) + " & " + work(0) + "; wait"}
 	r := startRunEnv(t, w.criu, append(append([]string{}, w.env...), w.f.Env()...), false, args...)
 	before := w.jobProcesses(t, r, 2)
+	for gpu := range before {
+		waitFileStep(t, r, outs[gpu], 1) // its context exists
+	}
 	for gpu, p := range before {
 		namespaced(t, p)
 		w.wantState(t, p.pid, offload.Running)
