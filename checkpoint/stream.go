@@ -19,7 +19,8 @@ import (
 // compression overlap with the dump.
 type pageStream struct {
 	w      *store.Writer
-	prefix string // "tree-N/" when the job has several trees
+	sink   pageserver.Sink // instead of w: a live migration's pages (Hold)
+	prefix string          // "tree-N/" when the job has several trees
 	rcv    *pageserver.Receiver
 	ours   *os.File
 	theirs *os.File // handed to CRIU
@@ -32,6 +33,15 @@ type pageStream struct {
 // startPageStream starts receiving a dump's pages from CRIU of version
 // criuVersion over a socketpair.
 func startPageStream(w *store.Writer, criuVersion int) (*pageStream, error) {
+	return newPageStream(w, nil, criuVersion)
+}
+
+// startSinkStream starts receiving a dump's pages into sink.
+func startSinkStream(sink pageserver.Sink, criuVersion int) (*pageStream, error) {
+	return newPageStream(nil, sink, criuVersion)
+}
+
+func newPageStream(w *store.Writer, sink pageserver.Sink, criuVersion int) (*pageStream, error) {
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("page stream: %w", err)
@@ -43,6 +53,7 @@ func startPageStream(w *store.Writer, criuVersion int) (*pageStream, error) {
 	}
 	p := &pageStream{
 		w:      w,
+		sink:   sink,
 		ours:   os.NewFile(uintptr(fds[0]), "page-stream"),
 		theirs: os.NewFile(uintptr(fds[1]), "page-stream-criu"),
 		done:   make(chan error, 1),
@@ -54,10 +65,18 @@ func startPageStream(w *store.Writer, criuVersion int) (*pageStream, error) {
 }
 
 // Buffer implements pageserver.Sink.
-func (p *pageStream) Buffer() []byte { return p.w.Buffer() }
+func (p *pageStream) Buffer() []byte {
+	if p.sink != nil {
+		return p.sink.Buffer()
+	}
+	return p.w.Buffer()
+}
 
 // Put implements pageserver.Sink.
 func (p *pageStream) Put(img *pageserver.Image, addr uint64, data []byte) error {
+	if p.sink != nil {
+		return p.sink.Put(img, addr, data)
+	}
 	return p.file(img).PutAt(data, addr)
 }
 
@@ -94,7 +113,9 @@ func (p *pageStream) finish(images string, dumpErr error) error {
 			err = os.WriteFile(filepath.Join(images, img.Pagemap), b, 0o600)
 		}
 		errs = append(errs, err)
-		p.file(img) // an image with no pages still needs its (empty) pages file
+		if p.w != nil {
+			p.file(img) // an image with no pages still needs its (empty) pages file
+		}
 	}
 	return errors.Join(errs...)
 }
