@@ -18,7 +18,7 @@ const maxOutputsRecord = 16 << 20
 // record (taken before cryo recorded outputs, or a job without output
 // files) cuts nothing. Files that cannot be cut are named in the error;
 // the restore goes on (CRIU refuses a file whose size it checks).
-func (o Options) cutOutputs(st *store.Store, m *store.Manifest) ([]outputs.Cut, error) {
+func (o Options) cutOutputs(m *store.Manifest, read imageReader) ([]outputs.Cut, error) {
 	if !o.TruncateOutputs {
 		return nil, nil
 	}
@@ -34,7 +34,7 @@ func (o Options) cutOutputs(st *store.Store, m *store.Manifest) ([]outputs.Cut, 
 	if size > maxOutputsRecord {
 		return nil, fmt.Errorf("generation %d: %s is %d bytes, more than a record can be", m.Generation, outputs.ImageName, size)
 	}
-	b, err := st.ReadAt(m, outputs.ImageName, 0, size)
+	b, err := read(outputs.ImageName, size)
 	if err != nil {
 		return nil, err
 	}

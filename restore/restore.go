@@ -74,7 +74,18 @@ type Options struct {
 	// their sizes at the checkpoint before it runs again (see outputs.go):
 	// for a supervisor that restores a job whose output must not repeat.
 	TruncateOutputs bool
+	// Images restores from this directory of complete CRIU images of one
+	// tree (a job migrated here, before it is committed), which Manifest
+	// describes (its Files name each image and its size; no chunks),
+	// instead of a generation of Store. Store is still used for its lock,
+	// the offload journal and CRIU's logs. Lazy and Fallback do not apply.
+	Images   string
+	Manifest *store.Manifest
 }
+
+// imageReader reads the first size bytes of an image of the generation
+// being restored.
+type imageReader func(name string, size int64) ([]byte, error)
 
 // Result describes a restored job.
 type Result struct {
@@ -164,31 +175,23 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 		return nil, fmt.Errorf("a killed cryo left offload contexts locked and they cannot be recovered yet: %w", err)
 	}
 
-	gen := o.Generation
-	if gen == 0 {
-		gens, err := st.Generations()
-		if err != nil {
+	var (
+		gen    int
+		m      *store.Manifest
+		healed []store.Problem
+		read   imageReader
+	)
+	if o.Images != "" {
+		if o.Manifest == nil || o.Lazy || len(o.Manifest.Job.Trees) > 0 {
+			return nil, errors.New("restore from an images directory: a manifest of one tree is needed, and no lazy restore")
+		}
+		m = o.Manifest
+		read = func(name string, size int64) ([]byte, error) { return readImageFile(o.Images, name, size) }
+	} else {
+		if gen, m, healed, err = o.generation(st, rep, log); err != nil {
 			return nil, err
 		}
-		if len(gens) == 0 {
-			return nil, fmt.Errorf("%w: store %s has no checkpoints yet", store.ErrNoGeneration, st.Dir)
-		}
-		gen = gens[len(gens)-1]
-	}
-	var healed []store.Problem
-	m, err := st.ReadManifest(gen)
-	if err != nil && rep != nil && errors.Is(err, store.ErrCorrupt) {
-		var herr error
-		if m, herr = st.HealManifest(rep, gen); herr != nil {
-			return nil, fmt.Errorf("%w; %v", err, herr)
-		}
-		healed = append(healed, store.Problem{File: "manifest.json", Chunk: -1, Path: filepath.Join(st.GenDir(gen), "manifest.json"),
-			Reason: err.Error() + "; restored from the replica"})
-		log.Info("healed a damaged manifest from the replica", "generation", gen, "replica", rep.Dir)
-		err = nil
-	}
-	if err != nil {
-		return nil, err
+		read = func(name string, size int64) ([]byte, error) { return st.ReadAt(m, name, 0, size) }
 	}
 	bin, err := criu.Vet(ctx, o.CRIU, o.CheckCache)
 	if err != nil {
@@ -206,7 +209,7 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 		}
 	}
 	if !bin.Unprivileged {
-		if err := sameOwner(st, m); err != nil {
+		if err := sameOwner(m, read); err != nil {
 			return nil, fmt.Errorf("restore generation %d: %w", gen, err)
 		}
 	}
@@ -218,14 +221,14 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 		return nil, fmt.Errorf("restore generation %d: %w", gen, err)
 	}
 
-	cuts, cutErr := o.cutOutputs(st, m)
+	cuts, cutErr := o.cutOutputs(m, read)
 	if cutErr != nil {
 		log.Warn("output files not cut back to the checkpoint", "err", cutErr)
 	}
 	for _, c := range cuts {
 		log.Info("output file cut back to the checkpoint", "file", c.Path, "from", c.From, "to", c.To)
 	}
-	stream := o.streamed(st, m, rep != nil, log)
+	stream := o.Images == "" && o.streamed(st, m, rep != nil, log)
 	need := m.RawBytes() + 16<<20
 	if stream {
 		need = 16 << 20 // CRIU's log and the streamer's socket
@@ -241,7 +244,9 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 		}
 	}()
 	images := filepath.Join(work, "images")
-	if err := os.Mkdir(images, 0o700); err != nil {
+	if o.Images != "" {
+		images = o.Images
+	} else if err := os.Mkdir(images, 0o700); err != nil {
 		return nil, err
 	}
 	t0 := time.Now()
@@ -261,7 +266,7 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 			log.Warn("restoring zero memory too", "why", err)
 			zs = &zeroSkip{}
 		}
-	} else {
+	} else if o.Images == "" {
 		fixed, err = st.MaterializeFrom(ctx, m, images, rep, kinds...)
 		for _, p := range fixed {
 			log.Info("healed a damaged chunk from the replica", "generation", gen, "problem", p.String())
@@ -499,4 +504,51 @@ func rebind(grp *offload.Group, root int) error {
 // namespace of its own: its root process is that namespace's PID 1.
 func ownPIDNamespace(m *store.Manifest) bool {
 	return len(m.Job.Processes) > 0 && m.Job.Processes[0].PID == 1
+}
+
+// generation picks the generation to restore (o.Generation, or the newest)
+// and reads its manifest, healing it from the replica when it is damaged.
+func (o Options) generation(st *store.Store, rep *store.Store, log *slog.Logger) (int, *store.Manifest, []store.Problem, error) {
+	gen := o.Generation
+	if gen == 0 {
+		gens, err := st.Generations()
+		if err != nil {
+			return 0, nil, nil, err
+		}
+		if len(gens) == 0 {
+			return 0, nil, nil, fmt.Errorf("%w: store %s has no checkpoints yet", store.ErrNoGeneration, st.Dir)
+		}
+		gen = gens[len(gens)-1]
+	}
+	var healed []store.Problem
+	m, err := st.ReadManifest(gen)
+	if err != nil && rep != nil && errors.Is(err, store.ErrCorrupt) {
+		var herr error
+		if m, herr = st.HealManifest(rep, gen); herr != nil {
+			return 0, nil, nil, fmt.Errorf("%w; %v", err, herr)
+		}
+		healed = append(healed, store.Problem{File: "manifest.json", Chunk: -1, Path: filepath.Join(st.GenDir(gen), "manifest.json"),
+			Reason: err.Error() + "; restored from the replica"})
+		log.Info("healed a damaged manifest from the replica", "generation", gen, "replica", rep.Dir)
+		err = nil
+	}
+	return gen, m, healed, err
+}
+
+// readImageFile reads the first size bytes of image name in dir, never
+// through a link.
+func readImageFile(dir, name string, size int64) ([]byte, error) {
+	if size < 0 || size > store.MaxImage {
+		return nil, fmt.Errorf("%s: %d bytes", name, size)
+	}
+	f, err := os.OpenFile(filepath.Join(dir, filepath.Clean("/"+name)), os.O_RDONLY|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b := make([]byte, size)
+	if _, err := io.ReadFull(f, b); err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	return b, nil
 }
