@@ -14,6 +14,8 @@ import (
 	"github.com/cryo-hpc/cryo/internal/criu"
 	"github.com/cryo-hpc/cryo/internal/inspect"
 	"github.com/cryo-hpc/cryo/internal/store"
+	"github.com/cryo-hpc/cryo/internal/wire"
+	"github.com/cryo-hpc/cryo/migrate"
 	"github.com/cryo-hpc/cryo/monitor"
 	"github.com/cryo-hpc/cryo/offload"
 	"github.com/cryo-hpc/cryo/offload/cuda"
@@ -510,3 +512,74 @@ func RunState(dir string) (string, error) {
 	}
 	return string(rs.State), nil
 }
+
+// MigrateOptions are the choices for Migrate.
+type MigrateOptions struct {
+	// Store is the store of a job that `cryo run` supervises here (its
+	// control socket is STORE/run/control.sock), or Socket that socket.
+	Store  string
+	Socket string
+	// To is the destination, host:port, where `cryo run --receive` waits
+	// with the same Key file (see NewKey).
+	To  string
+	Key string
+	// MaxRounds bounds the pre-copy rounds (0: 8); NoPrecopy stops the job
+	// at once and copies all of it (stop and copy).
+	MaxRounds int
+	NoPrecopy bool
+}
+
+// MigrateResult describes a migration: rounds, bytes sent, downtime.
+type MigrateResult = migrate.Result
+
+// ErrRolledBack means a migration failed and the job runs on here, with
+// nothing lost.
+var ErrRolledBack = migrate.ErrRolledBack
+
+// Migrate moves a running job to another node while it runs: pre-copy
+// rounds copy its memory, then it stops for the rest, and it runs on at
+// the destination. The job is held stopped here, never killed, until the
+// destination says it runs there; if the destination fails at any point,
+// the job resumes here (the error then matches ErrRolledBack, and the
+// result, when not nil, says how far it got). It needs a job in
+// namespaces of its own (cryo run's default where the node allows it).
+func Migrate(ctx context.Context, o MigrateOptions) (*MigrateResult, error) {
+	sock := o.Socket
+	if sock == "" {
+		if o.Store == "" {
+			return nil, errors.New("migrate: no store or control socket given")
+		}
+		sock = filepath.Join(monitor.RunDir(o.Store), "control.sock")
+	}
+	if o.To == "" || o.Key == "" {
+		return nil, errors.New("migrate: a destination and a key file are needed")
+	}
+	key, err := filepath.Abs(o.Key)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := monitor.Call(ctx, sock, monitor.Request{Op: "migrate",
+		Migrate: &monitor.MigrateRequest{To: o.To, Key: key, MaxRounds: o.MaxRounds, NoPrecopy: o.NoPrecopy}})
+	if err != nil {
+		if resp != nil {
+			return resp.Migration, &migrateError{msg: resp.Error, rolledBack: resp.RolledBack}
+		}
+		return nil, err
+	}
+	return resp.Migration, nil
+}
+
+// migrateError is a failed migration as the supervisor reported it.
+type migrateError struct {
+	msg        string
+	rolledBack bool
+}
+
+func (e *migrateError) Error() string { return e.msg }
+
+func (e *migrateError) Is(target error) bool { return e.rolledBack && target == ErrRolledBack }
+
+// NewKey writes a fresh pre-shared key for migrations to path (mode 0600;
+// an existing file is refused). Copy it to the destination's user, who
+// names it with --key.
+func NewKey(path string) error { return wire.NewKey(path) }

@@ -158,6 +158,8 @@ func newApp(e *env) *ucli.App {
 			recoverCommand(e),
 			runCommand(e),
 			ctlCommand(e),
+			migrateCommand(e),
+			keygenCommand(e),
 			swapCommand(e, "swap-out"),
 			swapCommand(e, "swap-in"),
 			slurmCommand(e),

@@ -19,6 +19,7 @@ import (
 	"github.com/cryo-hpc/cryo/internal/jobns"
 	"github.com/cryo-hpc/cryo/internal/privilege"
 	"github.com/cryo-hpc/cryo/internal/store"
+	"github.com/cryo-hpc/cryo/migrate"
 	"github.com/cryo-hpc/cryo/monitor"
 	"github.com/cryo-hpc/cryo/offload"
 	"github.com/cryo-hpc/cryo/offload/drivers"
@@ -52,6 +53,10 @@ type runOpts struct {
 	ckptSignal string
 	startOver  bool
 	limits     criuLimits
+	// A job migrated here (cli/receive.go).
+	receive    string
+	key        string
+	adoptGrace time.Duration
 }
 
 func runCommand(e *env) *ucli.Command {
@@ -105,11 +110,21 @@ that the signal reaches it (docs/slurm.md).`,
 			&ucli.StringFlag{Name: "store-root", Usage: "in a Slurm job without --store: where the per-job store cryo-$SLURM_JOB_ID goes (default: $SLURM_SUBMIT_DIR)", Destination: &o.storeRoot, EnvVars: []string{"CRYO_STORE_ROOT"}},
 			&ucli.StringFlag{Name: "checkpoint-signal", Usage: "signal that checkpoints the job now (with --requeue: checkpoints, stops and requeues it); when another is named, SIGUSR1 still takes a plain checkpoint", Value: "USR1", Destination: &o.ckptSignal, EnvVars: []string{"CRYO_CHECKPOINT_SIGNAL"}},
 			&ucli.BoolFlag{Name: "requeue", Usage: "in a Slurm batch job: on the checkpoint signal, checkpoint, stop and requeue the job (scontrol requeue); when it runs again it resumes (see docs/slurm.md)", Destination: &o.requeue, EnvVars: []string{"CRYO_REQUEUE"}},
+			&ucli.StringFlag{Name: "receive", Usage: "take a job that `cryo migrate` moves here: listen on this address (host:port) for it, then run it as cryo run does", Destination: &o.receive},
+			&ucli.StringFlag{Name: "key", Usage: "with --receive: the pre-shared key file that authenticates the source (cryo keygen makes one)", Destination: &o.key, EnvVars: []string{"CRYO_MIGRATE_KEY"}},
+			&ucli.DurationFlag{Name: "adopt-grace", Usage: "with --receive: how long the migrated job must run here before its source lets it go", Value: 5 * time.Second, Destination: &o.adoptGrace},
 			&ucli.BoolFlag{Name: "start-over", Usage: "when resuming and no checkpoint of the store is intact, start the job from the beginning instead of failing (verifies the store first)", Destination: &o.startOver, EnvVars: []string{"CRYO_START_OVER"}},
 		), o.limits.flags(true)...),
 		Action: func(c *ucli.Context) error {
-			if c.NArg() == 0 {
+			switch {
+			case o.receive != "" && c.NArg() > 0:
+				return usagef("--receive takes the job from the migration: give no command")
+			case o.receive == "" && c.NArg() == 0:
 				return usagef("run needs the host command after --")
+			case o.receive != "" && o.key == "":
+				return usagef("--receive needs --key (the key file the source holds too)")
+			case o.receive == "" && o.key != "":
+				return usagef("--key is for --receive")
 			}
 			cfg, err := o.config(c, e)
 			if err != nil {
@@ -216,8 +231,34 @@ func (o *runOpts) run(c *ucli.Context, e *env, cfg monitor.Config, sigplan *runS
 		hostErr, _ = filepath.Abs(o.stderr)
 		relayErr = ""
 	}
-	cfg.Trees = []monitor.TreeSpec{{Name: "host", Argv: c.Args().Slice(), Host: true, Stdout: hostOut, Stderr: hostErr, Dir: mustGetwd()}}
+	var incoming *migrate.Incoming
+	if o.receive != "" {
+		// The job comes from another node: its trees are the source's,
+		// and their output files are where the source had them.
+		in, stop, err := o.receiveJob(c.Context, e, cfg)
+		if err != nil {
+			return err
+		}
+		defer stop()
+		incoming = in
+		if cfg.Trees, cfg.JobDir, err = monitor.Adopted(in); err != nil {
+			_ = in.Fail(err)
+			return err
+		}
+		cfg.Adopt = &monitor.Adopt{In: in, Grace: o.adoptGrace}
+		relayOut, relayErr = "", ""
+		for _, t := range cfg.Trees {
+			if t.Host {
+				relayOut, relayErr = relayable(t.Stdout), relayable(t.Stderr)
+			}
+		}
+	} else {
+		cfg.Trees = []monitor.TreeSpec{{Name: "host", Argv: c.Args().Slice(), Host: true, Stdout: hostOut, Stderr: hostErr, Dir: mustGetwd()}}
+	}
 	for i, cmd := range o.offload.Value() {
+		if incoming != nil {
+			return usagef("--offload: a migrated job brings its own trees")
+		}
 		argv, err := splitCommand(cmd)
 		if err != nil || len(argv) == 0 {
 			return usagef("--offload %q: %v", cmd, err)

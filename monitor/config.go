@@ -91,6 +91,14 @@ type Config struct {
 	// OnEvent, if set, is called for every Event (from the supervisor's
 	// goroutine; keep it quick).
 	OnEvent func(Event)
+	// JobDir is the directory of the job's own files, when not this
+	// store's run directory: a job migrated here keeps using the one of the
+	// store it was started with (its processes hold those paths).
+	JobDir string
+	// Adopt runs a job that migrated here (cryo run --receive): its
+	// generation in Store is restored first, and the source is told when
+	// the job runs and once it has lived through Adopt.Grace.
+	Adopt *Adopt
 	// Engine does the work the supervisor decides on; nil: CRIU through
 	// the checkpoint and restore packages (tests inject their own).
 	Engine Engine
@@ -105,6 +113,16 @@ type HealthSource interface {
 
 // RunDir is where a job's logs, events and state live inside its store.
 func RunDir(storeDir string) string { return filepath.Join(storeDir, "run") }
+
+// jobDir is the directory of the files the job itself uses (job-init's
+// events and log, the heartbeat, its TMPDIR's mountpoint): the store's run
+// directory, or for a job migrated here the one it was started with.
+func (cfg *Config) jobDir() string {
+	if cfg.JobDir != "" {
+		return cfg.JobDir
+	}
+	return RunDir(cfg.Store)
+}
 
 // check validates cfg and fills in defaults.
 func (cfg *Config) check() error {

@@ -11,13 +11,16 @@ import (
 	"os"
 	"time"
 
+	"github.com/cryo-hpc/cryo/migrate"
 	"golang.org/x/sys/unix"
 )
 
 // Request is one line a client sends to the control socket.
 type Request struct {
-	Op  string `json:"op"`            // status, list, checkpoint, stop, swap-out, swap-in
+	Op  string `json:"op"`            // status, list, checkpoint, stop, swap-out, swap-in, migrate
 	Job string `json:"job,omitempty"` // the job's name; may be omitted
+	// Migrate is the migration asked for, with Op "migrate".
+	Migrate *MigrateRequest `json:"migrate,omitempty"`
 }
 
 // Response is the line the control socket answers with.
@@ -26,6 +29,11 @@ type Response struct {
 	Error      string   `json:"error,omitempty"`
 	Jobs       []Status `json:"jobs,omitempty"`
 	Generation int      `json:"generation,omitempty"`
+	// Migration says how a migration went (also when it failed and the
+	// job continues here).
+	Migration *migrate.Result `json:"migration,omitempty"`
+	// RolledBack: the migration failed and the job runs on here.
+	RolledBack bool `json:"rolled_back,omitempty"`
 }
 
 // ServeControl answers control requests for the job s supervises on a unix
@@ -137,8 +145,19 @@ func answer(ctx context.Context, s *Supervisor, req Request) Response {
 			out.Generation = res.Generation
 		}
 		return out
+	case "migrate":
+		if req.Migrate == nil {
+			return Response{Error: "migrate: no destination given"}
+		}
+		ctx, cancel := context.WithTimeout(ctx, 2*time.Hour)
+		defer cancel()
+		res, err := s.Migrate(ctx, *req.Migrate)
+		if err != nil {
+			return Response{Error: err.Error(), Migration: res, RolledBack: errors.Is(err, migrate.ErrRolledBack)}
+		}
+		return Response{OK: true, Jobs: []Status{s.Status()}, Migration: res}
 	}
-	return Response{Error: fmt.Sprintf("unknown op %q (status, checkpoint, stop, swap-out, swap-in)", req.Op)}
+	return Response{Error: fmt.Sprintf("unknown op %q (status, checkpoint, stop, swap-out, swap-in, migrate)", req.Op)}
 }
 
 // Call sends one request to a control socket and returns the answer.

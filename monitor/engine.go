@@ -61,7 +61,7 @@ type criuEngine struct {
 }
 
 func (e *criuEngine) Start(ctx context.Context, events string) (int, error) {
-	run := RunDir(e.cfg.Store)
+	run := e.cfg.jobDir()
 	spec := InitSpec{Trees: append([]TreeSpec(nil), e.cfg.Trees...), Events: events, Grace: e.cfg.Grace}
 	if e.cfg.HeartbeatTimeout > 0 {
 		hb := filepath.Join(run, "heartbeat")
@@ -101,7 +101,11 @@ func (e *criuEngine) Start(ctx context.Context, events string) (int, error) {
 	}
 	defer devnull.Close()
 	env := append(os.Environ(), InitEnv+"="+string(b))
-	attr, self := &syscall.SysProcAttr{Setsid: true}, e.cfg.Self
+	// job-init dies with its supervisor (and, as PID 1 of its namespaces, the
+	// whole job with it): a job never runs unsupervised, and a node that
+	// received a migrated job leaves nothing running when it dies before
+	// the source let go. CRIU keeps the setting in its images.
+	attr, self := &syscall.SysProcAttr{Setsid: true, Pdeathsig: syscall.SIGKILL}, e.cfg.Self
 	if spec.Namespaced {
 		attr = jobns.Attr(*attr, !privilege.Root())
 		// By its path, looked up inside the job's mount namespace: a magic
@@ -146,7 +150,7 @@ func (e *criuEngine) Checkpoint(ctx context.Context, pid int, kill bool, accept 
 func (e *criuEngine) Restore(ctx context.Context, gen int) (*Restored, error) {
 	// A namespaced job's TMPDIR mount needs its mountpoint (a store copied
 	// or made on another node may lack the empty directory).
-	if err := os.Mkdir(filepath.Join(RunDir(e.cfg.Store), "tmp"), 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+	if err := os.Mkdir(filepath.Join(e.cfg.jobDir(), "tmp"), 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
 		return nil, err
 	}
 	res, err := restore.Restore(ctx, restore.Options{

@@ -127,6 +127,9 @@ func (s *Supervisor) emit(e Event) {
 	e.Time, e.Job = time.Now(), s.cfg.Name
 	// Events are reported through OnEvent; the log keeps them for -v.
 	s.log.Debug(e.Kind, "detail", e.Detail, "generation", e.Gen)
+	if s.watch != nil {
+		s.watch.event(e)
+	}
 	if s.cfg.OnEvent != nil {
 		s.cfg.OnEvent(e)
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/cryo-hpc/cryo/checkpoint"
 	"github.com/cryo-hpc/cryo/internal/proc"
 	"github.com/cryo-hpc/cryo/internal/store"
+	"github.com/cryo-hpc/cryo/migrate"
 	"golang.org/x/sys/unix"
 )
 
@@ -30,10 +31,11 @@ var ErrGaveUp = errors.New("gave up restoring the job")
 // going. It is a loop: what to do is decided by the policy (policy.go),
 // the work is done by its Engine (engine.go).
 type Supervisor struct {
-	cfg  Config
-	log  *slog.Logger
-	eng  Engine
-	reqs chan request
+	cfg   Config
+	log   *slog.Logger
+	eng   Engine
+	reqs  chan request
+	watch *adoptWatch // a job migrated here, until its source let go
 
 	mu     sync.Mutex
 	status Status
@@ -62,12 +64,14 @@ type Supervisor struct {
 }
 
 type request struct {
-	op    string // checkpoint, stop, swap-out, swap-in
+	op    string // checkpoint, stop, swap-out, swap-in, migrate
+	mig   *MigrateRequest
 	reply chan reply
 }
 
 type reply struct {
 	res *checkpoint.Result
+	mig *migrate.Result
 	err error
 }
 
@@ -126,7 +130,7 @@ func (s *Supervisor) Run(ctx context.Context) (code int, err error) {
 	gens, _ := s.eng.Generations()
 	// Resume an unfinished run: one that was stopped, swapped out, killed
 	// with its supervisor, or that gave up (the node may be well now).
-	resume := !s.cfg.Fresh && len(gens) > 0 && prev != nil && prev.State != StateCompleted
+	resume := !s.cfg.Fresh && len(gens) > 0 && prev != nil && prev.State != StateCompleted && prev.State != StateMigrated
 	if resume && !slices.EqualFunc(prev.Trees, s.cfg.Trees, func(a, b TreeSpec) bool { return slices.Equal(a.Argv, b.Argv) }) {
 		return 1, fmt.Errorf("store %s holds a checkpoint of a different job (%q); use --fresh to start over, or another store", st.Dir, prev.Trees[0].Argv)
 	}
@@ -134,6 +138,9 @@ func (s *Supervisor) Run(ctx context.Context) (code int, err error) {
 		for g, why := range prev.PassedOver {
 			s.pol.passOver(g, why, true)
 		}
+	}
+	if a := s.cfg.Adopt; a != nil {
+		return s.adopt(ctx, a)
 	}
 	s.writeRunState(StateStarting, nil)
 	if resume {
@@ -149,7 +156,7 @@ func (s *Supervisor) Run(ctx context.Context) (code int, err error) {
 	return s.loop(ctx)
 }
 
-func (s *Supervisor) eventsFile() string { return filepath.Join(RunDir(s.cfg.Store), "events.jsonl") }
+func (s *Supervisor) eventsFile() string { return filepath.Join(s.cfg.jobDir(), "events.jsonl") }
 
 // start launches the job afresh.
 func (s *Supervisor) start(ctx context.Context) error {
@@ -172,7 +179,7 @@ func (s *Supervisor) afterStart() {
 	s.lastInit = s.initPID
 	s.chans = newChannelWatch(s.cfg.ChannelGrace)
 	s.hang = map[string]hangMark{}
-	s.beat.reset(filepath.Join(RunDir(s.cfg.Store), "heartbeat"), time.Now())
+	s.beat.reset(filepath.Join(s.cfg.jobDir(), "heartbeat"), time.Now())
 	s.stills = nil
 	s.mem = memWatch{}
 	s.hostEnd = nil
@@ -223,6 +230,9 @@ func (s *Supervisor) loop(ctx context.Context) (int, error) {
 			}
 			resetTimer()
 		case <-tick.C:
+			if err := s.settleAdopted(); err != nil {
+				return 1, err
+			}
 			s.readEvents()
 			if s.initPID == 0 {
 				continue // swapped out
@@ -245,6 +255,15 @@ func (s *Supervisor) loop(ctx context.Context) (int, error) {
 			if f.kind == "" {
 				continue
 			}
+			if s.watch != nil && !s.watch.done {
+				// A job migrated here that fails before its source let go
+				// goes back there, not to an older generation.
+				s.event("failure", f.String(), 0)
+				s.watch.failed = errors.New(f.String())
+				if err := s.settleAdopted(); err != nil {
+					return 1, err
+				}
+			}
 			code, done, err := s.fail(ctx, f)
 			if done {
 				return code, err
@@ -256,6 +275,14 @@ func (s *Supervisor) loop(ctx context.Context) (int, error) {
 
 // finish ends supervision of a job that gave its own answer.
 func (s *Supervisor) finish(code int) (int, error) {
+	if s.watch != nil && !s.watch.done {
+		// A job migrated here ended with its own answer before its grace
+		// period was over: it ran here, so the source's copy must go.
+		s.watch.done = true
+		if err := s.watch.a.In.Running(); err != nil {
+			s.event("warning", "the job's source did not confirm that its copy ended: "+err.Error(), 0)
+		}
+	}
 	s.setExit(StateCompleted, code)
 	if code == 0 {
 		s.event("completed", "the job finished with exit code 0", 0)
@@ -413,6 +440,13 @@ func (s *Supervisor) handle(ctx context.Context, r request) (int, bool, error) {
 			s.setState(StateSwapped)
 			s.writeRunState(StateSwapped, nil)
 			s.event("swapped-out", fmt.Sprintf("generation %d", rep.res.Generation), rep.res.Generation)
+		}
+	case "migrate":
+		var done bool
+		rep.mig, done, rep.err = s.migrate(ctx, *r.mig)
+		if done {
+			r.reply <- rep
+			return 0, true, nil
 		}
 	case "swap-in":
 		if s.initPID != 0 {
