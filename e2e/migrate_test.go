@@ -1,0 +1,299 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cryo-hpc/cryo/migrate"
+)
+
+// Live migration between two "nodes": two network namespaces on this
+// machine joined by a veth pair, each with its own cryo. The source is a
+// `cryo run` in one, the destination a `cryo run --receive` in the other;
+// they share the file system, as nodes share a parallel file system.
+
+type nodePair struct {
+	a, b   string // network namespaces
+	dstIP  string // the destination's address, in b
+	subnet int
+}
+
+var nodeSeq int
+
+// twoNodes makes the two namespaces and removes them at the end.
+func twoNodes(t *testing.T) nodePair {
+	t.Helper()
+	nodeSeq++
+	n := nodePair{subnet: (os.Getpid()+nodeSeq)%200 + 20}
+	n.a, n.b = fmt.Sprintf("cryo-mig-%d-%d-a", os.Getpid(), nodeSeq), fmt.Sprintf("cryo-mig-%d-%d-b", os.Getpid(), nodeSeq)
+	va, vb := fmt.Sprintf("cm%da", n.subnet), fmt.Sprintf("cm%db", n.subnet)
+	n.dstIP = fmt.Sprintf("10.213.%d.2", n.subnet)
+	ip := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	ip("netns", "add", n.a)
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", n.a).Run() })
+	ip("netns", "add", n.b)
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", n.b).Run() })
+	ip("link", "add", va, "type", "veth", "peer", "name", vb)
+	ip("link", "set", va, "netns", n.a)
+	ip("link", "set", vb, "netns", n.b)
+	ip("-n", n.a, "addr", "add", fmt.Sprintf("10.213.%d.1/30", n.subnet), "dev", va)
+	ip("-n", n.b, "addr", "add", n.dstIP+"/30", "dev", vb)
+	for _, ns := range []string{n.a, n.b} {
+		ip("-n", ns, "link", "set", "lo", "up")
+	}
+	ip("-n", n.a, "link", "set", va, "up")
+	ip("-n", n.b, "link", "set", vb, "up")
+	return n
+}
+
+// in makes a cryo command run in network namespace ns.
+func in(ns string) func(*exec.Cmd) {
+	return func(c *exec.Cmd) {
+		nsenter, _ := exec.LookPath("nsenter")
+		c.Args = append([]string{"nsenter", "--net=/run/netns/" + ns, c.Path}, c.Args[1:]...)
+		c.Path = nsenter
+	}
+}
+
+// dirtyReference is the result of an uninterrupted run of the dirty
+// workload with these arguments (its result does not depend on time).
+func dirtyReference(t *testing.T, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(bin("dirty"), append(args, "-delay", "0")...).Output()
+	if err != nil {
+		t.Fatalf("reference run: %v", err)
+	}
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	return lines[len(lines)-1]
+}
+
+// checkDirtyOutput checks that a job's output shows every step line once,
+// in order, and ends with the reference result.
+func checkDirtyOutput(t *testing.T, path string, steps, every int, want string) {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		if strings.HasPrefix(l, "step ") || strings.HasPrefix(l, "result ") {
+			got = append(got, l)
+		}
+	}
+	var expect []string
+	for s := every; s <= steps; s += every {
+		expect = append(expect, fmt.Sprintf("step %d", s))
+	}
+	expect = append(expect, want)
+	if strings.Join(got, "\n") != strings.Join(expect, "\n") {
+		t.Fatalf("the job's output is not what an uninterrupted run prints once:\n got: %s\nwant: ...step %d, %s", stepLines(got), steps, want)
+	}
+}
+
+func stepLines(ls []string) string {
+	if len(ls) > 8 {
+		return strings.Join(ls[:3], ", ") + fmt.Sprintf(" ... (%d lines) ... ", len(ls)) + strings.Join(ls[len(ls)-3:], ", ")
+	}
+	return strings.Join(ls, ", ")
+}
+
+// waitForLine waits until the file at path holds a line equal to line.
+func waitForLine(t *testing.T, path, line string, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		if b, err := os.ReadFile(path); err == nil && regexp.MustCompile(`(?m)^`+regexp.QuoteMeta(line)+`$`).Match(b) {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("%s: no %q after %v", path, line, timeout)
+}
+
+// workloadProcs lists the live processes running the dirty workload with
+// the given marker argument (a step count unique to the test).
+func workloadProcs(marker string) []int {
+	var out []int
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil || procState(pid) == 'Z' {
+			continue
+		}
+		args := strings.Split(string(b), "\x00")
+		if len(args) > 0 && filepath.Base(args[0]) == "dirty" && strings.Contains(string(b), "\x00-steps\x00"+marker+"\x00") {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+type migration struct {
+	nodes    nodePair
+	key      string
+	port     int
+	src, dst *runJob
+	srcStore string
+	args     []string
+	steps    int
+}
+
+// startMigration starts the destination, then the job at the source.
+func startMigration(t *testing.T, criu string, dstEnv []string, grace string, args ...string) *migration {
+	t.Helper()
+	m := &migration{nodes: twoNodes(t), port: freePort(t), args: args}
+	for i, a := range args {
+		if a == "-steps" {
+			m.steps, _ = strconv.Atoi(args[i+1])
+		}
+	}
+	dir := t.TempDir()
+	m.key = filepath.Join(dir, "key")
+	if r := cryo(t, "", "keygen", m.key); r.code != 0 {
+		t.Fatalf("keygen: %s", r)
+	}
+	m.srcStore = filepath.Join(dir, "src")
+	m.dst = startRunPrep(t, criu, false, func(c *exec.Cmd) {
+		c.Env = append(c.Env, dstEnv...)
+		in(m.nodes.b)(c)
+	}, "--store", filepath.Join(dir, "dst"), "--receive", fmt.Sprintf("%s:%d", m.nodes.dstIP, m.port), "--key", m.key, "--adopt-grace", grace)
+	m.dst.waitFor(t, "waiting for a job", 10*time.Second)
+	m.src = startRunPrep(t, criu, false, in(m.nodes.a),
+		append([]string{"--store", m.srcStore, "--namespaces", "on", "--", bin("dirty")}, args...)...)
+	return m
+}
+
+// migrate runs cryo migrate (outside both namespaces: it talks to the
+// source's control socket).
+func (m *migration) migrate(t *testing.T, criu string, extra ...string) (cryoResult, *migrate.Result) {
+	t.Helper()
+	r := cryo(t, criu, append([]string{"migrate", "--json", "--store", m.srcStore, "--to", fmt.Sprintf("%s:%d", m.nodes.dstIP, m.port), "--key", m.key}, extra...)...)
+	if r.code != 0 {
+		return r, nil
+	}
+	var res migrate.Result
+	if err := json.Unmarshal([]byte(r.stdout), &res); err != nil {
+		t.Fatalf("cryo migrate --json: %v\n%s", err, r.stdout)
+	}
+	return r, &res
+}
+
+// TestMigrate moves a 1 GiB job that rewrites 5% of its memory a second
+// to another node while it runs: it finishes there with the result of an
+// uninterrupted run, its output printed once, and nothing of it is left at
+// the source.
+func TestMigrate(t *testing.T) {
+	criu := requireCRIU(t)
+	args := []string{"-mem", "1024", "-pages", "655", "-delay", "50ms", "-steps", "360", "-every", "10"}
+	want := dirtyReference(t, args...)
+	m := startMigration(t, criu, nil, "2s", args...)
+	waitForLine(t, m.src.out, "step 40", time.Minute)
+	r, res := m.migrate(t, criu)
+	if r.code != 0 {
+		t.Fatalf("cryo migrate: %s\nsource: %s\ndestination: %s", r, m.src.messages(t), m.dst.messages(t))
+	}
+	t.Logf("migrated: %d rounds, downtime %v (dump %v, commit+restore %v), %d MiB sent for %d MiB of memory, %d pages while stopped (%d known)",
+		len(res.Rounds), res.Downtime, res.Frozen, res.Restore, res.Sent>>20, res.JobBytes>>20, res.FinalPages, res.FinalKnown)
+	for _, rd := range res.Rounds {
+		t.Logf("  round %d: %d pages read, %d sent, %v", rd.N, rd.Pages, rd.Changed, rd.Took)
+	}
+	if len(res.Rounds) < 2 || res.JobBytes < 1<<30 || res.FinalKnown == 0 {
+		t.Errorf("want pre-copy rounds over the whole 1 GiB and pages the destination already had at the stop; got %+v", res)
+	}
+	// The pre-copy rounds carried nearly all of it: the stopped job sent
+	// far less than its memory.
+	if res.FinalPages*4096 > res.JobBytes/4 {
+		t.Errorf("%d pages sent while stopped, a quarter of the job or more", res.FinalPages)
+	}
+	if code := m.src.wait(t, 30*time.Second); code != 0 || !strings.Contains(m.src.messages(t), "migrated: to ") {
+		t.Fatalf("the source cryo ended with %d:\n%s", code, m.src.messages(t))
+	}
+	if code := m.dst.wait(t, 2*time.Minute); code != 0 {
+		t.Fatalf("the destination ended with %d:\n%s", code, m.dst.messages(t))
+	}
+	checkDirtyOutput(t, m.src.out, 360, 10, want)
+	if msgs := m.dst.messages(t); !strings.Contains(msgs, "adopted: the source let the job go") || !strings.Contains(msgs, "completed") {
+		t.Errorf("the destination did not run the job to its end:\n%s", msgs)
+	}
+}
+
+// TestMigrateRollback kills the destination at each phase of a migration,
+// and kills the job at the destination during its grace period: each time
+// the job carries on at the source and finishes with the right result, its
+// output printed once, and nothing runs at the destination.
+func TestMigrateRollback(t *testing.T) {
+	criu := requireCRIU(t)
+	for i, tc := range []struct {
+		name, crash string
+		killJob     bool // kill the job at the destination once it runs there
+	}{
+		{name: "destination dies during the rounds", crash: "migrate-round"},
+		{name: "destination dies with every image received", crash: "migrate-final"},
+		{name: "destination dies once the job runs there", crash: "migrate-restored"},
+		{name: "job dies at the destination in its grace period", killJob: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			steps := 240 + i // a marker of this subtest's processes
+			args := []string{"-mem", "64", "-pages", "50", "-delay", "25ms", "-steps", strconv.Itoa(steps), "-every", "1"}
+			want := dirtyReference(t, args...)
+			var env []string
+			if tc.crash != "" {
+				env = []string{migrate.CrashEnv + "=" + tc.crash}
+			}
+			m := startMigration(t, criu, env, "3s", args...)
+			waitForLine(t, m.src.out, "step 20", time.Minute)
+			if tc.killJob {
+				// Kill the job there as soon as it runs, while cryo
+				// migrate waits for its grace period.
+				go func() {
+					re := regexp.MustCompile(`restored: generation \d+, job-init pid (\d+)`)
+					for range 400 {
+						if sm := re.FindStringSubmatch(m.dst.messages(t)); sm != nil {
+							pid, _ := strconv.Atoi(sm[1])
+							killTree(pid)
+							return
+						}
+						time.Sleep(25 * time.Millisecond)
+					}
+				}()
+			}
+			r, _ := m.migrate(t, criu)
+			if r.code != 1 || !strings.Contains(r.stderr, "the job continues here") {
+				t.Fatalf("cryo migrate: want exit 1 saying the job continues here, got %s\ndestination: %s", r, m.dst.messages(t))
+			}
+			if code := m.src.wait(t, time.Minute); code != 0 {
+				t.Fatalf("the source ended with %d:\n%s", code, m.src.messages(t))
+			}
+			checkDirtyOutput(t, m.src.out, steps, 1, want)
+			if !strings.Contains(m.src.messages(t), "migrate-failed") {
+				t.Errorf("the source did not report the failed migration:\n%s", m.src.messages(t))
+			}
+			if left := workloadProcs(strconv.Itoa(steps)); len(left) > 0 {
+				t.Errorf("processes of the job still run after it finished: %v", left)
+			}
+			if tc.killJob {
+				if code := m.dst.wait(t, 30*time.Second); code != 1 || !strings.Contains(m.dst.messages(t), "goes back to its source") {
+					t.Errorf("the destination: want exit 1 saying the job goes back, got %d:\n%s", code, m.dst.messages(t))
+				}
+			}
+		})
+	}
+}
