@@ -116,7 +116,7 @@ func Checkpoint(ctx context.Context, o CheckpointOptions) (*CheckpointResult, er
 	defer done()
 	res, err := checkpoint.Take(ctx, checkpoint.Options{
 		Store: o.Store, PID: o.PID, MorePIDs: o.MorePIDs, Kill: o.Kill, CRIU: bin, WorkDir: o.WorkDir,
-		Keep: o.Keep, LockWait: o.LockWait, CheckCache: criu.CheckCache, Offload: reg,
+		Keep: o.Keep, LockWait: o.LockWait, CheckCache: criu.DefaultCheckCache(), Offload: reg,
 		OffloadLockTimeout: o.OffloadTimeout, Replica: o.Replica, ReplicaRequired: o.ReplicaRequired,
 		GhostLimit: o.GhostLimit, CRIUConfig: o.CRIUConfig, Progress: o.Progress, Logger: o.Logger,
 	})
@@ -187,7 +187,7 @@ func Restore(ctx context.Context, o RestoreOptions) (*RestoreResult, error) {
 	defer done()
 	res, err := restore.Restore(ctx, restore.Options{
 		Store: o.Store, Generation: o.Generation, Fallback: o.Fallback, CRIU: bin, WorkDir: o.WorkDir,
-		PIDWait: o.PIDWait, LockWait: o.LockWait, Sibling: o.Child, CheckCache: criu.CheckCache,
+		PIDWait: o.PIDWait, LockWait: o.LockWait, Sibling: o.Child, CheckCache: criu.DefaultCheckCache(),
 		DeviceMap: o.DeviceMap, Offload: reg, Replica: o.Replica, Lazy: o.Lazy, NoStream: o.NoStream,
 		CRIUConfig: o.CRIUConfig, Progress: o.Progress, Logger: o.Logger,
 	})

@@ -87,8 +87,10 @@ func (c *common) emit(e *env, v any, text func(w io.Writer)) error {
 }
 
 // checkCache is where a passing `criu check` is remembered, for the
-// commands that hand it to the supervisor themselves (run, monitor).
-const checkCache = criu.CheckCache
+// commands that hand it to the supervisor themselves (run): this
+// process's criu.DefaultCheckCache, the one `cryo check` records in, taken
+// once (a process keeps its user and environment).
+var checkCache = criu.DefaultCheckCache()
 
 // jsonError is what a command given --json prints on stdout when it fails
 // before printing a result; the message goes to stderr as always.

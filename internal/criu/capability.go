@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 
@@ -71,19 +70,4 @@ func hasCap(b []byte, c int) (bool, error) {
 		return false, nil
 	}
 	return binary.LittleEndian.Uint32(b[4+8*w:])&(1<<(c%32)) != 0, nil
-}
-
-// DefaultCheckCache is where a passing `criu check` is remembered: /run/cryo
-// for root; for a user, $XDG_RUNTIME_DIR/cryo, else their cache directory.
-func DefaultCheckCache() string {
-	if os.Geteuid() == 0 {
-		return "/run/cryo"
-	}
-	if d := os.Getenv("XDG_RUNTIME_DIR"); filepath.IsAbs(d) {
-		return filepath.Join(d, "cryo")
-	}
-	if d, err := os.UserCacheDir(); err == nil {
-		return filepath.Join(d, "cryo")
-	}
-	return ""
 }

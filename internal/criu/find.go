@@ -123,7 +123,8 @@ func ParseVersion(out string) (int, error) {
 // `criu check` is remembered with the version per binary (path, size,
 // mtime), kernel and user under cacheDir, so that a checkpoint or restore
 // does not pay for either again (CRIU takes 40-50 ms just to start);
-// cacheDir "" disables the cache. Check is Vet without trusting the cache.
+// cacheDir is DefaultCheckCache() for every cryo operation, and "" disables
+// the cache. Check is Vet without trusting the cache.
 func Vet(ctx context.Context, b Binary, cacheDir string) (Binary, error) {
 	return vet(ctx, b, cacheDir, true)
 }
