@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"github.com/cryo-hpc/cryo/internal/privilege"
 	"io"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -51,7 +52,8 @@ type HookReport struct {
 	Chowned bool `json:"chowned,omitempty"`
 	// Orphans are the processes of earlier runs of the job that were ended.
 	Orphans []Orphan `json:"orphans,omitempty"`
-	// Staging counts what the epilog removed from the store's staging/.
+	// Staging counts what the epilog removed from the store's staging/
+	// and its unfinished pack files (Store.CleanStaging).
 	Staging int `json:"staging_removed,omitempty"`
 	// RunState is what `cryo run` last recorded in the store ("" if it
 	// never ran there), and Generations the committed generations.
@@ -141,11 +143,13 @@ func Prolog(ctx context.Context, job Job, o HookOptions) (*HookReport, error) {
 // Epilog tidies a job's store after the job ends on this node (Slurm's
 // Epilog, as root). It ends processes the job left behind (those whose
 // environment names this job and cluster: a job-init orphaned by a killed
-// cryo, the remains of a failed restore), removes staging leftovers, keeps
-// committed generations for a requeue, and deletes the store when the job
-// completed successfully: `cryo run` recorded it as completed and the
-// batch script exited 0. A store cryo never ran in (only the prolog's) is
-// deleted too. Anything else is kept, and HookReport.Why says why.
+// cryo, the remains of a failed restore), removes what a killed cryo left
+// in the store (Store.CleanStaging, as the job's user: staging debris and
+// unfinished pack files), keeps committed generations for a requeue, and
+// deletes the store when the job completed successfully: `cryo run`
+// recorded it as completed and the batch script exited 0. A store cryo
+// never ran in (only the prolog's) is deleted too. Anything else is kept,
+// and HookReport.Why says why.
 func Epilog(ctx context.Context, job Job, o HookOptions) (*HookReport, error) {
 	log, rep, errs := startHook(ctx, "epilog", job, o)
 	root, dir, err := openRoot(job, o.Root, false)
@@ -200,8 +204,14 @@ func Epilog(ctx context.Context, job Job, o HookOptions) (*HookReport, error) {
 		return rep, errors.Join(append(errs, fmt.Errorf("store %s: %w", dir, err))...)
 	}
 	defer unlock()
-	n, err := cleanStaging(st, sd)
-	rep.Staging = n
+	err = asJobUser(job, func() error {
+		var err error
+		rep.Staging, err = st.CleanStaging()
+		if rep.Staging == 0 && errors.Is(err, fs.ErrNotExist) {
+			err = nil // no staging/: nothing was left there
+		}
+		return err
+	})
 	if err != nil {
 		errs = append(errs, fmt.Errorf("store %s: clean staging: %w", dir, err))
 	}
@@ -293,29 +303,6 @@ func openRoot(job Job, root string, create bool) (*safefs.Dir, string, error) {
 		return nil, "", fmt.Errorf("%s %s belongs to uid %d, not to the job's user (uid %d): no store prepared there (set CRYO_STORE_ROOT)", what, root, owner, job.UID)
 	}
 	return d, dir, nil
-}
-
-// cleanStaging removes what a killed cryo left in the store's staging
-// directory, keeping the intent journals there, as Store.CleanStaging
-// does; the names come from the store's own layout. It works through the
-// directory opened here and never follows staging/ (or anything in it)
-// if the job's user replaced it with a symbolic link, which
-// Store.CleanStaging, working by path, would.
-func cleanStaging(st *store.Store, sd *safefs.Dir) (int, error) {
-	rel, err := filepath.Rel(st.Dir, st.JournalDir()) // staging/journal
-	if err != nil {
-		return 0, err
-	}
-	staging, journal := filepath.Split(rel)
-	sub, err := sd.Open(filepath.Clean(staging))
-	if errors.Is(err, os.ErrNotExist) {
-		return 0, nil
-	}
-	if err != nil {
-		return 0, fmt.Errorf("staging: %w", err)
-	}
-	defer sub.Close()
-	return sub.RemoveContents(journal)
 }
 
 // readRunState reads the state `cryo run` recorded in <store>/run/state.json

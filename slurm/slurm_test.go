@@ -284,6 +284,67 @@ func TestEpilogDoesNotFollowStaging(t *testing.T) {
 	}
 }
 
+// TestEpilogRemovesPackDebris: the epilog cleans a store as the store
+// does (Store.CleanStaging, as the job's user), so the unfinished pack file
+// of a cryo killed mid-checkpoint goes too, not only staging/; finished
+// packs and the intent journals stay. As root, the job is nobody's.
+func TestEpilogRemovesPackDebris(t *testing.T) {
+	ctx := context.Background()
+	job := hookJob(t)
+	if os.Geteuid() == 0 {
+		job.UID, job.GID = 65534, 65534
+		if err := os.Chown(job.WorkDir, job.UID, job.GID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := Prolog(ctx, job, HookOptions{LeaveOrphans: true}); err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(job.WorkDir, "cryo-"+job.ID)
+	writeRunState(t, dir, "stopped")
+	// What a killed cryo leaves, made the user's as cryo would have.
+	usersFile := func(rel string) string {
+		t.Helper()
+		p := filepath.Join(dir, rel)
+		err := os.MkdirAll(filepath.Dir(p), 0o700)
+		if err == nil {
+			err = os.WriteFile(p, []byte("x"), 0o600)
+		}
+		for q := p; err == nil && q != dir; q = filepath.Dir(q) {
+			err = os.Lchown(q, job.UID, job.GID)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	debris := []string{
+		usersFile("staging/cryo-work-123/images/pages-1.img"),
+		usersFile("packs/0123456789abcdef0123456789abcdef.tmp"),
+	}
+	kept := []string{
+		usersFile("packs/fedcba9876543210fedcba9876543210.pack"),
+		usersFile("staging/journal/intent-1.json"),
+	}
+	rep, err := Epilog(ctx, job, HookOptions{LeaveOrphans: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.Removed || rep.Staging != len(debris) {
+		t.Errorf("epilog removed the store: %v, %d leftovers; want it kept and %d leftovers removed", rep.Removed, rep.Staging, len(debris))
+	}
+	for _, p := range debris {
+		if _, err := os.Lstat(p); err == nil {
+			t.Errorf("left behind: %s", p)
+		}
+	}
+	for _, p := range kept {
+		if _, err := os.Lstat(p); err != nil {
+			t.Errorf("removed what is not debris: %v", err)
+		}
+	}
+}
+
 func TestKillJobOrphans(t *testing.T) {
 	if _, err := exec.LookPath("sleep"); err != nil {
 		t.Skip("no sleep command")
