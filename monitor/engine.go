@@ -52,6 +52,9 @@ type Restored struct {
 	// says which could not be.
 	Cuts     []outputs.Cut
 	CutError string
+	// Took is how long the restore took, all of it: the store read and
+	// checked, CRIU, the GPU state.
+	Took time.Duration
 }
 
 // criuEngine is the real Engine.
@@ -148,6 +151,7 @@ func (e *criuEngine) Checkpoint(ctx context.Context, pid int, kill bool, accept 
 }
 
 func (e *criuEngine) Restore(ctx context.Context, gen int) (*Restored, error) {
+	t0 := time.Now()
 	// A namespaced job's TMPDIR mount needs its mountpoint (a store copied
 	// or made on another node may lack the empty directory).
 	if err := os.Mkdir(filepath.Join(e.cfg.jobDir(), "tmp"), 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
@@ -161,7 +165,7 @@ func (e *criuEngine) Restore(ctx context.Context, gen int) (*Restored, error) {
 	if err != nil {
 		return nil, err
 	}
-	out := &Restored{PID: res.PID, Cuts: res.Truncated, CutError: res.TruncateError}
+	out := &Restored{PID: res.PID, Cuts: res.Truncated, CutError: res.TruncateError, Took: time.Since(t0)}
 	if st, err := store.Open(e.cfg.Store); err == nil {
 		if m, err := st.ReadManifest(gen); err == nil {
 			out.RootPID, out.Processes = m.Job.RootPID, m.Job.Processes

@@ -183,7 +183,7 @@ func (s *Supervisor) restoreGen(ctx context.Context, g int) error {
 	if res.CutError != "" {
 		s.event("warning", "output files not cut back to the checkpoint: "+res.CutError, g)
 	}
-	s.event("restored", fmt.Sprintf("generation %d, job-init pid %d", g, res.PID), g)
+	s.event("restored", fmt.Sprintf("generation %d, job-init pid %d, in %s", g, res.PID, res.Took.Round(time.Millisecond)), g)
 	return nil
 }
 

@@ -53,7 +53,7 @@ func (f *fakeEngine) Restore(_ context.Context, gen int) (*Restored, error) {
 			return nil, err
 		}
 	}
-	return &Restored{PID: 2000 + gen}, nil
+	return &Restored{PID: 2000 + gen, Took: 412345 * time.Microsecond}, nil
 }
 
 func (f *fakeEngine) Terminate(JobProcs) error { f.terminated++; return nil }
@@ -149,6 +149,10 @@ func TestRefusedCheckpointIsNeverCommitted(t *testing.T) {
 	}
 	if !strings.Contains(kinds(*events), "checkpoint checkpoint-failed failure restored") {
 		t.Errorf("events: %s", kinds(*events))
+	}
+	// What was restored, as what, and how long it took.
+	if want := "restored: generation 1, job-init pid 2001, in 412ms\n"; !strings.Contains(eventsText(*events), want) {
+		t.Errorf("events say:\n%swant %q", eventsText(*events), want)
 	}
 }
 
