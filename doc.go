@@ -15,8 +15,8 @@
 //	RunState    (cryo run)                        what cryo run last recorded in a store
 //
 // The results are what the command's --json prints. Supervision (`cryo
-// run`, the node daemon) is package monitor; the Slurm job, its store and
-// requeue, and the Prolog/Epilog are package slurm.
+// run`) is package monitor; the Slurm job, its store and requeue, and the
+// Prolog/Epilog are package slurm.
 //
 // # A store
 //
