@@ -439,7 +439,9 @@ func preadFull(fd int, b []byte, off int64) (int, error) {
 
 // packWriter appends records to packs of a store, one open pack at a time,
 // from any number of goroutines. finish closes the open pack; the packs it
-// wrote are then durable and in the store's index.
+// wrote are then durable and in the store's index. Each pack file stays
+// within limit (Store.PackLimit), but one whose single record alone is
+// larger.
 type packWriter struct {
 	s     *Store
 	limit int64
@@ -499,7 +501,7 @@ func (pw *packWriter) append(r record, z []byte) (blobLoc, error) {
 		pw.mu.Unlock()
 		return blobLoc{}, err
 	}
-	if pw.cur != nil && pw.cur.base+int64(len(pw.cur.buf))+recHeader+int64(len(z)) > pw.limit {
+	if pw.cur != nil && pw.cur.packSize(len(z)) > pw.limit {
 		if err := pw.finishCur(); err != nil {
 			pw.fail(err)
 			pw.mu.Unlock()
@@ -557,6 +559,13 @@ func (pw *packWriter) append(r record, z []byte) (blobLoc, error) {
 		}
 	}
 	return loc, nil
+}
+
+// packSize is the size op's file would have, index and footer included,
+// with one more record of a blob of n bytes. pw.mu is held.
+func (op *openPack) packSize(n int) int64 {
+	return op.base + int64(len(op.buf)) + recHeader + int64(n) +
+		int64(len(op.index)) + indexEntry + footerLen
 }
 
 func (op *openPack) write(b []byte, at int64) error {

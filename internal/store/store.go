@@ -65,7 +65,13 @@ type Store struct {
 	// Progress, when set, counts the bytes that writers, Verify and
 	// Materialize process, for a caller that shows progress.
 	Progress *Progress
-	// PackLimit bounds a pack file's size (DefaultPackLimit when 0).
+	// PackLimit bounds the size of the pack files this Store writes (its
+	// writers, its replica copies, healing and GC's repacking), index and
+	// footer included: a record that would take the open pack past it goes
+	// into a new pack. A pack holding a single record may exceed it, by
+	// that record's size, when the record is larger on its own. 0 means
+	// DefaultPackLimit. Set it before a writer starts; the packs already in
+	// the store are read whatever their size.
 	PackLimit int64
 
 	r      root
@@ -78,9 +84,31 @@ type Store struct {
 	idx    packIndex
 }
 
-// DefaultPackLimit is the size a pack file is closed at (about: a pack
-// ends after the chunk that crosses it).
+// DefaultPackLimit is the size a pack file is closed at when
+// Store.PackLimit is 0: large enough that a store holds few files (what a
+// parallel file system's metadata server bears), small enough that GC's
+// repacking of a pack less than half in use moves little.
 const DefaultPackLimit = 256 << 20
+
+// MinPackLimit and MaxPackLimit bound the pack size that cryo's callers
+// (checkpoint.Options.PackSize, `cryo checkpoint --pack-size`) may ask
+// for: below 1 MiB a pack would hold about one chunk, the one-file-per-
+// chunk store packs are there to avoid; above 64 GiB one damaged or
+// repacked file costs too much. The store itself takes any PackLimit
+// (its tests use 1: a pack per record).
+const (
+	MinPackLimit = 1 << 20
+	MaxPackLimit = 64 << 30
+)
+
+// CheckPackLimit says whether n is a pack size callers may set: 0 (the
+// default) or between MinPackLimit and MaxPackLimit.
+func CheckPackLimit(n int64) error {
+	if n != 0 && (n < MinPackLimit || n > MaxPackLimit) {
+		return fmt.Errorf("pack size %d bytes is outside 1 MiB to 64 GiB", n)
+	}
+	return nil
+}
 
 // Create opens the store at dir, creating it (and its parents) if needed.
 // An existing non-empty directory that is not a store is refused.
