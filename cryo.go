@@ -82,6 +82,11 @@ type CheckpointOptions struct {
 	// is missing) unless ReplicaRequired.
 	Replica         string
 	ReplicaRequired bool
+	// PackSize is the size at which the pack files the checkpoint writes
+	// are closed (0: DefaultPackSize); it must lie within MinPackSize and
+	// MaxPackSize. A pack stays within it, but one that holds a single
+	// chunk larger than it on its own.
+	PackSize int64
 	// GhostLimit is the largest deleted file the job holds open (the
 	// shared memory an MPI library maps and unlinks, say) whose contents
 	// CRIU saves with the checkpoint, in bytes (0: CRIU's 1 MiB).
@@ -98,6 +103,16 @@ type CheckpointOptions struct {
 	Progress *Progress
 	Logger   *slog.Logger
 }
+
+// A store keeps chunks in a few large pack files (see docs/DESIGN.md);
+// DefaultPackSize is the size a pack is closed at unless the caller sets
+// CheckpointOptions.PackSize or GCOptions.PackSize, which must lie within
+// MinPackSize and MaxPackSize.
+const (
+	DefaultPackSize = store.DefaultPackLimit
+	MinPackSize     = store.MinPackLimit
+	MaxPackSize     = store.MaxPackLimit
+)
 
 // CheckpointResult describes a committed generation: what `cryo
 // checkpoint --json` prints.
@@ -117,7 +132,7 @@ func Checkpoint(ctx context.Context, o CheckpointOptions) (*CheckpointResult, er
 	res, err := checkpoint.Take(ctx, checkpoint.Options{
 		Store: o.Store, PID: o.PID, MorePIDs: o.MorePIDs, Kill: o.Kill, CRIU: bin, WorkDir: o.WorkDir,
 		Keep: o.Keep, LockWait: o.LockWait, CheckCache: criu.DefaultCheckCache(), Offload: reg,
-		OffloadLockTimeout: o.OffloadTimeout, Replica: o.Replica, ReplicaRequired: o.ReplicaRequired,
+		OffloadLockTimeout: o.OffloadTimeout, Replica: o.Replica, ReplicaRequired: o.ReplicaRequired, PackSize: o.PackSize,
 		GhostLimit: o.GhostLimit, CRIUConfig: o.CRIUConfig, Progress: o.Progress, Logger: o.Logger,
 	})
 	if err != nil {
@@ -387,6 +402,10 @@ type GCOptions struct {
 	// and packs the chunk files of a store an older cryo wrote (converting
 	// it); without it GC repacks only mostly unused packs (store.GCOptions).
 	Repack bool
+	// PackSize bounds the packs GC writes as CheckpointOptions.PackSize
+	// does (0: DefaultPackSize); it also decides which packs are small
+	// enough (below a quarter of it) to be merged.
+	PackSize int64
 	// LockWait bounds the wait for a checkpoint or restore using the store
 	// (default 5 min).
 	LockWait time.Duration
@@ -403,10 +422,14 @@ type GCResult struct {
 // references. It holds the store's exclusive lock, so no checkpoint or
 // restore runs meanwhile.
 func GC(ctx context.Context, o GCOptions) (*GCResult, error) {
+	if err := store.CheckPackLimit(o.PackSize); err != nil {
+		return nil, fmt.Errorf("gc: %w", err)
+	}
 	st, err := store.Open(o.Store)
 	if err != nil {
 		return nil, err
 	}
+	st.PackLimit = o.PackSize
 	wait := o.LockWait
 	if wait == 0 {
 		wait = 5 * time.Minute

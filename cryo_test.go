@@ -128,3 +128,27 @@ func TestRecoverNothing(t *testing.T) {
 		t.Errorf("Recover of a missing store: %v, want ErrNoStore", err)
 	}
 }
+
+// A pack size outside MinPackSize to MaxPackSize is refused before a
+// checkpoint or GC does anything; 0 and the bounds themselves are taken.
+func TestPackSizeBounds(t *testing.T) {
+	dir, _, _ := twoGenerations(t)
+	ctx := context.Background()
+	for _, n := range []int64{cryo.MinPackSize - 1, cryo.MaxPackSize + 1, -1} {
+		if _, err := cryo.GC(ctx, cryo.GCOptions{Store: dir, PackSize: n}); err == nil || !strings.Contains(err.Error(), "pack size") {
+			t.Errorf("GC with a pack size of %d: %v, want it refused", n, err)
+		}
+		_, err := cryo.Checkpoint(ctx, cryo.CheckpointOptions{Store: dir, PID: os.Getppid(), CRIU: "/bin/true", PackSize: n})
+		if err == nil || !strings.Contains(err.Error(), "pack size") {
+			t.Errorf("Checkpoint with a pack size of %d: %v, want it refused", n, err)
+		}
+	}
+	for _, n := range []int64{0, cryo.MinPackSize, cryo.MaxPackSize} {
+		if _, err := cryo.GC(ctx, cryo.GCOptions{Store: dir, Repack: true, PackSize: n}); err != nil {
+			t.Errorf("GC with a pack size of %d: %v", n, err)
+		}
+	}
+	if gens, err := cryo.List(ctx, dir); err != nil || len(gens) != 2 || !gens[1].Intact {
+		t.Errorf("after GC: %+v, %v", gens, err)
+	}
+}

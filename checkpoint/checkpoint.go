@@ -74,6 +74,12 @@ type Options struct {
 	// happened, unless ReplicaRequired makes it fail the checkpoint.
 	Replica         string
 	ReplicaRequired bool
+	// PackSize is the size at which the pack files this checkpoint writes
+	// (in Store and Replica, and when retention repacks) are closed, index
+	// included; a single record larger than it has a pack of its own. 0
+	// means store.DefaultPackLimit (256 MiB); otherwise it must lie within
+	// store.MinPackLimit and store.MaxPackLimit (1 MiB to 64 GiB).
+	PackSize int64
 	// Progress, when set, counts the image bytes stored so far.
 	Progress *store.Progress
 	Logger   *slog.Logger
@@ -132,6 +138,9 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 			return nil, fmt.Errorf("pid %d: %w", p, ErrNoProcess)
 		}
 	}
+	if err := store.CheckPackLimit(o.PackSize); err != nil {
+		return nil, err
+	}
 	criuConfig, err := criu.ConfigFile(o.CRIUConfig)
 	if err != nil {
 		return nil, err
@@ -157,6 +166,7 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 	}
 	defer unlock()
 	st.Progress = o.Progress
+	st.PackLimit = o.PackSize
 	rep, repErr := openReplica(ctx, o, o.LockWait, log)
 	if rep != nil {
 		defer rep.unlock()

@@ -37,6 +37,7 @@ func openReplica(ctx context.Context, o Options, wait time.Duration, log *slog.L
 	if err != nil {
 		return fail(err)
 	}
+	st.PackLimit = o.PackSize
 	unlock, err := st.LockWithin(ctx, true, wait)
 	if err != nil {
 		return fail(err)
