@@ -22,6 +22,7 @@ type checkpointOpts struct {
 	offloadWait  time.Duration
 	replica      string
 	replicaReq   bool
+	packSize     string
 	limits       criuLimits
 }
 
@@ -41,6 +42,7 @@ func checkpointCommand(e *env) *ucli.Command {
 			&ucli.DurationFlag{Name: "offload-timeout", Usage: "how long GPU work in flight may take to drain when the job's CUDA contexts are locked", Value: offload.DefaultLockTimeout, Destination: &o.offloadWait, EnvVars: []string{"CRYO_OFFLOAD_TIMEOUT"}},
 			&ucli.StringFlag{Name: "replica", Usage: "also copy the checkpoint to this store directory (another disk, a partner node's mount); if that fails the checkpoint is kept in --store only, with a warning", Destination: &o.replica, EnvVars: []string{"CRYO_REPLICA"}},
 			&ucli.BoolFlag{Name: "replica-required", Usage: "fail the checkpoint (the job goes on) when the --replica copy cannot be made", Destination: &o.replicaReq, EnvVars: []string{"CRYO_REPLICA_REQUIRED"}},
+			packSizeFlag(&o.packSize),
 		), o.limits.flags(true)...),
 		Action: o.action(e, func(c *ucli.Context) error {
 			if c.NArg() < 1 {
@@ -64,6 +66,10 @@ func checkpointCommand(e *env) *ucli.Command {
 			if o.replicaReq && o.replica == "" {
 				return usagef("--replica-required needs --replica DIR")
 			}
+			packSize, err := parsePackSize(o.packSize)
+			if err != nil {
+				return err
+			}
 			ghostLimit, criuConfig, err := o.limits.parse()
 			if err != nil {
 				return err
@@ -74,7 +80,7 @@ func checkpointCommand(e *env) *ucli.Command {
 			res, err := cryo.Checkpoint(c.Context, cryo.CheckpointOptions{
 				Store: o.store, PID: pid, MorePIDs: pids[1:], Kill: o.kill, CRIU: o.criu, WorkDir: o.workDir,
 				Keep: o.keep, LockWait: o.lockWait, OffloadTimeout: o.offloadWait,
-				Replica: o.replica, ReplicaRequired: o.replicaReq, GhostLimit: ghostLimit, CRIUConfig: criuConfig,
+				Replica: o.replica, ReplicaRequired: o.replicaReq, PackSize: packSize, GhostLimit: ghostLimit, CRIUConfig: criuConfig,
 				Offload: reg, Progress: prog, Logger: o.logger(e),
 			})
 			done()

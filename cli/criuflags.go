@@ -51,12 +51,13 @@ func (l *criuLimits) parse() (uint32, string, error) {
 }
 
 // parseSize reads a size as CRIU writes one: a number of bytes, or of
-// KiB, MiB or GiB with the suffix K, M or G (either case).
+// KiB, MiB or GiB with the suffix K, M or G (either case), which may be
+// spelt out as cryo prints sizes (KiB, MiB, GiB).
 func parseSize(s string) (uint64, error) {
+	num, iec := strings.CutSuffix(s, "iB")
 	mult := uint64(1)
-	num := s
-	if n := len(s); n > 0 {
-		switch s[n-1] {
+	if n := len(num); n > 0 {
+		switch num[n-1] {
 		case 'k', 'K':
 			mult = 1 << 10
 		case 'm', 'M':
@@ -65,12 +66,12 @@ func parseSize(s string) (uint64, error) {
 			mult = 1 << 30
 		}
 		if mult > 1 {
-			num = s[:n-1]
+			num = num[:n-1]
 		}
 	}
 	v, err := strconv.ParseUint(num, 10, 64)
-	if err != nil || strings.TrimSpace(num) != num || num == "" {
-		return 0, errors.New(strconv.Quote(s) + " is not a size (bytes, or a number with K, M or G)")
+	if err != nil || strings.TrimSpace(num) != num || num == "" || iec && mult == 1 {
+		return 0, errors.New(strconv.Quote(s) + " is not a size (bytes, or a number with K, M or G, or KiB, MiB or GiB)")
 	}
 	if v > (1<<64-1)/mult {
 		return 0, errors.New(strconv.Quote(s) + " is too large")

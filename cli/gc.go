@@ -14,6 +14,7 @@ type gcOpts struct {
 	store    string
 	keep     int
 	repack   bool
+	packSize string
 	lockWait time.Duration
 }
 
@@ -26,6 +27,7 @@ func gcCommand(e *env) *ucli.Command {
 			&ucli.StringFlag{Name: "store", Usage: "store directory", Destination: &o.store, EnvVars: []string{"CRYO_STORE"}, Required: true},
 			&ucli.IntFlag{Name: "keep", Usage: "first remove all but the newest N generations", Destination: &o.keep},
 			&ucli.BoolFlag{Name: "repack", Usage: "rewrite every pack holding unused bytes, merge small packs, and pack the chunk files of a store written by an older cryo (converts it)", Destination: &o.repack},
+			packSizeFlag(&o.packSize),
 			&ucli.DurationFlag{Name: "lock-wait", Usage: "how long to wait for a checkpoint writing the store", Value: 5 * time.Minute, Destination: &o.lockWait},
 		),
 		Action: o.action(e, func(c *ucli.Context) error {
@@ -38,7 +40,11 @@ func gcCommand(e *env) *ucli.Command {
 			if o.lockWait <= 0 {
 				return usagef("--lock-wait must be above 0, got %s", o.lockWait)
 			}
-			res, err := cryo.GC(c.Context, cryo.GCOptions{Store: o.store, Keep: o.keep, Repack: o.repack, LockWait: o.lockWait})
+			packSize, err := parsePackSize(o.packSize)
+			if err != nil {
+				return err
+			}
+			res, err := cryo.GC(c.Context, cryo.GCOptions{Store: o.store, Keep: o.keep, Repack: o.repack, PackSize: packSize, LockWait: o.lockWait})
 			if err != nil {
 				return err
 			}
