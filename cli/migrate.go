@@ -53,7 +53,7 @@ func migrateCommand(e *env) *ucli.Command {
 					fmt.Fprintf(w, "  round %d: %s read, %s changed, in %s\n", r.N, human(r.Pages*4096), human(r.Changed*4096), r.Took.Round(time.Millisecond))
 				}
 				fmt.Fprintf(w, "  stopped: %s sent (%d pages; %d already there)\n", human(res.FinalSent), res.FinalPages, res.FinalKnown)
-				fmt.Fprintf(w, "  downtime %s (dump %s, commit and restore there %s); %s sent for %s of memory\n",
+				fmt.Fprintf(w, "  downtime %s (dump %s, restore there %s); %s sent for %s of memory\n",
 					res.Downtime.Round(time.Millisecond), res.Frozen.Round(time.Millisecond), res.Restore.Round(time.Millisecond), human(res.Sent), human(res.JobBytes))
 			})
 		},

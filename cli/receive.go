@@ -53,9 +53,8 @@ func (o *runOpts) receiveJob(ctx context.Context, e *env, cfg monitor.Config) (*
 		c.Close()
 		return nil, nil, fmt.Errorf("receive the job from %s: %w", c.Remote(), err)
 	}
-	fmt.Fprintf(e.stderr, "cryo: received the job (%d pre-copy rounds), committed as generation %d in %s\n",
-		in.Rounds, in.Generation, in.Commit.Round(time.Millisecond))
-	return in, func() { c.Close() }, nil
+	fmt.Fprintf(e.stderr, "cryo: received the job after %d pre-copy rounds\n", in.Rounds)
+	return in, func() { c.Close(); in.Close() }, nil
 }
 
 // relayable is an output file of a migrated job to relay: not a device.

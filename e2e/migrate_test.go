@@ -210,7 +210,7 @@ func TestMigrate(t *testing.T) {
 	if r.code != 0 {
 		t.Fatalf("cryo migrate: %s\nsource: %s\ndestination: %s", r, m.src.messages(t), m.dst.messages(t))
 	}
-	t.Logf("migrated: %d rounds, downtime %v (dump %v, commit+restore %v), %d MiB sent for %d MiB of memory, %d pages while stopped (%d known)",
+	t.Logf("migrated: %d rounds, downtime %v (dump %v, restore there %v), %d MiB sent for %d MiB of memory, %d pages while stopped (%d known)",
 		len(res.Rounds), res.Downtime, res.Frozen, res.Restore, res.Sent>>20, res.JobBytes>>20, res.FinalPages, res.FinalKnown)
 	for _, rd := range res.Rounds {
 		t.Logf("  round %d: %d pages read, %d sent, %v", rd.N, rd.Pages, rd.Changed, rd.Took)
@@ -264,7 +264,7 @@ func TestMigrateRollback(t *testing.T) {
 				// Kill the job there as soon as it runs, while cryo
 				// migrate waits for its grace period.
 				go func() {
-					re := regexp.MustCompile(`restored: generation \d+, job-init pid (\d+)`)
+					re := regexp.MustCompile(`restored: the job migrated here, job-init pid (\d+)`)
 					for range 400 {
 						if sm := re.FindStringSubmatch(m.dst.messages(t)); sm != nil {
 							pid, _ := strconv.Atoi(sm[1])

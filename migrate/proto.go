@@ -65,8 +65,11 @@ type final struct {
 }
 
 type restored struct {
+	RestoreNS int64 `json:"restore_ns"`
+}
+
+type running struct {
 	Generation int   `json:"generation"`
-	RestoreNS  int64 `json:"restore_ns"`
 	CommitNS   int64 `json:"commit_ns"`
 }
 

@@ -1,6 +1,7 @@
 package migrate
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/cryo-hpc/cryo/checkpoint"
+	"github.com/cryo-hpc/cryo/internal/outputs"
 	"github.com/cryo-hpc/cryo/internal/pageserver"
 	"github.com/cryo-hpc/cryo/internal/store"
 	"github.com/cryo-hpc/cryo/internal/wire"
@@ -41,18 +43,29 @@ const (
 	maxPagemap  = 64 << 20
 )
 
-// Incoming is a migrated job committed to the destination's store, not
-// yet running. The caller restores it, then says so (Restored), watches it
-// through a grace period (Running) or gives up (Fail).
+// Incoming is a migrated job received whole, not yet running: its images
+// wait in a RAM work directory. The caller restores it from there
+// (Restored says so to the source, whose downtime ends), commits it to the
+// store meanwhile (Commit), and once it has lived through a grace period
+// lets the source end its copy (Running) — or gives up (Fail). Close
+// removes the work directory.
 type Incoming struct {
-	Job        json.RawMessage // the source's description of the job
+	Job json.RawMessage // the source's description of the job
+	// Images is the directory of the job's complete CRIU images, and
+	// Manifest describes them (its Files name each with its size).
+	Images   string
+	Manifest *store.Manifest
+	Store    string
+	Rounds   int
+	// Generation is the job's generation in Store once committed, and
+	// CommitTook how long the commit took.
 	Generation int
-	Store      string
-	Rounds     int
-	Commit     time.Duration
+	CommitTook time.Duration
 
 	c    *wire.Conn
 	o    ReceiveOptions
+	r    *receiver
+	work string
 	done bool
 }
 
@@ -87,16 +100,24 @@ func Receive(ctx context.Context, c *wire.Conn, o ReceiveOptions) (in *Incoming,
 	if err != nil {
 		return nil, err
 	}
-	defer os.RemoveAll(work)
+	defer func() {
+		if err != nil {
+			os.RemoveAll(work)
+		}
+	}()
 	r := &receiver{mem: filepath.Join(work, "mem"), images: filepath.Join(work, "images"), files: map[string]*os.File{}}
-	defer r.close()
+	defer func() {
+		if err != nil {
+			r.close()
+		}
+	}()
 	if err := errors.Join(os.Mkdir(r.mem, 0o700), os.Mkdir(r.images, 0o700)); err != nil {
 		return nil, err
 	}
 	if err := c.SendJSON(kindWelcome, welcome{Version: Version}); err != nil {
 		return nil, err
 	}
-	in = &Incoming{Job: h.Job, Store: st.Dir, c: c, o: o}
+	in = &Incoming{Job: h.Job, Store: st.Dir, Images: r.images, c: c, o: o, work: work}
 	var fin final
 	for done := false; !done; {
 		_ = c.SetDeadline(time.Now().Add(o.Wait))
@@ -135,31 +156,53 @@ func Receive(ctx context.Context, c *wire.Conn, o ReceiveOptions) (in *Incoming,
 	if fin.Manifest == nil {
 		return nil, errors.New("the source sent no manifest")
 	}
-	t0 := time.Now()
-	if err := r.assemble(fin.Files); err != nil {
-		return nil, fmt.Errorf("assemble the job's images: %w", err)
+	if err := r.plan(fin.Files); err != nil {
+		return nil, fmt.Errorf("the job's images: %w", err)
 	}
-	ckpt, err := checkpoint.Import(ctx, checkpoint.ImportOptions{Store: st.Dir, Images: r.images, Manifest: fin.Manifest})
-	if err != nil {
-		return nil, fmt.Errorf("commit the migrated job: %w", err)
+	m := *fin.Manifest
+	if m.Files, err = r.describe(); err != nil {
+		return nil, err
 	}
-	in.Generation, in.Commit = ckpt.Generation, time.Since(t0)
-	log.Info("migrated job committed", "generation", in.Generation, "took", in.Commit)
+	in.Manifest, in.r = &m, r
 	return in, nil
+}
+
+// Commit writes the job's images into the store as a new generation (so
+// that it is kept, verified and restored after a failure like any
+// checkpoint). The job may already run from them.
+func (in *Incoming) Commit(ctx context.Context) error {
+	t0 := time.Now()
+	if err := in.r.writePages(ctx); err != nil {
+		return fmt.Errorf("commit the migrated job: %w", err)
+	}
+	m := *in.Manifest
+	res, err := checkpoint.Import(ctx, checkpoint.ImportOptions{Store: in.Store, Images: in.Images, Manifest: &m})
+	if err != nil {
+		return fmt.Errorf("commit the migrated job: %w", err)
+	}
+	in.Generation, in.CommitTook = res.Generation, time.Since(t0)
+	return nil
+}
+
+// Close removes the job's images from RAM.
+func (in *Incoming) Close() error {
+	in.r.close()
+	return os.RemoveAll(in.work)
 }
 
 // Restored tells the source that the job runs here (restore took took):
 // its downtime ends.
 func (in *Incoming) Restored(took time.Duration) error {
 	crashPoint("migrate-restored")
-	return in.c.SendJSON(kindRestored, restored{Generation: in.Generation, RestoreNS: took.Nanoseconds(), CommitNS: in.Commit.Nanoseconds()})
+	return in.c.SendJSON(kindRestored, restored{RestoreNS: took.Nanoseconds()})
 }
 
 // Running tells the source that the job is alive after its grace period
-// and waits until the source's copy is gone. After an error the caller
-// must end its copy (Fail): the source may run the job again.
+// and committed here, and waits until the source's copy is gone. After an
+// error the caller must end its copy (Fail): the source may run the job
+// again.
 func (in *Incoming) Running() error {
-	if err := in.c.SendJSON(kindRunning, struct{}{}); err != nil {
+	if err := in.c.SendJSON(kindRunning, running{Generation: in.Generation, CommitNS: in.CommitTook.Nanoseconds()}); err != nil {
 		return err
 	}
 	var e struct{}
@@ -178,6 +221,9 @@ func (in *Incoming) Fail(why error) error {
 	}
 	in.done = true
 	_ = in.c.SendError(why.Error())
+	if in.Generation == 0 {
+		return nil
+	}
 	st, err := store.Open(in.Store)
 	if err != nil {
 		return err
@@ -194,7 +240,8 @@ func (in *Incoming) Fail(why error) error {
 // RAM file at its addresses, and image files.
 type receiver struct {
 	mem, images string
-	files       map[string]*os.File // by pagemap name
+	files       map[string]*os.File   // by pagemap name
+	plans       map[string]*pagesPlan // by pages image name
 	nimages     int
 }
 
@@ -262,13 +309,21 @@ func (r *receiver) file(b []byte) error {
 	return errors.Join(werr, f.Close())
 }
 
-// assemble writes the pages image of every pagemap received, from the
-// memory files, in the pagemap's order, as CRIU reads it.
-func (r *receiver) assemble(files []string) error {
+// pagesPlan is how a pages image is made from a memory file: the pages
+// its pagemap lists, in its order, as CRIU reads them.
+type pagesPlan struct {
+	pagemap string
+	entries []pageserver.Entry
+	size    int64
+}
+
+// plan checks that every image the source listed arrived, and plans the
+// pages image of every pagemap among them.
+func (r *receiver) plan(files []string) error {
 	if len(files) > maxImages {
 		return fmt.Errorf("%d image files", len(files))
 	}
-	buf := make([]byte, maxRunPages*PageSize)
+	r.plans = map[string]*pagesPlan{}
 	for _, name := range files {
 		if err := validFileName(name); err != nil {
 			return err
@@ -279,69 +334,165 @@ func (r *receiver) assemble(files []string) error {
 		if !pagemapName.MatchString(name) {
 			continue
 		}
-		if err := r.assembleOne(name, buf); err != nil {
+		b, err := readBounded(filepath.Join(r.images, name), maxPagemap)
+		if err != nil {
+			return err
+		}
+		id, entries, err := pageserver.ParsePagemap(b)
+		if err != nil {
 			return fmt.Errorf("%s: %w", name, err)
+		}
+		p := &pagesPlan{pagemap: name}
+		for _, e := range entries {
+			if e.Flags&pageserver.PEPresent != 0 {
+				p.entries = append(p.entries, e)
+				p.size += int64(e.NrPages) * PageSize
+			}
+		}
+		pages := "pages-" + strconv.FormatUint(uint64(id), 10) + ".img"
+		if _, dup := r.plans[pages]; dup {
+			return fmt.Errorf("two pagemaps name %s", pages)
+		}
+		r.plans[pages] = p
+	}
+	return nil
+}
+
+func readBounded(path string, limit int64) ([]byte, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NOFOLLOW, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, limit+1))
+	if err != nil {
+		return nil, err
+	}
+	if int64(len(b)) > limit {
+		return nil, fmt.Errorf("%s: more than %d bytes", path, limit)
+	}
+	return b, nil
+}
+
+// describe lists the job's images for a manifest: those received, and the
+// pages images planned.
+func (r *receiver) describe() ([]store.File, error) {
+	ents, err := os.ReadDir(r.images)
+	if err != nil {
+		return nil, err
+	}
+	var files []store.File
+	for _, e := range ents {
+		fi, err := e.Info()
+		if err != nil || !fi.Mode().IsRegular() {
+			return nil, fmt.Errorf("image %s: not a regular file", e.Name())
+		}
+		if _, planned := r.plans[e.Name()]; planned {
+			continue
+		}
+		kind := "image"
+		if e.Name() == outputs.ImageName || e.Name() == "dump.log" {
+			kind = "log"
+		}
+		files = append(files, store.File{Name: e.Name(), Size: fi.Size(), Mode: 0o600, Kind: kind})
+	}
+	for name, p := range r.plans {
+		files = append(files, store.File{Name: name, Size: p.size, Mode: 0o600, Kind: "pages"})
+	}
+	return files, nil
+}
+
+// Has implements criu.ImageSource: the job's images as CRIU restores them.
+func (in *Incoming) Has(name string) bool {
+	if _, ok := in.r.plans[name]; ok {
+		return true
+	}
+	if validFileName(name) != nil {
+		return false
+	}
+	fi, err := os.Lstat(filepath.Join(in.r.images, name))
+	return err == nil && fi.Mode().IsRegular()
+}
+
+// Send implements criu.ImageSource: a pages image is read from the memory
+// files as CRIU reads it, nothing copied beforehand.
+func (in *Incoming) Send(ctx context.Context, name string, w io.Writer) error {
+	if p, ok := in.r.plans[name]; ok {
+		return in.r.sendPages(ctx, p, w)
+	}
+	if err := validFileName(name); err != nil {
+		return err
+	}
+	f, err := os.OpenFile(filepath.Join(in.r.images, name), os.O_RDONLY|unix.O_NOFOLLOW, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	_, err = io.Copy(w, f)
+	return err
+}
+
+// sendPages writes the pages p lists to w, from the memory file (pages
+// never written are zero).
+func (r *receiver) sendPages(ctx context.Context, p *pagesPlan, w io.Writer) error {
+	src := r.files[p.pagemap]
+	buf := make([]byte, maxRunPages*PageSize)
+	for _, e := range p.entries {
+		left, addr := int64(e.NrPages)*PageSize, int64(e.Vaddr)
+		for left > 0 {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			n := min(left, int64(len(buf)))
+			b := buf[:n]
+			k := 0
+			if src != nil {
+				var err error
+				if k, err = src.ReadAt(b, addr); err != nil && !errors.Is(err, io.EOF) {
+					return err
+				}
+			}
+			clear(b[k:])
+			if _, err := w.Write(b); err != nil {
+				return err
+			}
+			addr += n
+			left -= n
 		}
 	}
 	return nil
 }
 
-func (r *receiver) assembleOne(name string, buf []byte) error {
-	pm, err := os.Open(filepath.Join(r.images, name))
-	if err != nil {
-		return err
-	}
-	b, err := io.ReadAll(io.LimitReader(pm, maxPagemap+1))
-	pm.Close()
-	if err != nil {
-		return err
-	}
-	if len(b) > maxPagemap {
-		return fmt.Errorf("more than %d bytes", maxPagemap)
-	}
-	id, entries, err := pageserver.ParsePagemap(b)
-	if err != nil {
-		return err
-	}
-	out, err := os.OpenFile(filepath.Join(r.images, "pages-"+strconv.FormatUint(uint64(id), 10)+".img"),
-		os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW, 0o600)
-	if err != nil {
-		return err
-	}
-	defer out.Close()
-	src := r.files[name] // nil: no page of it was sent (all zero or none)
-	var at int64
-	for _, e := range entries {
-		if e.Flags&pageserver.PEPresent == 0 {
-			continue
+// writePages writes every planned pages image into the images directory,
+// each memory file removed once its pages are out of it.
+func (r *receiver) writePages(ctx context.Context) error {
+	for name, p := range r.plans {
+		f, err := os.OpenFile(filepath.Join(r.images, name), os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW, 0o600)
+		if err != nil {
+			return err
 		}
-		left := int64(e.NrPages) * PageSize
-		addr := int64(e.Vaddr)
-		for left > 0 {
-			n := min(left, int64(len(buf)))
-			p := buf[:n]
-			k := 0
-			if src != nil {
-				if k, err = src.ReadAt(p, addr); err != nil && !errors.Is(err, io.EOF) {
-					return err
-				}
-			}
-			clear(p[k:]) // past the file's end: pages never written are zero
-			if _, err := out.WriteAt(p, at); err != nil {
-				return err
-			}
-			at += n
-			addr += n
-			left -= n
+		bw := bufio.NewWriterSize(f, 1<<20)
+		err = r.sendPages(ctx, p, bw)
+		if err == nil {
+			err = bw.Flush()
+		}
+		if err == nil {
+			err = f.Sync()
+		}
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
+		if src := r.files[p.pagemap]; src != nil {
+			src.Close()
+			delete(r.files, p.pagemap)
+			_ = os.Remove(filepath.Join(r.mem, p.pagemap))
 		}
 	}
-	if src != nil {
-		// The memory is in the pages image now.
-		src.Close()
-		delete(r.files, name)
-		_ = os.Remove(filepath.Join(r.mem, name))
-	}
-	return out.Sync()
+	r.plans = nil
+	return nil
 }
 
 // CrashEnv names a step at which the receiving cryo kills itself with

@@ -76,7 +76,8 @@ type Result struct {
 	// runs there; Frozen is the part of it CRIU's dump took.
 	Downtime   time.Duration `json:"downtime_ns"`
 	Frozen     time.Duration `json:"frozen_ns"`
-	Restore    time.Duration `json:"restore_ns"` // at the destination (commit + restore)
+	Restore    time.Duration `json:"restore_ns"` // at the destination, from its images in RAM
+	Commit     time.Duration `json:"commit_ns"`  // at the destination, while the job ran there
 	Generation int           `json:"generation"` // at the destination
 }
 
@@ -165,12 +166,13 @@ func Send(ctx context.Context, c *wire.Conn, o SendOptions) (res *Result, err er
 	if err := recvWithin(c, o.Wait, kindRestored, &r); err != nil {
 		return fail("restore at the destination", err)
 	}
-	res.Downtime, res.Generation, res.Restore = h.StoppedFor(), r.Generation, time.Duration(r.RestoreNS+r.CommitNS)
-	log.Info("the job runs at the destination", "downtime", res.Downtime, "generation", r.Generation)
-	var ok struct{}
+	res.Downtime, res.Restore = h.StoppedFor(), time.Duration(r.RestoreNS)
+	log.Info("the job runs at the destination", "downtime", res.Downtime)
+	var ok running
 	if err := recvWithin(c, o.Wait, kindRunning, &ok); err != nil {
 		return fail("the job at the destination", err)
 	}
+	res.Generation, res.Commit = ok.Generation, time.Duration(ok.CommitNS)
 	kerr := h.Kill(context.WithoutCancel(ctx), true)
 	cerr := h.Close()
 	if err := errors.Join(kerr, cerr); err != nil {

@@ -5,15 +5,19 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/cryo-hpc/cryo/checkpoint"
+	"github.com/cryo-hpc/cryo/internal/criu"
 	"github.com/cryo-hpc/cryo/internal/pageserver"
 	"github.com/cryo-hpc/cryo/internal/proc"
+	"github.com/cryo-hpc/cryo/internal/store"
 	"github.com/cryo-hpc/cryo/internal/wire"
 	"github.com/cryo-hpc/cryo/migrate"
+	"github.com/cryo-hpc/cryo/restore"
 )
 
 // StateMigrated: the job moved to another node; a later `cryo run` on the
@@ -31,9 +35,29 @@ type MigrateRequest struct {
 	NoPrecopy bool `json:"no_precopy,omitempty"`
 }
 
-// migrator is an Engine that can stop and dump a job for a migration.
+// migrator is an Engine that can stop and dump a job for a migration, and
+// restore one that migrated here from its images.
 type migrator interface {
 	Hold(ctx context.Context, pid int, sink pageserver.Sink) (*checkpoint.Held, error)
+	RestoreImages(ctx context.Context, src criu.ImageSource, m *store.Manifest) (*Restored, error)
+}
+
+// RestoreImages restores a job migrated here from its images as src
+// serves them (not yet a generation of the store), as the supervisor's
+// child.
+func (e *criuEngine) RestoreImages(ctx context.Context, src criu.ImageSource, m *store.Manifest) (*Restored, error) {
+	if err := os.Mkdir(filepath.Join(e.cfg.jobDir(), "tmp"), 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+		return nil, err
+	}
+	res, err := restore.Restore(ctx, restore.Options{
+		Store: e.cfg.Store, Source: src, Manifest: m, CRIU: e.cfg.CRIU, Sibling: true,
+		WorkDir: e.cfg.WorkDir, CheckCache: e.cfg.CheckCache, Logger: e.log, TruncateOutputs: true, Offload: e.cfg.Offload,
+		CRIUConfig: e.cfg.CRIUConfig,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &Restored{PID: res.PID, RootPID: m.Job.RootPID, Processes: m.Job.Processes, Cuts: res.Truncated, CutError: res.TruncateError}, nil
 }
 
 // Hold dumps the job rooted at pid, its pages to sink, and leaves it
@@ -203,11 +227,15 @@ func Adopted(in *migrate.Incoming) ([]TreeSpec, string, error) {
 // running after the grace period if it did not fail meanwhile. It runs
 // on the supervisor's goroutine through onEvent.
 type adoptWatch struct {
-	a        *Adopt
-	restored time.Time
-	t0       time.Time
-	done     bool
-	failed   error
+	a         *Adopt
+	restored  time.Time
+	t0        time.Time
+	done      bool
+	failed    error
+	committed chan error // the commit of the job's images, running meanwhile
+	commitErr error
+	commitOK  bool
+	noted     bool
 }
 
 func (w *adoptWatch) event(ev Event) {
@@ -240,6 +268,18 @@ func (w *adoptWatch) settle() error {
 		w.done = true
 		return w.failed
 	}
+	if !w.commitOK {
+		select {
+		case err := <-w.committed:
+			if err != nil {
+				w.done = true
+				return err
+			}
+			w.commitOK = true
+		default:
+			return nil
+		}
+	}
 	if w.restored.IsZero() || time.Since(w.restored) < w.a.Grace {
 		return nil
 	}
@@ -255,15 +295,30 @@ var ErrMigrationFailed = errors.New("the migrated job failed here and goes back 
 // is restored (nothing older is tried: on failure the job goes back to its
 // source), then supervised as any job.
 func (s *Supervisor) adopt(ctx context.Context, a *Adopt) (int, error) {
-	s.watch = &adoptWatch{a: a, t0: time.Now()}
+	s.watch = &adoptWatch{a: a, t0: time.Now(), committed: make(chan error, 1)}
 	s.writeRunState(StateRestoring, nil)
 	s.setState(StateRestoring)
-	if err := s.restoreGen(ctx, a.In.Generation); err != nil {
+	m, ok := s.eng.(migrator)
+	if !ok {
+		return 1, errors.New("this supervisor cannot take migrated jobs")
+	}
+	res, err := m.RestoreImages(ctx, a.In, a.In.Manifest)
+	if err != nil {
 		s.watch.done = true
 		_ = a.In.Fail(err)
 		s.setExit(StateFailed, 1)
-		return 1, fmt.Errorf("%w: restore generation %d: %w", ErrMigrationFailed, a.In.Generation, err)
+		return 1, fmt.Errorf("%w: restore: %w", ErrMigrationFailed, err)
 	}
+	took := time.Since(s.watch.t0)
+	// The job runs: its downtime is over. Its images go into the store
+	// meanwhile, so that it is a generation here before the source lets
+	// go of it.
+	go func() { s.watch.committed <- a.In.Commit(context.WithoutCancel(ctx)) }()
+	s.cfg.Metrics.Restore(s.cfg.Name, true)
+	s.initPID = res.PID
+	s.afterStart()
+	s.rootsFromRestore(res)
+	s.event("restored", fmt.Sprintf("the job migrated here, job-init pid %d, in %s", res.PID, took.Round(time.Millisecond)), 0)
 	return s.loop(ctx)
 }
 
@@ -277,9 +332,14 @@ func (s *Supervisor) settleAdopted() error {
 	}
 	failed := w.failed
 	err := w.settle()
+	if w.commitOK && !w.noted {
+		// The job runs from this generation now, for the policy.
+		w.noted = true
+		s.pol.restored(w.a.In.Generation, w.restored)
+	}
 	if err == nil {
 		if w.done {
-			s.event("adopted", "the source let the job go: it runs here only", 0)
+			s.event("adopted", fmt.Sprintf("the source let the job go: it runs here only (generation %d here)", w.a.In.Generation), w.a.In.Generation)
 		}
 		return nil
 	}

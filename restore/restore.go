@@ -74,12 +74,13 @@ type Options struct {
 	// their sizes at the checkpoint before it runs again (see outputs.go):
 	// for a supervisor that restores a job whose output must not repeat.
 	TruncateOutputs bool
-	// Images restores from this directory of complete CRIU images of one
-	// tree (a job migrated here, before it is committed), which Manifest
-	// describes (its Files name each image and its size; no chunks),
-	// instead of a generation of Store. Store is still used for its lock,
-	// the offload journal and CRIU's logs. Lazy and Fallback do not apply.
-	Images   string
+	// Source serves the CRIU images of one tree (a job migrated here,
+	// before it is committed), which Manifest describes (its Files name
+	// each image and its size; no chunks), instead of a generation of
+	// Store; they are streamed into CRIU. Store is still used for its
+	// lock, the offload journal and CRIU's logs. Lazy and Fallback do not
+	// apply.
+	Source   criu.ImageSource
 	Manifest *store.Manifest
 }
 
@@ -181,12 +182,12 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 		healed []store.Problem
 		read   imageReader
 	)
-	if o.Images != "" {
-		if o.Manifest == nil || o.Lazy || len(o.Manifest.Job.Trees) > 0 {
-			return nil, errors.New("restore from an images directory: a manifest of one tree is needed, and no lazy restore")
+	if o.Source != nil {
+		if o.Manifest == nil || o.Lazy || o.NoStream || len(o.Manifest.Job.Trees) > 0 {
+			return nil, errors.New("restore from an image source: a manifest of one tree is needed, streamed, not lazy")
 		}
 		m = o.Manifest
-		read = func(name string, size int64) ([]byte, error) { return readImageFile(o.Images, name, size) }
+		read = func(name string, size int64) ([]byte, error) { return readFromSource(ctx, o.Source, name, size) }
 	} else {
 		if gen, m, healed, err = o.generation(st, rep, log); err != nil {
 			return nil, err
@@ -228,7 +229,7 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 	for _, c := range cuts {
 		log.Info("output file cut back to the checkpoint", "file", c.Path, "from", c.From, "to", c.To)
 	}
-	stream := o.Images == "" && o.streamed(st, m, rep != nil, log)
+	stream := o.Source != nil || o.streamed(st, m, rep != nil, log)
 	need := m.RawBytes() + 16<<20
 	if stream {
 		need = 16 << 20 // CRIU's log and the streamer's socket
@@ -244,9 +245,7 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 		}
 	}()
 	images := filepath.Join(work, "images")
-	if o.Images != "" {
-		images = o.Images
-	} else if err := os.Mkdir(images, 0o700); err != nil {
+	if err := os.Mkdir(images, 0o700); err != nil {
 		return nil, err
 	}
 	t0 := time.Now()
@@ -257,7 +256,9 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 	var fixed []store.Problem
 	var src *store.Source
 	var zs *zeroSkip
-	if stream {
+	if o.Source != nil {
+		// Served by the caller.
+	} else if stream {
 		src = st.NewSource(m, rep)
 		if zs, err = planZeroSkip(st, m); err != nil {
 			if errors.Is(err, store.ErrCorrupt) && rep == nil {
@@ -266,7 +267,7 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 			log.Warn("restoring zero memory too", "why", err)
 			zs = &zeroSkip{}
 		}
-	} else if o.Images == "" {
+	} else {
 		fixed, err = st.MaterializeFrom(ctx, m, images, rep, kinds...)
 		for _, p := range fixed {
 			log.Info("healed a damaged chunk from the replica", "generation", gen, "problem", p.String())
@@ -338,7 +339,11 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 		pids, err = restoreTrees(ctx, bin, copts, images, work, m.Job.Trees)
 		pid, res.PIDs = pids[0], pids
 	} else if stream {
-		pid, err = criu.RestoreStreamed(ctx, bin, copts, skippingSource{src, zs})
+		var isrc criu.ImageSource = o.Source
+		if isrc == nil {
+			isrc = skippingSource{src, zs}
+		}
+		pid, err = criu.RestoreStreamed(ctx, bin, copts, isrc)
 		if err != nil && o.Sibling {
 			// CRIU had created the job's root as our child before the
 			// stream failed, and killed it: reap it (and any of its
@@ -348,12 +353,14 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 				reapChild(p.PID, 5*time.Second)
 			}
 		}
-		for _, p := range src.Healed() {
-			log.Info("healed a damaged chunk from the replica", "generation", gen, "problem", p.String())
-			res.Healed = append(res.Healed, p)
-		}
-		if herr := src.Finish(); herr != nil {
-			log.Warn("healed chunks could not all be written back into the store", "err", herr)
+		if src != nil {
+			for _, p := range src.Healed() {
+				log.Info("healed a damaged chunk from the replica", "generation", gen, "problem", p.String())
+				res.Healed = append(res.Healed, p)
+			}
+			if herr := src.Finish(); herr != nil {
+				log.Warn("healed chunks could not all be written back into the store", "err", herr)
+			}
 		}
 	} else {
 		pid, err = criu.Restore(ctx, bin, copts, nil)
@@ -535,20 +542,34 @@ func (o Options) generation(st *store.Store, rep *store.Store, log *slog.Logger)
 	return gen, m, healed, err
 }
 
-// readImageFile reads the first size bytes of image name in dir, never
-// through a link.
-func readImageFile(dir, name string, size int64) ([]byte, error) {
+// readFromSource reads the first size bytes of image name from src.
+func readFromSource(ctx context.Context, src criu.ImageSource, name string, size int64) ([]byte, error) {
 	if size < 0 || size > store.MaxImage {
 		return nil, fmt.Errorf("%s: %d bytes", name, size)
 	}
-	f, err := os.OpenFile(filepath.Join(dir, filepath.Clean("/"+name)), os.O_RDONLY|syscall.O_NOFOLLOW, 0)
-	if err != nil {
-		return nil, err
+	if !src.Has(name) {
+		return nil, fmt.Errorf("%w: image %s is missing", store.ErrCorrupt, name)
 	}
-	defer f.Close()
-	b := make([]byte, size)
-	if _, err := io.ReadFull(f, b); err != nil {
+	w := &limitBuffer{b: make([]byte, 0, size)}
+	if err := src.Send(ctx, name, w); err != nil && !errors.Is(err, errEnough) {
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
-	return b, nil
+	if int64(len(w.b)) < size {
+		return nil, fmt.Errorf("%w: image %s is shorter than %d bytes", store.ErrCorrupt, name, size)
+	}
+	return w.b, nil
+}
+
+var errEnough = errors.New("read enough")
+
+// limitBuffer keeps what is written up to its capacity, then refuses.
+type limitBuffer struct{ b []byte }
+
+func (l *limitBuffer) Write(p []byte) (int, error) {
+	n := min(len(p), cap(l.b)-len(l.b))
+	l.b = append(l.b, p[:n]...)
+	if n < len(p) {
+		return n, errEnough
+	}
+	return n, nil
 }
