@@ -3,8 +3,10 @@ package e2e
 // The TestSlurm* tests run cryo under a real Slurm: a private slurmctld and
 // slurmd (Debian's, installed by `make deps`) on loopback, configured in a
 // temporary directory and torn down when the test ends, even when it fails.
-// Jobs run as root (SlurmUser=root), as CRIU needs; one job of the prolog
-// test runs as nobody to check what the prolog gives the job's user.
+// The daemons run as root (SlurmUser=root), and jobs are submitted as root
+// unless a test names a user: one job of the prolog test runs as nobody to
+// check what the prolog gives the job's user, and TestSlurmRequeueAsUser's
+// job runs as a user who is not root, as users run cryo (CRIU unprivileged).
 //
 // Slurm's timings shape them (see /work/shared/SLURM-TEST.md): a requeued
 // job runs again 5-7 s later; `--signal=B:USR1@5` on a one-minute job
