@@ -31,7 +31,7 @@ if [ "$(id -u)" = 0 ] && [[ " ${TEST_FLAGS:-} " != *" -short "* ]]; then
   else
     ut=$(mktemp -d)
     chmod 755 "$ut"
-    for pkg in internal/criu internal/jobns; do
+    for pkg in internal/criu internal/jobns internal/memread; do
       name=$(basename "$pkg")
       mkdir -p "$ut/$name"
       go test -c -o "$ut/$name/$name.test" "./$pkg" || rc=1

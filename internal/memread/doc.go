@@ -10,15 +10,19 @@
 // page, the digest last scanned or noted.
 //
 // It must not touch the process it reads: it never writes to it, stops,
-// signals or ptraces it, and never faults in a page the process has not
-// touched (a swapped page is read, and so swapped back in). It knows
-// nothing of the destination, the network, CRIU or the store: what to do
-// with a changed page is the caller's function, and the Tracker records a
-// page's new digest only once that function has accepted it.
+// signals or ptraces it, and reads only the pages pagemap shows present or
+// swapped, so memory the process never touched is not faulted in (a
+// swapped page is read, and so swapped back in; a page discarded between
+// pagemap and the read reads as zeros, mapping the shared zero page). It
+// knows nothing of the destination, the network, CRIU or the store: what
+// to do with a changed page is the caller's function, and the Tracker
+// records a page's new digest only once that function has accepted it.
 //
 // Access is the kernel's ptrace rule (PTRACE_MODE_READ for the /proc
 // files, PTRACE_MODE_ATTACH for process_vm_readv): a user reads their own
 // dumpable processes; reading another user's, or a non-dumpable one,
-// needs CAP_SYS_PTRACE. A refusal is an error that matches
+// needs CAP_SYS_PTRACE. Where Yama's ptrace_scope is 1 (Ubuntu's
+// default) process_vm_readv also needs the target to be a descendant of
+// the reader, or CAP_SYS_PTRACE. A refusal is an error that matches
 // fs.ErrPermission.
 package memread

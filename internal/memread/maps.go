@@ -63,9 +63,12 @@ func readRegions(pid int, rd *bufio.Reader, fr *fdReader, out []Region) ([]Regio
 
 // parseMaps appends to out the regions of the maps lines rd reads, and
 // returns how many lines there were. Of a line longer than rd's buffer
-// only the head is parsed.
+// only the head is parsed. A region is cut to begin where the one before
+// it ends: maps is read in several read(2)s, and a mapping that grew down
+// meanwhile (a stack) can overlap what an earlier one printed.
 func parseMaps(rd *bufio.Reader, out []Region) ([]Region, int, error) {
 	lines := 0
+	base := len(out)
 	for {
 		line, err := rd.ReadSlice('\n')
 		if len(line) > 0 {
@@ -73,6 +76,10 @@ func parseMaps(rd *bufio.Reader, out []Region) ([]Region, int, error) {
 			r, keep, perr := parseMapsLine(line)
 			if perr != nil {
 				return out, lines, fmt.Errorf("line %d: %w", lines, perr)
+			}
+			if keep && len(out) > base {
+				r.Start = max(r.Start, out[len(out)-1].End)
+				keep = r.Start < r.End
 			}
 			if keep {
 				out = append(out, r)

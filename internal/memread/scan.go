@@ -133,7 +133,8 @@ type scan struct {
 // The counts in ScanStats are of the whole process.
 //
 // The process exiting gives an error wrapping ErrGone. ctx is checked
-// between batches.
+// between batches, and every 16 MiB of address space looked up in
+// pagemap.
 func (t *Tracker) Scan(ctx context.Context, id, pid int, fn func(Run) error) (ScanStats, error) {
 	if t.s == nil {
 		t.s = newScanner()
@@ -163,6 +164,9 @@ func (t *Tracker) Scan(ctx context.Context, id, pid int, fn func(Run) error) (Sc
 		}
 		first := true
 		for a := r.Start; a < r.End; {
+			if err := ctx.Err(); err != nil { // a TiB of address space is half a second of pagemap
+				return sc.stats, fmt.Errorf("pid %d: scan stopped: %w", pid, err)
+			}
 			n := min((r.End-a)/PageSize, pagemapEntries)
 			e := s.pm[:n*8]
 			m, err := pread(pm, e, int64(a/PageSize*8))

@@ -14,7 +14,7 @@ const chunkPages = 64
 // bitmaps, its digests' slice, a map slot). Memory touched in runs, as a
 // job's arrays and heap are, costs about 34 bytes a page
 // (TestTrackerMemory and BenchmarkScan measure it: 33-34); a page alone in
-// its 256 KiB costs up to about 170. Besides that, the first Scan
+// its 256 KiB costs about 115. Besides that, the first Scan
 // allocates its buffers, kept for the next: two 1 MiB batches per worker
 // goroutine (GOMAXPROCS of them, at most 16), so from about 2 MiB on one
 // core to 34 MiB.
@@ -141,7 +141,8 @@ func (c *chunk) index(bit uint64) int {
 
 // set records digest d for the page whose bit is bit, and reports whether
 // the page is new to the chunk. sums grows by doubling, to chunkPages at
-// most; trim gives back what a scan did not fill.
+// most (a Scan makes a chunk with room for the pages it is about to
+// record); trim gives back what a scan did not fill.
 func (c *chunk) set(bit uint64, d Digest) bool {
 	i := c.index(bit)
 	if c.present&bit != 0 {
