@@ -154,6 +154,9 @@ func Send(ctx context.Context, c *wire.Conn, o SendOptions) (res *Result, err er
 		return fail("send the stopped job's pages", err)
 	}
 	res.FinalPages, res.FinalKnown = sink.sent, sink.known
+	if res.JobBytes == 0 {
+		res.JobBytes = (sink.sent + sink.known) * PageSize // no rounds: the dump saw all of it
+	}
 	files, err := s.sendFiles(h.Images)
 	if err != nil {
 		return fail("send the job's images", err)

@@ -10,6 +10,8 @@
 #   BENCH_WARM_MIB=max(2048, 2*BENCH_MIB+512)  warm: fresh memory touched and freed
 #   BENCH_SETTLE=0s  warm: idle before every timed step; BENCH_COLD_SETTLE=5s: cold
 #   BENCH_RSS_MIB=1024,8192   then cryo's peak memory with jobs of these sizes ("" skips it)
+#   BENCH_MIGRATE_MIB=1024  then live migration of a job this size, pre-copy against stop and copy
+#   BENCH_MIGRATE_REPS=3     migrations of each kind ("" for the MiB skips it)
 #   BENCH_JSON=bin/bench-<time>.json   where the results go (-rss.json for the memory run)
 #
 # Needs root, bin/cryo (make build) and CRIU ($CRYO_CRIU, else .deps/criu).
@@ -70,6 +72,16 @@ run_bench -json "$out" || rc=$?
 rss=${BENCH_RSS_MIB-1024,8192}
 if [ "$rc" = 0 ] && [ -n "$rss" ]; then
   run_bench -rss "$rss" -json "${out%.json}-rss.json" || rc=$?
+fi
+# Live migration: pre-copy against stop and copy, a job rewriting 5% of
+# its memory a second (BENCH_MIGRATE_MIB="" skips it).
+mig=${BENCH_MIGRATE_MIB-1024}
+if [ "$rc" = 0 ] && [ -n "$mig" ]; then
+  go build -o "$work/bin/dirty" ./e2e/workloads/dirty
+  go build -o "$work/bin/benchmigrate" ./e2e/benchmigrate
+  mkdir -p "$work/migrate"
+  "$work/bin/benchmigrate" -cryo "$repo/bin/cryo" -criu "$CRYO_CRIU" -workload "$work/bin/dirty" \
+    -dir "$work/migrate" -mib "$mig" -reps "${BENCH_MIGRATE_REPS:-3}" -json "${out%.json}-migrate.json" || rc=$?
 fi
 echo "load after: $(uptime)"
 exit "$rc"
