@@ -20,18 +20,25 @@ var ErrUnprivileged = errors.New("cannot be checkpointed by its user")
 // userModePreflight finds, before any dump, what an unprivileged CRIU
 // would fail on half-way, so that a user's checkpoint either works or says
 // in one line why not: a process of the tree that runs with other
-// credentials (CRIU as the user cannot seize it), and a TCP connection
-// that is not listening (its state can only be read and restored in TCP
-// repair mode, which needs CAP_NET_ADMIN in its network namespace).
+// credentials, and a TCP connection that is not listening (its state can
+// only be read and restored in TCP repair mode, which needs CAP_NET_ADMIN
+// in its network namespace).
+//
+// Credentials are the real, effective, saved and file-system uids and
+// gids: the kernel lets the user's CRIU seize (ptrace) only a process
+// whose uids and gids are all the user's, and a restore as the user can
+// give a process no other ids (setresgid without CAP_SETGID), so a setuid
+// or setgid program, or one started with another group, could be neither
+// dumped nor restored faithfully.
 func userModePreflight(roots []int) error {
-	uid := os.Getuid()
+	uid, gid := os.Getuid(), os.Getgid()
 	for _, root := range roots {
 		pids, err := proc.Tree(root)
 		if err != nil {
 			return err
 		}
 		for _, pid := range pids {
-			if err := userModeProcess(pid, uid); err != nil {
+			if err := userModeProcess(pid, uid, gid); err != nil {
 				return err
 			}
 		}
@@ -39,19 +46,25 @@ func userModePreflight(roots []int) error {
 	return nil
 }
 
-func userModeProcess(pid, uid int) error {
+func userModeProcess(pid, uid, gid int) error {
 	comm := commOf(pid)
-	ids, err := statusIDs(pid)
+	uids, gids, err := statusIDs(pid)
 	if errors.Is(err, proc.ErrNoProcess) {
 		return nil // gone meanwhile: CRIU will not see it either
 	}
 	if err != nil {
 		return fmt.Errorf("pid %d (%s): %w", pid, comm, err)
 	}
-	for _, id := range ids {
+	for _, id := range uids {
 		if id != uid {
-			return fmt.Errorf("pid %d (%s) runs with uid %d, not yours (%d): a user's checkpoint holds only the user's own processes: %w",
+			return fmt.Errorf("pid %d (%s) runs as uid %d, not as you (uid %d): CRIU run as a user can checkpoint only the user's own processes; let its owner checkpoint it, or an admin as root: %w",
 				pid, comm, id, uid, ErrUnprivileged)
+		}
+	}
+	for _, id := range gids {
+		if id != gid {
+			return fmt.Errorf("pid %d (%s) runs with gid %d, not your gid %d (a setgid program, or started with another group): CRIU run as a user can neither seize it nor give it that group back; run the job with your own group, or have an admin checkpoint it as root: %w",
+				pid, comm, id, gid, ErrUnprivileged)
 		}
 	}
 	conns, err := tcpConnections(pid)
@@ -70,13 +83,19 @@ func commOf(pid int) string {
 	return strings.TrimSpace(string(b))
 }
 
-// statusIDs are the real, effective, saved and file-system uids of pid.
-func statusIDs(pid int) ([]int, error) {
-	ids, err := proc.StatusInts(pid, "Uid")
-	if err == nil && len(ids) == 0 {
+// statusIDs are the real, effective, saved and file-system uids and gids
+// of pid.
+func statusIDs(pid int) (uids, gids []int, err error) {
+	if uids, err = proc.StatusInts(pid, "Uid"); err == nil && len(uids) == 0 {
 		err = fmt.Errorf("status has no Uid line")
 	}
-	return ids, err
+	if err != nil {
+		return nil, nil, err
+	}
+	if gids, err = proc.StatusInts(pid, "Gid"); err == nil && len(gids) == 0 {
+		err = fmt.Errorf("status has no Gid line")
+	}
+	return uids, gids, err
 }
 
 // tcpListen is the state of a listening socket in /proc/net/tcp: the only
