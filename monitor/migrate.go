@@ -233,7 +233,6 @@ type adoptWatch struct {
 	done      bool
 	failed    error
 	committed chan error // the commit of the job's images, running meanwhile
-	commitErr error
 	commitOK  bool
 	noted     bool
 }
