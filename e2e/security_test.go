@@ -23,8 +23,8 @@ import (
 // signalled. (The store's own link and bounds attacks are tested where they
 // are stopped, in internal/store; the PID holders in runfail_test.go.)
 
-// rootTarget is a file of root's that an attack tries to change, with what
-// it holds and when it last changed.
+// rootTarget is a file (of root's, unless made by newTarget) that an
+// attack tries to change, with what it holds and when it last changed.
 type rootTarget struct {
 	path  string
 	data  []byte
@@ -33,9 +33,19 @@ type rootTarget struct {
 
 func newRootTarget(t *testing.T, dir, name string) rootTarget {
 	t.Helper()
+	return newTarget(t, dir, name, 0, 0)
+}
+
+// newTarget is a file that an attack tries to change, owned by uid:gid and
+// writable by its owner alone.
+func newTarget(t *testing.T, dir, name string, uid, gid int) rootTarget {
+	t.Helper()
 	p := filepath.Join(dir, name)
-	data := []byte("root's own data\n")
+	data := []byte("the owner's own data\n")
 	if err := os.WriteFile(p, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(p, uid, gid); err != nil {
 		t.Fatal(err)
 	}
 	fi, _ := os.Stat(p)
@@ -48,7 +58,7 @@ func (r rootTarget) intact(t *testing.T, attack string) {
 	b, err := os.ReadFile(r.path)
 	fi, serr := os.Stat(r.path)
 	if err != nil || serr != nil || !bytes.Equal(b, r.data) || !fi.ModTime().Equal(r.mtime) {
-		t.Errorf("%s changed root's %s: %q (%v)", attack, r.path, b, err)
+		t.Errorf("%s changed %s: %q (%v)", attack, r.path, b, err)
 	}
 }
 
@@ -180,28 +190,43 @@ func allMemstates(t *testing.T) []int {
 }
 
 // Attack 2: the job replaces the files cryo writes in its run directory
-// (events, the state's temporary file, job-init's log, its output) with
-// links to a file of root's, and then fails so that cryo restarts it. cryo
-// runs as the user; nothing it writes goes through a link; root's file is
-// unchanged.
+// (events, the state's temporary file, job-init's log, its output, the
+// heartbeat) with links, and then fails so that cryo starts it again.
+// The links point at files of the same user outside the store, so that
+// following one would succeed (the kernel would allow the write): only
+// cryo's refusal to follow links keeps them unchanged. (Links to root's
+// files prove nothing here: the user's cryo could not write them anyway.)
 func TestSecurityRunDirectoryLinks(t *testing.T) {
 	criu, u := requireUser(t)
-	target := newRootTarget(t, rootDir(t), "target")
 	dir := u.dir(t)
+	outside := filepath.Join(dir, "outside")
+	mkdirAs(t, u, outside)
+	target := newTarget(t, outside, "target", u.uid, u.gid)
+	// The heartbeat is only created, never written: a link to a missing
+	// file would make a follower create it.
+	missing := filepath.Join(outside, "missing")
 	st := filepath.Join(dir, "store")
 	run := filepath.Join(st, "run")
 	script := fmt.Sprintf(`if [ ! -e %[1]s/planted ]; then
-  for f in events.jsonl state.json.tmp init.log host.out host.err heartbeat; do rm -f %[1]s/$f; ln -s %[2]s %[1]s/$f; done
+  for f in events.jsonl state.json.tmp init.log host.out host.err; do rm -f %[1]s/$f; ln -s %[2]s %[1]s/$f; done
+  rm -f %[1]s/heartbeat; ln -s %[3]s %[1]s/heartbeat
   : > %[1]s/planted; kill -KILL $$
 fi
-echo done`, run, target.path)
-	cmd := exec.Command(bin("cryo"), "run", "--store", st, "--max-restarts", "2", "--restart-on-exit", "--", "/bin/sh", "-c", script)
+echo done`, run, target.path, missing)
+	cmd := exec.Command(bin("cryo"), "run", "--store", st, "--max-restarts", "2", "--restart-on-exit", "--heartbeat-timeout", "1m",
+		"--", "/bin/sh", "-c", script)
 	u.as(cmd)
 	cmd.Env = append(cmd.Env, "CRYO_CRIU="+criu)
 	out, _ := cmd.CombinedOutput()
-	target.intact(t, "links in the run directory")
 	if _, err := os.Stat(filepath.Join(run, "planted")); err != nil {
 		t.Fatalf("the job did not plant its links (%v): cryo said %s", err, out)
+	}
+	if !strings.Contains(string(out), "failure: crash") {
+		t.Errorf("the job was not taken for crashed and started again; cryo said %s", out)
+	}
+	target.intact(t, "links in the run directory")
+	if _, err := os.Lstat(missing); err == nil {
+		t.Errorf("cryo created %s through the heartbeat link", missing)
 	}
 }
 
