@@ -11,7 +11,10 @@ import (
 
 // Dump checkpoints the tree rooted at o.Pid into o.ImagesDir. On failure the
 // error carries the Error lines of CRIU's log and the log's path; CRIU
-// resumes the tree itself when a dump fails.
+// resumes the tree itself when a dump fails. A non-nil nfy is told CRIU's
+// notifications (its action-script points): "post-dump" comes once the
+// dump is written, the tree still frozen; an error there fails the dump
+// and CRIU lets the tree run on.
 func Dump(ctx context.Context, b Binary, o Options, nfy Notify) error {
 	if o.Pid <= 0 {
 		return errors.New("criu dump: no pid")
@@ -25,6 +28,9 @@ func Dump(ctx context.Context, b Binary, o Options, nfy Notify) error {
 		return err
 	}
 	defer closeAll(files)
+	if nfy != nil {
+		ro.NotifyScripts = ptr(true)
+	}
 	t := rpc.CriuReqType_DUMP
 	_, err = swrk(ctx, b.Path, &rpc.CriuReq{Type: &t, Opts: ro}, extra, false, nfy)
 	if err != nil {
