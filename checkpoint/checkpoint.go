@@ -112,6 +112,10 @@ type Result struct {
 	// Offload is the number of offload contexts (CUDA processes) whose
 	// device state the checkpoint holds.
 	Offload int `json:"offload_contexts,omitempty"`
+	// TmpfsFiles is the number of tmpfs files (POSIX shared memory and
+	// the like) whose contents the checkpoint holds, for a job not in
+	// namespaces of its own (see tmpfs.go).
+	TmpfsFiles int `json:"tmpfs_files,omitempty"`
 	// Replica is the replica store that holds a copy of the generation;
 	// ReplicaError, when set, says why it does not (the generation is then
 	// in Store only).
@@ -155,6 +159,10 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 			return nil, err
 		}
 	}
+	tmp, err := scanTmpfs(o)
+	if err != nil {
+		return nil, err
+	}
 
 	st, err := store.Create(o.Store, "cryo "+Version)
 	if err != nil {
@@ -189,7 +197,7 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 		log.Info("removed work a killed cryo left in staging", "entries", n)
 	}
 
-	need := int64(64 << 20) // images but pages, with pages streamed
+	need := int64(64<<20) + tmp.bytes() // images but pages, with pages streamed
 	if o.NoStream {
 		need += treeRSS(o.PID)
 	}
@@ -200,6 +208,9 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 	defer os.RemoveAll(work)
 	images := filepath.Join(work, "images")
 	if err := os.Mkdir(images, 0o700); err != nil {
+		return nil, err
+	}
+	if err := tmp.prepare(work); err != nil {
 		return nil, err
 	}
 	log.Debug("dumping", "pid", o.PID, "work", work, "estimate", need)
@@ -245,7 +256,7 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 	}()
 	outs := scanOutputs(o)
 	dumpStart := time.Now()
-	trees, derr := dumpJob(ctx, bin, copts, w, o, images, work, log)
+	trees, derr := dumpJob(ctx, bin, copts, w, o, images, work, tmp.frozen, log)
 	if err := derr; err != nil {
 		err = keepLog(st, err, filepath.Join(work, "dump.log"), "dump")
 		if grp.Len() > 0 {
@@ -282,6 +293,11 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 		return nil, err
 	}
 	specs = append(specs, outputsSpec(outs, images, work, trees)...)
+	tspecs, tmpFiles, err := tmp.specs(work, log)
+	if err != nil {
+		return nil, err
+	}
+	specs = append(specs, tspecs...)
 	if err := w.AddFiles(ctx, specs); err != nil {
 		return nil, fmt.Errorf("store images: %w", err)
 	}
@@ -314,7 +330,7 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 	}
 	res = &Result{Generation: gen, Store: st.Dir, Manifest: m, Processes: len(tasks),
 		Frozen: time.Duration(stats.FrozenMS) * time.Millisecond, Durable: time.Since(start),
-		RawBytes: m.Stats.RawBytes, NewBytes: m.Stats.NewBytes, Offload: grp.Len()}
+		RawBytes: m.Stats.RawBytes, NewBytes: m.Stats.NewBytes, Offload: grp.Len(), TmpfsFiles: tmpFiles}
 	log.Debug("committed", "generation", gen, "raw", m.Stats.RawBytes, "new", m.Stats.NewBytes, "durable", res.Durable)
 
 	if o.Kill {

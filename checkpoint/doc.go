@@ -8,11 +8,14 @@
 // work directory -> the job resumes, its offload contexts restored and
 // unlocked (or, with Kill, it stays stopped) -> persist: chunk, hash and
 // compress the images into the store in parallel, with a record of the
-// job's output files and their sizes at the freeze (outputs.json) -> the
-// caller's Accept, which may refuse the generation -> commit (syncfs,
-// manifest, atomic rename) -> retention. Every step is undone if a later
-// one fails: a failed checkpoint leaves the job running as it was (its
-// offload contexts unlocked) and older generations intact.
+// job's output files and their sizes at the freeze (outputs.json) and, for
+// a job not in namespaces of its own, the contents of the tmpfs files it
+// maps or holds open, copied while it was frozen (tmpfs-files.json and its
+// parts; see tmpfs.go) -> the caller's Accept, which may refuse the
+// generation -> commit (syncfs, manifest, atomic rename) -> retention.
+// Every step is undone if a later one fails: a failed checkpoint leaves
+// the job running as it was (its offload contexts unlocked) and older
+// generations intact.
 //
 // It owns the order of these steps; the store format belongs to
 // internal/store and CRIU's options to internal/criu. It must not print:

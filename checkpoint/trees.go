@@ -19,11 +19,13 @@ import (
 // dumpJob runs CRIU on the job: one dump of the tree rooted at o.PID, or,
 // with o.MorePIDs, a dump of each tree while all of them are frozen
 // together, into images/tree-N. It returns the tree directories ("" for
-// one tree). The writer is released (its workers may start) once CRIU
-// lets the job go.
-func dumpJob(ctx context.Context, bin criu.Binary, copts criu.Options, w *store.Writer, o Options, images, work string, log *slog.Logger) ([]string, error) {
+// one tree). frozen, when set, is called once while the whole job is
+// still frozen after its dump (CRIU's post-dump point); its error fails
+// the dump and the job runs on. The writer is released (its workers may
+// start) once CRIU lets the job go.
+func dumpJob(ctx context.Context, bin criu.Binary, copts criu.Options, w *store.Writer, o Options, images, work string, frozen func() error, log *slog.Logger) ([]string, error) {
 	if len(o.MorePIDs) == 0 {
-		err := dumpTree(ctx, bin, copts, w, o, images, "")
+		err := dumpTree(ctx, bin, copts, w, o, images, "", frozen)
 		w.Release()
 		return nil, err
 	}
@@ -53,11 +55,15 @@ func dumpJob(ctx context.Context, bin criu.Binary, copts criu.Options, w *store.
 		to := copts
 		to.ImagesDir, to.WorkDir, to.Pid = dir, wdir, root
 		to.FreezeCgroup = grp.Cgroup(i) // already frozen: CRIU leaves it so
-		if err := dumpTree(ctx, bin, to, w, o, dir, name+"/"); err != nil {
+		if err := dumpTree(ctx, bin, to, w, o, dir, name+"/", nil); err != nil {
 			errs = append(errs, fmt.Errorf("tree %d (pid %d): %w", i, root, err))
 			break
 		}
 		trees = append(trees, name)
+	}
+	if len(errs) == 0 && frozen != nil {
+		// Every tree is dumped and all are still frozen together.
+		errs = append(errs, frozen())
 	}
 	// Every tree is dumped (or one failed): the job runs on (or, with
 	// Kill, stays stopped by CRIU until the checkpoint is committed).
@@ -69,8 +75,10 @@ func dumpJob(ctx context.Context, bin criu.Binary, copts criu.Options, w *store.
 	return trees, nil
 }
 
-// dumpTree dumps one tree, its pages streamed to the writer (under prefix).
-func dumpTree(ctx context.Context, bin criu.Binary, copts criu.Options, w *store.Writer, o Options, images, prefix string) error {
+// dumpTree dumps one tree, its pages streamed to the writer (under prefix);
+// frozen, when set, is called at CRIU's post-dump point, the tree still
+// frozen.
+func dumpTree(ctx context.Context, bin criu.Binary, copts criu.Options, w *store.Writer, o Options, images, prefix string, frozen func() error) error {
 	var stream *pageStream
 	if !o.NoStream {
 		var err error
@@ -80,7 +88,16 @@ func dumpTree(ctx context.Context, bin criu.Binary, copts criu.Options, w *store
 		stream.prefix = prefix
 		copts.PageServer = &criu.PageServerAddr{File: stream.theirs}
 	}
-	derr := criu.Dump(ctx, bin, copts, nil)
+	var nfy criu.Notify
+	if frozen != nil {
+		nfy = func(script string, _ int32) error {
+			if script == "post-dump" {
+				return frozen()
+			}
+			return nil
+		}
+	}
+	derr := criu.Dump(ctx, bin, copts, nfy)
 	if stream != nil {
 		if serr := stream.finish(images, derr); serr != nil && derr == nil {
 			derr = serr
