@@ -85,6 +85,12 @@ func restoreCommand(e *env) *ucli.Command {
 			if len(res.Skipped) > 0 {
 				fmt.Fprintf(e.stderr, "cryo: restored OLDER generation %d instead (--fallback)\n", res.Generation)
 			}
+			for _, t := range res.TmpfsFiles {
+				fmt.Fprintf(e.stderr, "cryo: tmpfs file brought back to the checkpoint: %s\n", t)
+			}
+			for _, l := range res.TmpfsLeft {
+				fmt.Fprintf(e.stderr, "cryo: warning: tmpfs file not the job owner's, left as it is: %s\n", l)
+			}
 			if o.lazy {
 				// The job runs already: say so now, then stay to serve its
 				// memory (the page server lives in this process).

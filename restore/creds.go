@@ -29,8 +29,9 @@ const maxCoreImage = 4 << 20
 // processes with whatever credentials the images hold; one that differs (a
 // setuid program inside a user's job, a crafted image) would be a process
 // the owner could not have made. Users' restores need no such check: their
-// CRIU runs as them and the kernel refuses any other credentials.
-func sameOwner(m *store.Manifest, read imageReader) error {
+// CRIU runs as them and the kernel refuses any other credentials. It
+// returns the owner's uid and gid.
+func sameOwner(m *store.Manifest, read imageReader) (uid, gid int, err error) {
 	files := map[string]*store.File{}
 	for i := range m.Files {
 		files[m.Files[i].Name] = &m.Files[i]
@@ -53,26 +54,26 @@ func sameOwner(m *store.Manifest, read imageReader) error {
 			}
 		}
 		if f == nil {
-			return fmt.Errorf("%w: generation holds no core image for pid %d", store.ErrCorrupt, p.PID)
+			return 0, 0, fmt.Errorf("%w: generation holds no core image for pid %d", store.ErrCorrupt, p.PID)
 		}
 		if f.Size > maxCoreImage {
-			return fmt.Errorf("%w: %s is %d bytes", store.ErrCorrupt, name, f.Size)
+			return 0, 0, fmt.Errorf("%w: %s is %d bytes", store.ErrCorrupt, name, f.Size)
 		}
 		b, err := read(name, f.Size)
 		if err != nil {
-			return err
+			return 0, 0, err
 		}
 		msgs, err := pageserver.ImageEntries(b, coreMagic)
 		if err != nil || len(msgs) == 0 {
-			return fmt.Errorf("%w: %s: %v", store.ErrCorrupt, name, err)
+			return 0, 0, fmt.Errorf("%w: %s: %v", store.ErrCorrupt, name, err)
 		}
 		var core criucore.CoreEntry
 		if err := proto.Unmarshal(msgs[0], &core); err != nil {
-			return fmt.Errorf("%w: %s: %v", store.ErrCorrupt, name, err)
+			return 0, 0, fmt.Errorf("%w: %s: %v", store.ErrCorrupt, name, err)
 		}
 		c := core.GetThreadCore().GetCreds()
 		if c == nil {
-			return fmt.Errorf("%w: %s holds no credentials", store.ErrCorrupt, name)
+			return 0, 0, fmt.Errorf("%w: %s holds no credentials", store.ErrCorrupt, name)
 		}
 		uids := []uint32{c.GetUid(), c.GetEuid(), c.GetSuid(), c.GetFsuid()}
 		gids := []uint32{c.GetGid(), c.GetEgid(), c.GetSgid(), c.GetFsgid()}
@@ -81,10 +82,13 @@ func sameOwner(m *store.Manifest, read imageReader) error {
 		}
 		for i := range uids {
 			if uids[i] != owner[0] || gids[i] != owner[1] {
-				return fmt.Errorf("pid %d (%s) has uids %v and gids %v, but the job's owner (pid %d) is uid %d gid %d: root does not restore %w",
+				return 0, 0, fmt.Errorf("pid %d (%s) has uids %v and gids %v, but the job's owner (pid %d) is uid %d gid %d: root does not restore %w",
 					p.PID, p.Comm, uids, gids, ownerPID, owner[0], owner[1], ErrForeignCredentials)
 			}
 		}
 	}
-	return nil
+	if owner == nil {
+		return 0, 0, fmt.Errorf("%w: the generation lists no process", store.ErrCorrupt)
+	}
+	return int(owner[0]), int(owner[1]), nil
 }

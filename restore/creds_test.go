@@ -106,10 +106,13 @@ func TestSameOwnerRefusesForeignCredentials(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			st, m := credsGeneration(t, tc.procs...)
-			err := sameOwner(m, storeReader(st, m))
+			uid, gid, err := sameOwner(m, storeReader(st, m))
 			if tc.bad == "" {
 				if err != nil {
 					t.Fatalf("refused: %v", err)
+				}
+				if uid != int(tc.procs[0].uid) || gid != int(tc.procs[0].gid) {
+					t.Errorf("owner %d:%d, want the root process's %d:%d", uid, gid, tc.procs[0].uid, tc.procs[0].gid)
 				}
 				return
 			}
@@ -125,7 +128,7 @@ func TestSameOwnerRefusesForeignCredentials(t *testing.T) {
 func TestSameOwnerNeedsEveryCoreImage(t *testing.T) {
 	st, m := credsGeneration(t, user(1001, 1001))
 	m.Job.Processes = append(m.Job.Processes, store.Process{PID: 4242, Comm: "ghost"})
-	if err := sameOwner(m, storeReader(st, m)); !errors.Is(err, store.ErrCorrupt) || !strings.Contains(err.Error(), "pid 4242") {
+	if _, _, err := sameOwner(m, storeReader(st, m)); !errors.Is(err, store.ErrCorrupt) || !strings.Contains(err.Error(), "pid 4242") {
 		t.Errorf("a process without a core image: %v, want ErrCorrupt naming it", err)
 	}
 }

@@ -21,7 +21,13 @@
 // now, found by those they have in the job's namespace (a context whose
 // process is not found fails the restore, as above).
 //
+// A job not in namespaces of its own gets back, before CRIU runs, the
+// tmpfs files it mapped or held open (its POSIX shared memory) as they were
+// at the checkpoint, where they are missing or changed: made and opened as
+// the job's owner (as root, with the owner's file-system identity), never
+// through a link, and only the owner's (tmpfs.go, internal/tmpfs).
+//
 // It reads the store under a shared lock (so retention and GC wait) and
 // never modifies a generation. Outside the store it changes no file but
-// the output files TruncateOutputs cuts.
+// the output files TruncateOutputs cuts and those tmpfs files.
 package restore

@@ -15,6 +15,7 @@ import (
 	"github.com/cryo-hpc/cryo/internal/outputs"
 	"github.com/cryo-hpc/cryo/internal/proc"
 	"github.com/cryo-hpc/cryo/internal/store"
+	"github.com/cryo-hpc/cryo/internal/tmpfs"
 	"github.com/cryo-hpc/cryo/internal/workdir"
 	"github.com/cryo-hpc/cryo/offload"
 	"github.com/cryo-hpc/cryo/offload/drivers"
@@ -120,6 +121,12 @@ type Result struct {
 	// TruncateError why others could not be.
 	Truncated     []outputs.Cut `json:"truncated,omitempty"`
 	TruncateError string        `json:"truncate_error,omitempty"`
+	// TmpfsFiles are the tmpfs files (shared memory) of a job without
+	// namespaces of its own that were brought back to the checkpoint
+	// before it ran (see tmpfs.go), and TmpfsLeft others' files that
+	// were missing or changed and left as they are.
+	TmpfsFiles []tmpfs.Outcome `json:"tmpfs_files,omitempty"`
+	TmpfsLeft  []string        `json:"tmpfs_left,omitempty"`
 
 	finish func(context.Context) error // a lazy restore's page service
 }
@@ -209,8 +216,11 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 			return nil, err
 		}
 	}
+	// The job's owner: the user whose CRIU restores it, or (as root) the
+	// credentials every process of the images has.
+	uid, gid := os.Getuid(), os.Getgid()
 	if !bin.Unprivileged {
-		if err := sameOwner(m, read); err != nil {
+		if uid, gid, err = sameOwner(m, read); err != nil {
 			return nil, fmt.Errorf("restore generation %d: %w", gen, err)
 		}
 	}
@@ -228,6 +238,19 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 	}
 	for _, c := range cuts {
 		log.Info("output file cut back to the checkpoint", "file", c.Path, "from", c.From, "to", c.To)
+	}
+	var tmpDone []tmpfs.Outcome
+	var tmpLeft []string
+	if !ownPIDNamespace(m) {
+		if tmpDone, tmpLeft, err = recreateTmpfs(m, read, uid, gid, !bin.Unprivileged); err != nil {
+			return nil, fmt.Errorf("restore generation %d: %w", gen, err)
+		}
+		for _, t := range tmpDone {
+			log.Info("tmpfs file brought back to the checkpoint", "file", t.Path, "action", t.Action, "bytes", t.Size)
+		}
+		for _, l := range tmpLeft {
+			log.Warn("tmpfs file of someone else's left as it is", "file", l)
+		}
 	}
 	stream := o.Source != nil || o.streamed(st, m, rep != nil, log)
 	need := m.RawBytes() + 16<<20
@@ -281,6 +304,7 @@ func Restore(ctx context.Context, o Options) (*Result, error) {
 		res.ZeroLeftOut = zs.bytes
 	}
 	res.Truncated = cuts
+	res.TmpfsFiles, res.TmpfsLeft = tmpDone, tmpLeft
 	if cutErr != nil {
 		res.TruncateError = cutErr.Error()
 	}
