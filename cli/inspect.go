@@ -114,6 +114,17 @@ func printInspect(w io.Writer, r *cryo.Inspection, files bool) {
 		}
 	}
 
+	if len(r.TmpfsFiles) > 0 {
+		fmt.Fprintf(w, "\ntmpfs files (%d), brought back before a restore:\n", len(r.TmpfsFiles))
+		for _, f := range r.TmpfsFiles {
+			note := ""
+			if f.AppendOnly {
+				note = ", appended to only: made again only if missing"
+			}
+			fmt.Fprintf(w, "  %s  %s, mode %#o, uid %d gid %d%s\n", f.Path, human(f.Size), f.Mode, f.UID, f.GID, note)
+		}
+	}
+
 	d := r.Dump
 	fmt.Fprintf(w, "\nCRIU dump: freezing %d ms, frozen %d ms, memdump %d ms, memwrite %d ms; pages scanned %d, written %d; dump call %d ms, durable after %d ms\n",
 		d.FreezingMS, d.FrozenMS, d.MemdumpMS, d.MemwriteMS, d.PagesScanned, d.PagesWritten, d.DumpMS, d.DurableMS)

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/cryo-hpc/cryo/internal/store"
+	"github.com/cryo-hpc/cryo/internal/tmpfs"
 )
 
 // Report is what Inspect found.
@@ -35,7 +36,11 @@ type Report struct {
 	Dump       DumpStats       `json:"dump"`
 	Storage    Storage         `json:"storage"`
 	Files      []FileInfo      `json:"files"`
-	Warnings   []string        `json:"warnings,omitempty"` // what could not be decoded
+	// TmpfsFiles are the tmpfs files (shared memory) whose contents the
+	// generation holds, for a job without namespaces of its own, which a
+	// restore brings back before CRIU runs.
+	TmpfsFiles []tmpfs.File `json:"tmpfs_files,omitempty"`
+	Warnings   []string     `json:"warnings,omitempty"` // what could not be decoded
 }
 
 // Process is one task of the checkpointed tree.
@@ -227,7 +232,33 @@ func Inspect(ctx context.Context, o Options) (*Report, error) {
 	for _, p := range r.Processes {
 		r.Memory.add(p.Memory)
 	}
+	if err := r.tmpfsFiles(st, m); err != nil {
+		r.Warnings = append(r.Warnings, err.Error())
+	}
 	return r, nil
+}
+
+// tmpfsFiles reads the generation's record of the job's tmpfs files, if
+// it has one.
+func (r *Report) tmpfsFiles(st *store.Store, m *store.Manifest) error {
+	for _, f := range m.Files {
+		if f.Name != tmpfs.RecordName {
+			continue
+		}
+		if f.Size > tmpfs.MaxRecord {
+			return fmt.Errorf("%s: %d bytes, more than a record can be", f.Name, f.Size)
+		}
+		b, err := st.ReadAt(m, f.Name, 0, f.Size)
+		if err != nil {
+			return err
+		}
+		rec, err := tmpfs.Decode(b)
+		if err != nil {
+			return err
+		}
+		r.TmpfsFiles = rec.Files
+	}
+	return nil
 }
 
 // storage fills in the storage figures and the file list.
