@@ -184,7 +184,13 @@ func (s *Store) GCWith(o GCOptions) (GCResult, error) {
 			copyBlob(l)
 		}
 	}
-	if o.Repack {
+	if o.Repack && len(legacy) > 0 {
+		// Packing a format-1 store's chunk files converts it: it says
+		// format 2 (and gets a key) before its first pack, so that an
+		// older cryo refuses it instead of finding its chunks missing.
+		if _, err := s.keyed(); err != nil {
+			return res, fmt.Errorf("gc: %w", err)
+		}
 		for _, h := range legacy {
 			c := Chunk{Hash: fmt.Sprintf("%x", h[:])}
 			err := s.readChunkFile(legacyRel(c.Hash), func(z []byte) error {
