@@ -152,3 +152,47 @@ func TestPackSizeBounds(t *testing.T) {
 		t.Errorf("after GC: %+v, %v", gens, err)
 	}
 }
+
+// A store an older cryo wrote (internal/store/testdata/format1-store, see
+// internal/store/format1_test.go) is listed and verifies through the API
+// the commands use, and GC with Repack converts it; it is still listed and
+// intact after.
+func TestFormat1Store(t *testing.T) {
+	src := filepath.Join("internal", "store", "testdata", "format1-store")
+	dir := filepath.Join(t.TempDir(), "store")
+	err := filepath.WalkDir(src, func(p string, d os.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(src, p)
+		if d.IsDir() {
+			return os.MkdirAll(filepath.Join(dir, rel), 0o700)
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		return os.WriteFile(filepath.Join(dir, rel), b, 0o600)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	check := func(when string) {
+		t.Helper()
+		gens, err := cryo.List(ctx, dir)
+		if err != nil || len(gens) != 1 || gens[0].Number != 1 || !gens[0].Intact || gens[0].Processes != 1 {
+			t.Errorf("%s: List: %+v, %v; want generation 1, intact, of one process", when, gens, err)
+		}
+		vs, err := cryo.Verify(ctx, cryo.VerifyOptions{Store: dir})
+		if err != nil || len(vs) != 1 || !vs[0].Intact {
+			t.Errorf("%s: Verify: %+v, %v", when, vs, err)
+		}
+	}
+	check("as the old cryo wrote it")
+	res, err := cryo.GC(ctx, cryo.GCOptions{Store: dir, Repack: true})
+	if err != nil || res.ChunkFiles != 15 || res.PacksWritten == 0 {
+		t.Errorf("GC with Repack: %+v, %v; want the 15 chunk files packed", res, err)
+	}
+	check("converted")
+}
