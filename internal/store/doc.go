@@ -1,6 +1,6 @@
 // Package store owns cryo's on-disk checkpoint store: its layout, the
 // manifest format, content-addressed chunks in pack files, page deltas, the
-// commit protocol, GC and repacking, retention and replicas.
+// commit protocol, GC and repacking, retention, replicas and standbys.
 //
 //	<store>/
 //	  cryo-store.json                  store format (2), created-by, the key of chunk names
@@ -34,6 +34,11 @@
 // A replica is a second store that a Writer fills alongside, with the same
 // key, byte-identical blobs and manifests, committed just before this
 // store's; Repair and MaterializeFrom heal damage from it (see replica.go).
+// A standby is such a copy on another node, filled through a caller's
+// transport: the source exports its stored records and manifests as they
+// are, and an Importer checks every record against its name before it
+// appends it and commits the source's manifest under the source's number
+// (see transfer.go). The store does no networking.
 //
 // The store knows nothing about CRIU or processes beyond the manifest's
 // descriptive fields: callers say where a file is cut into chunks, and at

@@ -73,6 +73,10 @@ func newReplicaWriter(src, dst *Store, required bool) *replicaWriter {
 	return r
 }
 
+// ErrKeyMismatch means a store that is to receive another store's chunks
+// (a replica, a standby) already holds chunks named with a different key.
+var ErrKeyMismatch = errors.New("it holds chunks named with another store's key")
+
 // adoptKey gives a replica the store's key, which names the chunks both
 // hold. A replica that holds chunks named with another key is refused.
 // The caller holds the replica's exclusive lock.
@@ -81,6 +85,18 @@ func (s *Store) adoptKey(src *Store) error {
 	if err != nil {
 		return err
 	}
+	err = s.adoptKeyValue(key)
+	if errors.Is(err, ErrKeyMismatch) {
+		err = fmt.Errorf("%w (is it the replica of another store?)", err)
+	}
+	return err
+}
+
+// adoptKeyValue makes key the key of s's chunk names: a store without
+// chunks or generations takes it (a format-1 store is upgraded), one whose
+// chunks are named with another key is refused with ErrKeyMismatch. The
+// caller holds s's exclusive lock.
+func (s *Store) adoptKeyValue(key [32]byte) error {
 	if s.Format() >= 2 && s.pageKey() == key {
 		return nil
 	}
@@ -93,7 +109,7 @@ func (s *Store) adoptKey(src *Store) error {
 		return err
 	}
 	if s.Format() >= 2 && (len(gens) > 0 || len(ix.list()) > 0) {
-		return errors.New("it holds chunks named with another store's key (is it the replica of another store?)")
+		return ErrKeyMismatch
 	}
 	s.metaMu.Lock()
 	m := s.meta
