@@ -57,6 +57,7 @@ type runOpts struct {
 	receive    string
 	key        string
 	adoptGrace time.Duration
+	standby    string
 }
 
 func runCommand(e *env) *ucli.Command {
@@ -112,6 +113,7 @@ that the signal reaches it (docs/slurm.md).`,
 			&ucli.BoolFlag{Name: "requeue", Usage: "in a Slurm batch job: on the checkpoint signal, checkpoint, stop and requeue the job (scontrol requeue); when it runs again it resumes (see docs/slurm.md)", Destination: &o.requeue, EnvVars: []string{"CRYO_REQUEUE"}},
 			&ucli.StringFlag{Name: "receive", Usage: "take a job that `cryo migrate` moves here: listen on this address (host:port) for it, then run it as cryo run does", Destination: &o.receive},
 			&ucli.StringFlag{Name: "key", Usage: "with --receive: the pre-shared key file that authenticates the source (cryo keygen makes one)", Destination: &o.key, EnvVars: []string{"CRYO_MIGRATE_KEY"}},
+			&ucli.StringFlag{Name: "standby", Usage: "keep a standby node up to date: send every checkpoint (only what it lacks) to the cryo run --receive listening at this host:port; if this node goes silent, the job resumes there", Destination: &o.standby, EnvVars: []string{"CRYO_STANDBY"}},
 			&ucli.DurationFlag{Name: "adopt-grace", Usage: "with --receive: how long the migrated job must run here before its source lets it go", Value: 5 * time.Second, Destination: &o.adoptGrace},
 			&ucli.BoolFlag{Name: "start-over", Usage: "when resuming and no checkpoint of the store is intact, start the job from the beginning instead of failing (verifies the store first)", Destination: &o.startOver, EnvVars: []string{"CRYO_START_OVER"}},
 		), o.limits.flags(true)...),
@@ -121,10 +123,10 @@ that the signal reaches it (docs/slurm.md).`,
 				return usagef("--receive takes the job from the migration: give no command")
 			case o.receive == "" && c.NArg() == 0:
 				return usagef("run needs the host command after --")
-			case o.receive != "" && o.key == "":
-				return usagef("--receive needs --key (the key file the source holds too)")
-			case o.receive == "" && o.key != "":
-				return usagef("--key is for --receive")
+			case (o.receive != "" || o.standby != "") && o.key == "":
+				return usagef("--receive and --standby need --key (the key file the other node holds too)")
+			case o.receive == "" && o.standby == "" && o.key != "":
+				return usagef("--key is for --receive and --standby")
 			}
 			cfg, err := o.config(c, e)
 			if err != nil {
@@ -245,7 +247,16 @@ func (o *runOpts) run(c *ucli.Context, e *env, cfg monitor.Config, sigplan *runS
 			_ = in.Fail(err)
 			return err
 		}
-		cfg.Adopt = &monitor.Adopt{In: in, Grace: o.adoptGrace}
+		switch {
+		case in.Standby && in.SourceLost == nil:
+			fmt.Fprintf(e.stderr, "cryo: the job is over at its source: nothing to take over (generation %d is in %s)\n", in.Generation, abs)
+			return nil
+		case in.Standby:
+			fmt.Fprintf(e.stderr, "cryo: taking the job over from generation %d: %v\n", in.Generation, in.SourceLost)
+			cfg.TakeOver = true
+		default:
+			cfg.Adopt = &monitor.Adopt{In: in, Grace: o.adoptGrace}
+		}
 		relayOut, relayErr = "", ""
 		for _, t := range cfg.Trees {
 			if t.Host {
@@ -254,6 +265,13 @@ func (o *runOpts) run(c *ucli.Context, e *env, cfg monitor.Config, sigplan *runS
 		}
 	} else {
 		cfg.Trees = []monitor.TreeSpec{{Name: "host", Argv: c.Args().Slice(), Host: true, Stdout: hostOut, Stderr: hostErr, Dir: mustGetwd()}}
+	}
+	if o.standby != "" {
+		key, err := filepath.Abs(o.key)
+		if err != nil {
+			return err
+		}
+		cfg.Standby = &monitor.StandbyConfig{Addr: o.standby, KeyFile: key}
 	}
 	for i, cmd := range o.offload.Value() {
 		if incoming != nil {

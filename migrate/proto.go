@@ -44,10 +44,18 @@ type hello struct {
 	// Bytes is the job's memory the rounds will read, for the
 	// destination's estimate of room.
 	Bytes int64 `json:"bytes"`
+	// Standby: the destination is kept up to date with the job's
+	// generations (standby.go), named with the source store's key.
+	Standby  bool   `json:"standby,omitempty"`
+	StoreKey string `json:"store_key,omitempty"`
+	// Base is a generation the source offers as common ground (base.go).
+	Base *Base `json:"base,omitempty"`
 }
 
 type welcome struct {
 	Version int `json:"version"`
+	// Base: the destination holds the offered base and loaded its pages.
+	Base bool `json:"base,omitempty"`
 }
 
 type roundEnd struct {

@@ -61,6 +61,16 @@ type Incoming struct {
 	// CommitTook how long the commit took.
 	Generation int
 	CommitTook time.Duration
+	// Standby: the source kept this node up to date with the job's
+	// generations (Generation is the newest) and did not migrate it.
+	// SourceLost says why the source is taken for gone, in which case the
+	// job is to be resumed here from Generation; nil means the job is over
+	// at its source and nothing is to be done here.
+	Standby    bool
+	SourceLost error
+	// Ended is why the source ended the standby stream: "migrating" when
+	// the job is about to come here by migration (on a new connection).
+	Ended string
 
 	c    *wire.Conn
 	o    ReceiveOptions
@@ -114,8 +124,26 @@ func Receive(ctx context.Context, c *wire.Conn, o ReceiveOptions) (in *Incoming,
 	if err := errors.Join(os.Mkdir(r.mem, 0o700), os.Mkdir(r.images, 0o700)); err != nil {
 		return nil, err
 	}
-	if err := c.SendJSON(kindWelcome, welcome{Version: Version}); err != nil {
+	wel := welcome{Version: Version}
+	if bst, bm, ok := openBase(st.Dir, h.Base); ok && !h.Standby {
+		n, err := r.preload(ctx, bst, bm)
+		if err != nil {
+			return nil, fmt.Errorf("load generation %d, the job's common ground with its source: %w", h.Base.Generation, err)
+		}
+		log.Info("the job's pages in this store are its starting point", "generation", h.Base.Generation, "pages", n)
+		wel.Base = true
+	}
+	if err := c.SendJSON(kindWelcome, wel); err != nil {
 		return nil, err
+	}
+	if h.Standby {
+		os.RemoveAll(work)
+		in = &Incoming{Job: h.Job, Store: st.Dir, Standby: true, c: c, o: o, r: &receiver{}}
+		in.Generation, in.Ended, in.SourceLost = receiveStandby(ctx, c, st, h, log)
+		if in.SourceLost != nil && in.Generation == 0 {
+			return nil, fmt.Errorf("the source of a standby stream went away before it sent a generation: %w", in.SourceLost)
+		}
+		return in, nil
 	}
 	in = &Incoming{Job: h.Job, Store: st.Dir, Images: r.images, c: c, o: o, work: work}
 	var fin final

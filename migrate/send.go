@@ -37,6 +37,11 @@ type SendOptions struct {
 	Job json.RawMessage
 	// Procs lists the job's processes now; each round asks again.
 	Procs func() ([]Proc, error)
+	// Store is the job's store, and Base a generation of it offered as
+	// common ground (NewestBase; nil for none): a destination that holds
+	// it too is sent only what changed since.
+	Store string
+	Base  *Base
 	// Hold stops and dumps the job, its pages going to sink
 	// (checkpoint.Hold with the caller's options).
 	Hold func(ctx context.Context, sink pageserver.Sink) (*checkpoint.Held, error)
@@ -65,13 +70,17 @@ type Round struct {
 
 // Result describes a migration.
 type Result struct {
-	To         string  `json:"to"`
-	Rounds     []Round `json:"rounds"`
-	JobBytes   int64   `json:"job_bytes"`   // memory the first round read
-	Sent       int64   `json:"sent_bytes"`  // on the wire, both phases
-	FinalSent  int64   `json:"final_bytes"` // on the wire while the job was stopped
-	FinalPages int64   `json:"final_pages"` // pages sent while the job was stopped
-	FinalKnown int64   `json:"final_known"` // pages the destination already had
+	To     string  `json:"to"`
+	Rounds []Round `json:"rounds"`
+	// Base is the generation both ends held, whose BasePages were not
+	// sent (0: none).
+	Base       int   `json:"base_generation,omitempty"`
+	BasePages  int64 `json:"base_pages,omitempty"`
+	JobBytes   int64 `json:"job_bytes"`   // memory the first round read
+	Sent       int64 `json:"sent_bytes"`  // on the wire, both phases
+	FinalSent  int64 `json:"final_bytes"` // on the wire while the job was stopped
+	FinalPages int64 `json:"final_pages"` // pages sent while the job was stopped
+	FinalKnown int64 `json:"final_known"` // pages the destination already had
 	// Downtime is from the job's stop here until the destination said it
 	// runs there; Frozen is the part of it CRIU's dump took.
 	Downtime   time.Duration `json:"downtime_ns"`
@@ -115,7 +124,7 @@ func Send(ctx context.Context, c *wire.Conn, o SendOptions) (res *Result, err er
 	for _, p := range procs {
 		rss += rssOf(p.PID)
 	}
-	if err := c.SendJSON(kindHello, hello{Version: Version, Job: o.Job, Bytes: rss}); err != nil {
+	if err := c.SendJSON(kindHello, hello{Version: Version, Job: o.Job, Bytes: rss, Base: o.Base}); err != nil {
 		return nil, fmt.Errorf("hello: %w", err)
 	}
 	var w welcome
@@ -123,6 +132,14 @@ func Send(ctx context.Context, c *wire.Conn, o SendOptions) (res *Result, err er
 		return nil, fmt.Errorf("the destination refused the job: %w", err)
 	}
 	tr := memread.NewTracker()
+	if w.Base {
+		n, err := seed(ctx, o.Store, o.Base, tr)
+		if err != nil {
+			return res, fmt.Errorf("read generation %d, the common ground: %w", o.Base.Generation, err)
+		}
+		res.Base, res.BasePages = o.Base.Generation, n
+		log.Info("the destination holds a generation of the job", "generation", o.Base.Generation, "pages", n)
+	}
 	s := &sender{c: c, tr: tr}
 	if !o.NoPrecopy {
 		if err := s.rounds(ctx, o, res, log); err != nil {

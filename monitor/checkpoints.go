@@ -161,6 +161,9 @@ func (s *Supervisor) checkpoint(ctx context.Context, kill bool) (*checkpoint.Res
 		s.initPID = 0
 	}
 	s.retain()
+	if s.standby != nil {
+		s.standby.Notify(res.Generation)
+	}
 	return res, nil
 }
 

@@ -95,6 +95,12 @@ type Config struct {
 	// store's run directory: a job migrated here keeps using the one of the
 	// store it was started with (its processes hold those paths).
 	JobDir string
+	// Standby is a node kept up to date with every generation of the job
+	// (cryo run --standby): if this node goes silent, the job resumes there.
+	Standby *StandbyConfig
+	// TakeOver resumes the job from the store's newest generation even
+	// without a run state of it here: a standby whose source was lost.
+	TakeOver bool
 	// Adopt runs a job that migrated here (cryo run --receive): its
 	// generation in Store is restored first, and the source is told when
 	// the job runs and once it has lived through Adopt.Grace.
@@ -102,6 +108,13 @@ type Config struct {
 	// Engine does the work the supervisor decides on; nil: CRIU through
 	// the checkpoint and restore packages (tests inject their own).
 	Engine Engine
+}
+
+// StandbyConfig names a standby node: where its cryo run --receive
+// listens, and the key file both hold.
+type StandbyConfig struct {
+	Addr    string
+	KeyFile string
 }
 
 // HealthSource reports device failures for a set of PIDs.

@@ -110,6 +110,20 @@ func (s *Supervisor) migrate(ctx context.Context, req MigrateRequest) (res *migr
 	if err != nil {
 		return nil, false, err
 	}
+	if sb := s.cfg.Standby; sb != nil && s.standby != nil && sb.Addr == req.To {
+		// The job moves to its standby, which holds its generations: the
+		// stream ends so that the standby takes the migration, and starts
+		// again if the migration fails.
+		s.standby.Close("migrating")
+		s.standby = nil
+		defer func() {
+			if !done {
+				if _, serr := s.startStandby(ctx, sb); serr != nil {
+					s.event("standby-failed", serr.Error(), 0)
+				}
+			}
+		}()
+	}
 	job, err := json.Marshal(jobDef{Trees: s.cfg.Trees, JobDir: s.cfg.jobDir()})
 	if err != nil {
 		return nil, false, err
@@ -125,6 +139,7 @@ func (s *Supervisor) migrate(ctx context.Context, req MigrateRequest) (res *migr
 	init := s.initPID
 	res, err = migrate.Send(ctx, c, migrate.SendOptions{
 		Job: job, MaxRounds: req.MaxRounds, NoPrecopy: req.NoPrecopy, Logger: s.log,
+		Store: s.cfg.Store, Base: migrate.NewestBase(s.cfg.Store),
 		Procs: func() ([]migrate.Proc, error) { return jobProcs(init) },
 		Hold: func(ctx context.Context, sink pageserver.Sink) (*checkpoint.Held, error) {
 			return m.Hold(ctx, init, sink)
@@ -145,6 +160,46 @@ func (s *Supervisor) migrate(ctx context.Context, req MigrateRequest) (res *migr
 	s.event("migrated", fmt.Sprintf("to %s: generation %d there; down %s, %d rounds, %s sent for %s of memory",
 		req.To, res.Generation, res.Downtime.Round(time.Millisecond), len(res.Rounds), humanBytes(res.Sent), humanBytes(res.JobBytes)), 0)
 	return res, true, nil
+}
+
+// startStandby starts keeping a standby node up to date; stop tells it
+// why the job is over here (so that it does not take the job over), from
+// Run's outcome.
+func (s *Supervisor) startStandby(ctx context.Context, sb *StandbyConfig) (func(int, error), error) {
+	key, err := wire.LoadKey(sb.KeyFile)
+	if err != nil {
+		return nil, fmt.Errorf("--standby: %w", err)
+	}
+	job, err := json.Marshal(jobDef{Trees: s.cfg.Trees, JobDir: s.cfg.jobDir()})
+	if err != nil {
+		return nil, err
+	}
+	s.standby = migrate.StartStandby(context.WithoutCancel(ctx), migrate.StandbyOptions{
+		Addr: sb.Addr, Key: key, Store: s.cfg.Store, Job: job, Logger: s.log,
+		Report: func(kind, detail string, gen int) {
+			// From the standby's goroutine: reported, touching no
+			// supervisor state.
+			e := Event{Time: time.Now(), Job: s.cfg.Name, Kind: kind, Detail: detail, Gen: gen}
+			s.log.Debug(e.Kind, "detail", e.Detail, "generation", e.Gen)
+			if s.cfg.OnEvent != nil {
+				s.cfg.OnEvent(e)
+			}
+		},
+	})
+	return func(code int, err error) {
+		s.mu.Lock()
+		st := s.status.State
+		s.mu.Unlock()
+		reason := string(st)
+		if err != nil && st != StateStopped && st != StateMigrated {
+			// A supervisor that fails hands the job to nobody: the
+			// standby takes it over only from a node gone silent.
+			reason = "failed"
+		}
+		if s.standby != nil {
+			s.standby.Close(reason)
+		}
+	}, nil
 }
 
 // afterMigrateBack resets what the detectors knew of a job that was held

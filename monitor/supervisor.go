@@ -31,11 +31,12 @@ var ErrGaveUp = errors.New("gave up restoring the job")
 // going. It is a loop: what to do is decided by the policy (policy.go),
 // the work is done by its Engine (engine.go).
 type Supervisor struct {
-	cfg   Config
-	log   *slog.Logger
-	eng   Engine
-	reqs  chan request
-	watch *adoptWatch // a job migrated here, until its source let go
+	cfg     Config
+	log     *slog.Logger
+	eng     Engine
+	reqs    chan request
+	watch   *adoptWatch      // a job migrated here, until its source let go
+	standby *migrate.Standby // a node kept up to date with the job's generations
 
 	mu     sync.Mutex
 	status Status
@@ -131,10 +132,20 @@ func (s *Supervisor) Run(ctx context.Context) (code int, err error) {
 	// Resume an unfinished run: one that was stopped, swapped out, killed
 	// with its supervisor, or that gave up (the node may be well now).
 	resume := !s.cfg.Fresh && len(gens) > 0 && prev != nil && prev.State != StateCompleted && prev.State != StateMigrated
-	if resume && !slices.EqualFunc(prev.Trees, s.cfg.Trees, func(a, b TreeSpec) bool { return slices.Equal(a.Argv, b.Argv) }) {
+	if s.cfg.TakeOver && len(gens) > 0 {
+		resume, prev = true, nil
+	}
+	if resume && prev != nil && !slices.EqualFunc(prev.Trees, s.cfg.Trees, func(a, b TreeSpec) bool { return slices.Equal(a.Argv, b.Argv) }) {
 		return 1, fmt.Errorf("store %s holds a checkpoint of a different job (%q); use --fresh to start over, or another store", st.Dir, prev.Trees[0].Argv)
 	}
-	if resume {
+	if sb := s.cfg.Standby; sb != nil {
+		stop, err := s.startStandby(ctx, sb)
+		if err != nil {
+			return 1, err
+		}
+		defer func() { stop(code, err) }()
+	}
+	if resume && prev != nil {
 		for g, why := range prev.PassedOver {
 			s.pol.passOver(g, why, true)
 		}
