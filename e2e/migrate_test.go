@@ -9,6 +9,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -296,4 +297,117 @@ func TestMigrateRollback(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestStandby keeps a standby node up to date with a job's checkpoints;
+// when the job's node dies (its cryo killed, the job with it), the standby
+// resumes the job from the last checkpoint it received, and the job ends
+// with the result of an uninterrupted run, its output printed once. A job
+// that ends at its source leaves the standby with nothing to do.
+func TestStandby(t *testing.T) {
+	criu := requireCRIU(t)
+	for _, nodeDies := range []bool{true, false} {
+		name := "source node dies"
+		if !nodeDies {
+			name = "job ends at its source"
+		}
+		t.Run(name, func(t *testing.T) {
+			steps := 300
+			if !nodeDies {
+				steps = 81
+			}
+			args := []string{"-mem", "128", "-pages", "100", "-delay", "25ms", "-steps", strconv.Itoa(steps), "-every", "1"}
+			want := dirtyReference(t, args...)
+			n := twoNodes(t)
+			dir := t.TempDir()
+			key := filepath.Join(dir, "key")
+			if r := cryo(t, "", "keygen", key); r.code != 0 {
+				t.Fatalf("keygen: %s", r)
+			}
+			port := freePort(t)
+			addr := fmt.Sprintf("%s:%d", n.dstIP, port)
+			dst := startRunPrep(t, criu, false, in(n.b), "--store", filepath.Join(dir, "dst"), "--receive", addr, "--key", key)
+			dst.waitFor(t, "waiting for a job", 10*time.Second)
+			src := startRunPrep(t, criu, false, in(n.a), append([]string{"--store", filepath.Join(dir, "src"), "--namespaces", "on",
+				"--interval", "1s", "--standby", addr, "--key", key, "--", bin("dirty")}, args...)...)
+			if !nodeDies {
+				if code := src.wait(t, time.Minute); code != 0 {
+					t.Fatalf("the source ended with %d:\n%s", code, src.messages(t))
+				}
+				if code := dst.wait(t, 30*time.Second); code != 0 || !strings.Contains(dst.messages(t), "nothing to take over") {
+					t.Fatalf("the standby: want exit 0 with nothing to take over, got %d:\n%s", code, dst.messages(t))
+				}
+				checkDirtyOutput(t, src.out, steps, 1, want)
+				return
+			}
+			// Two generations reach the standby, the second as a delta.
+			deadline := time.Now().Add(time.Minute)
+			for time.Now().Before(deadline) && strings.Count(src.messages(t), "standby: generation") < 2 {
+				time.Sleep(100 * time.Millisecond)
+			}
+			msgs := src.messages(t)
+			if strings.Count(msgs, "standby: generation") < 2 {
+				t.Fatalf("no two generations reached the standby:\n%s", msgs)
+			}
+			t.Logf("source: %s", msgs)
+			// The node dies: its cryo is killed, and the job with it
+			// (job-init dies with its supervisor).
+			syscall.Kill(src.cmd.Process.Pid, syscall.SIGKILL)
+			src.wait(t, 30*time.Second)
+			if code := dst.wait(t, 2*time.Minute); code != 0 {
+				t.Fatalf("the standby ended with %d:\n%s", code, dst.messages(t))
+			}
+			if m := dst.messages(t); !strings.Contains(m, "taking the job over from generation") || !strings.Contains(m, "completed") {
+				t.Fatalf("the standby did not take the job over to its end:\n%s", m)
+			}
+			checkDirtyOutput(t, src.out, steps, 1, want)
+		})
+	}
+}
+
+// TestMigrateToStandby moves a job to its standby, which holds its
+// checkpoints: the first pre-copy round sends only what changed since the
+// newest of them, and the job finishes there with the right result.
+func TestMigrateToStandby(t *testing.T) {
+	criu := requireCRIU(t)
+	args := []string{"-mem", "256", "-pages", "20", "-delay", "25ms", "-steps", "400", "-every", "1"}
+	want := dirtyReference(t, args...)
+	n := twoNodes(t)
+	dir := t.TempDir()
+	key := filepath.Join(dir, "key")
+	if r := cryo(t, "", "keygen", key); r.code != 0 {
+		t.Fatalf("keygen: %s", r)
+	}
+	addr := fmt.Sprintf("%s:%d", n.dstIP, freePort(t))
+	dst := startRunPrep(t, criu, false, in(n.b), "--store", filepath.Join(dir, "dst"), "--receive", addr, "--key", key, "--adopt-grace", "1s")
+	dst.waitFor(t, "waiting for a job", 10*time.Second)
+	srcStore := filepath.Join(dir, "src")
+	src := startRunPrep(t, criu, false, in(n.a), append([]string{"--store", srcStore, "--namespaces", "on",
+		"--interval", "2s", "--standby", addr, "--key", key, "--", bin("dirty")}, args...)...)
+	deadline := time.Now().Add(time.Minute)
+	for time.Now().Before(deadline) && !strings.Contains(src.messages(t), "standby: generation") {
+		time.Sleep(100 * time.Millisecond)
+	}
+	r := cryo(t, criu, "migrate", "--json", "--store", srcStore, "--to", addr, "--key", key)
+	if r.code != 0 {
+		t.Fatalf("cryo migrate: %s\nsource: %s\ndestination: %s", r, src.messages(t), dst.messages(t))
+	}
+	var res migrate.Result
+	if err := json.Unmarshal([]byte(r.stdout), &res); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("base generation %d (%d pages not sent); rounds %+v; %d MiB sent for %d MiB", res.Base, res.BasePages, res.Rounds, res.Sent>>20, res.JobBytes>>20)
+	if res.Base == 0 || res.BasePages == 0 || len(res.Rounds) == 0 || res.Rounds[0].Changed*4 > res.Rounds[0].Pages {
+		t.Errorf("the first round did not start from the standby's checkpoint: %+v", res)
+	}
+	if res.Sent > res.JobBytes/2 {
+		t.Errorf("%d bytes sent for a job of %d, most of which the standby had", res.Sent, res.JobBytes)
+	}
+	if code := src.wait(t, 30*time.Second); code != 0 {
+		t.Fatalf("the source ended with %d:\n%s", code, src.messages(t))
+	}
+	if code := dst.wait(t, 2*time.Minute); code != 0 {
+		t.Fatalf("the destination ended with %d:\n%s", code, dst.messages(t))
+	}
+	checkDirtyOutput(t, src.out, 400, 1, want)
 }
