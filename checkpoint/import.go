@@ -18,6 +18,8 @@ type ImportOptions struct {
 	Images string
 	// Manifest describes the job (Hold's); its files are filled in here.
 	Manifest *store.Manifest
+	// PackSize bounds the packs written (0: the store's default).
+	PackSize int64
 	LockWait time.Duration
 	Progress *store.Progress
 }
@@ -41,6 +43,9 @@ func Import(ctx context.Context, o ImportOptions) (*Result, error) {
 	}
 	defer unlock()
 	st.Progress = o.Progress
+	if o.PackSize > 0 {
+		st.PackLimit = o.PackSize
+	}
 	if _, err := st.CleanStaging(); err != nil {
 		return nil, fmt.Errorf("clean staging: %w", err)
 	}

@@ -58,6 +58,7 @@ type runOpts struct {
 	key        string
 	adoptGrace time.Duration
 	standby    string
+	packSize   string
 }
 
 func runCommand(e *env) *ucli.Command {
@@ -113,6 +114,7 @@ that the signal reaches it (docs/slurm.md).`,
 			&ucli.BoolFlag{Name: "requeue", Usage: "in a Slurm batch job: on the checkpoint signal, checkpoint, stop and requeue the job (scontrol requeue); when it runs again it resumes (see docs/slurm.md)", Destination: &o.requeue, EnvVars: []string{"CRYO_REQUEUE"}},
 			&ucli.StringFlag{Name: "receive", Usage: "take a job that `cryo migrate` moves here: listen on this address (host:port) for it, then run it as cryo run does", Destination: &o.receive},
 			&ucli.StringFlag{Name: "key", Usage: "with --receive: the pre-shared key file that authenticates the source (cryo keygen makes one)", Destination: &o.key, EnvVars: []string{"CRYO_MIGRATE_KEY"}},
+			packSizeFlag(&o.packSize),
 			&ucli.StringFlag{Name: "standby", Usage: "keep a standby node up to date: send every checkpoint (only what it lacks) to the cryo run --receive listening at this host:port; if this node goes silent, the job resumes there", Destination: &o.standby, EnvVars: []string{"CRYO_STANDBY"}},
 			&ucli.DurationFlag{Name: "adopt-grace", Usage: "with --receive: how long the migrated job must run here before its source lets it go", Value: 5 * time.Second, Destination: &o.adoptGrace},
 			&ucli.BoolFlag{Name: "start-over", Usage: "when resuming and no checkpoint of the store is intact, start the job from the beginning instead of failing (verifies the store first)", Destination: &o.startOver, EnvVars: []string{"CRYO_START_OVER"}},
@@ -183,6 +185,9 @@ func (o *runOpts) config(c *ucli.Context, e *env) (monitor.Config, error) {
 	}
 	var err error
 	if cfg.GhostLimit, cfg.CRIUConfig, err = o.limits.parse(); err != nil {
+		return cfg, err
+	}
+	if cfg.PackSize, err = parsePackSize(o.packSize); err != nil {
 		return cfg, err
 	}
 	switch o.namespaces {

@@ -71,6 +71,9 @@ type Config struct {
 	// (the configuration) of the job: checkpoint.Options' fields.
 	GhostLimit uint32
 	CRIUConfig string
+	// PackSize is checkpoint.Options.PackSize for every checkpoint of the
+	// job, and the bound of the packs retention's GC writes (0: 256 MiB).
+	PackSize   int64
 	CheckCache string
 	WorkDir    string
 	// Replica is a second store that every checkpoint is copied to and

@@ -146,7 +146,7 @@ func (e *criuEngine) Checkpoint(ctx context.Context, pid int, kill bool, accept 
 	return checkpoint.Take(ctx, checkpoint.Options{
 		Store: e.cfg.Store, PID: pid, Kill: kill, CRIU: e.cfg.CRIU, WorkDir: e.cfg.WorkDir,
 		CheckCache: e.cfg.CheckCache, Logger: e.log, Reap: true, Replica: e.cfg.Replica, Accept: accept, Offload: e.cfg.Offload,
-		GhostLimit: e.cfg.GhostLimit, CRIUConfig: e.cfg.CRIUConfig,
+		GhostLimit: e.cfg.GhostLimit, CRIUConfig: e.cfg.CRIUConfig, PackSize: e.cfg.PackSize,
 	})
 }
 
@@ -207,6 +207,7 @@ func (e *criuEngine) Remove(gens []int) error {
 	if err != nil {
 		return err
 	}
+	st.PackLimit = e.cfg.PackSize
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	unlock, err := st.Lock(ctx, true)
