@@ -31,7 +31,7 @@ import (
 )
 
 // workloads are the programs under e2e/workloads that the tests run.
-var workloads = []string{"memstate", "tree", "files", "tcp", "mixed", "dirty"}
+var workloads = []string{"memstate", "tree", "files", "tcp", "mixed", "dirty", "shm"}
 
 var (
 	binDir    string // where TestMain builds cryo and the workloads

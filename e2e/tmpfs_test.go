@@ -3,11 +3,9 @@ package e2e
 import (
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -19,26 +17,6 @@ import (
 // before CRIU restores, so that a job whose segment was deleted (as MPI
 // launchers delete /dev/shm/vader_segment.* when a rank dies) or changed
 // after the checkpoint finishes as an uninterrupted run does.
-
-var (
-	shmOnce sync.Once
-	shmErr  error
-)
-
-// buildShm builds the shm workload into the tests' binaries.
-func buildShm(t *testing.T) {
-	t.Helper()
-	shmOnce.Do(func() {
-		cmd := exec.Command("go", "build", "-buildvcs=false", "-o", bin("shm"), "./e2e/workloads/shm")
-		cmd.Dir = repoRoot()
-		if out, err := cmd.CombinedOutput(); err != nil {
-			shmErr = fmt.Errorf("go build shm: %v\n%s", err, out)
-		}
-	})
-	if shmErr != nil {
-		t.Fatal(shmErr)
-	}
-}
 
 // shmName is a segment name of this test alone, whose files are removed at
 // its end.
@@ -66,7 +44,6 @@ func shmReference(t *testing.T) string {
 // with an uninterrupted run's result, each step printed once.
 func TestRunRestoresTmpfsFiles(t *testing.T) {
 	criu := requireCRIU(t)
-	buildShm(t)
 	want := shmReference(t)
 	for _, fault := range []string{"delete", "change"} {
 		t.Run(fault, func(t *testing.T) {
@@ -106,7 +83,6 @@ func TestRunRestoresTmpfsFiles(t *testing.T) {
 // job finishes with an uninterrupted run's result.
 func TestUserRestoresTmpfsFiles(t *testing.T) {
 	criu, u := requireUser(t)
-	buildShm(t)
 	want := shmReference(t)
 	for _, flags := range [][]string{nil, {"--no-stream"}} {
 		t.Run(fmt.Sprintf("restore%s", strings.Join(append([]string{""}, flags...), " ")), func(t *testing.T) {

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"sync"
 	"time"
 
 	"github.com/cryo-hpc/cryo/migrate"
@@ -59,6 +60,17 @@ func ServeControl(ctx context.Context, path string, s *Supervisor, log *slog.Log
 	}
 	go func() { <-ctx.Done(); l.Close() }()
 	owner := os.Getuid()
+	// A request that ended supervision (stop, migrate) is answered before
+	// the socket goes: its client waits for that answer.
+	var conns sync.WaitGroup
+	defer func() {
+		done := make(chan struct{})
+		go func() { conns.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+		}
+	}()
 	for {
 		c, err := l.Accept()
 		if err != nil {
@@ -68,7 +80,11 @@ func ServeControl(ctx context.Context, path string, s *Supervisor, log *slog.Log
 			}
 			return err
 		}
-		go serveConn(ctx, c.(*net.UnixConn), s, owner, log)
+		conns.Add(1)
+		go func() {
+			defer conns.Done()
+			serveConn(ctx, c.(*net.UnixConn), s, owner, log)
+		}()
 	}
 }
 

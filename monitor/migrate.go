@@ -79,12 +79,11 @@ func (s *Supervisor) Migrate(ctx context.Context, req MigrateRequest) (*migrate.
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
-	select {
-	case rep := <-r.reply:
-		return rep.mig, rep.err
-	case <-ctx.Done():
-		return nil, ctx.Err()
+	rep, err := awaitReply(ctx, r.reply)
+	if err != nil {
+		return nil, err
 	}
+	return rep.mig, rep.err
 }
 
 // migrate carries out a MigrateRequest from the loop. done says the job

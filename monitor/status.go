@@ -115,11 +115,26 @@ func (s *Supervisor) Request(ctx context.Context, op string) (*checkpoint.Result
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
+	rep, err := awaitReply(ctx, r.reply)
+	if err != nil {
+		return nil, err
+	}
+	return rep.res, rep.err
+}
+
+// awaitReply waits for the loop's reply to a request; a reply that is
+// there when ctx ends (the request ended supervision) still counts.
+func awaitReply(ctx context.Context, c chan reply) (reply, error) {
 	select {
-	case rep := <-r.reply:
-		return rep.res, rep.err
+	case rep := <-c:
+		return rep, nil
 	case <-ctx.Done():
-		return nil, ctx.Err()
+		select {
+		case rep := <-c:
+			return rep, nil
+		default:
+			return reply{}, ctx.Err()
+		}
 	}
 }
 

@@ -37,8 +37,12 @@ if [ "$(id -u)" = 0 ] && [[ " ${TEST_FLAGS:-} " != *" -short "* ]]; then
       go test -c -o "$ut/$name/$name.test" "./$pkg" || rc=1
       [ -d "$pkg/testdata" ] && cp -r "$pkg/testdata" "$ut/$name/"
       echo "user-mode tier: ./$pkg as $user" | tee -a "$log"
+      # TestCheckStampIsWhatVetReads sets a file capability on a fake CRIU
+      # (root's) and then runs its user part as nobody: the root tier runs
+      # it whole, so this tier leaves it out rather than skip it.
       ( cd "$ut/$name" && runuser -u "$user" -- env -i PATH=/usr/bin:/bin HOME=/tmp \
-          CRYO_CRIU="${CRYO_CRIU:-}" CRYO_NO_SKIP="${CRYO_NO_SKIP:-}" "./$name.test" -test.count=1 -test.v ) 2>&1 |
+          CRYO_CRIU="${CRYO_CRIU:-}" CRYO_NO_SKIP="${CRYO_NO_SKIP:-}" "./$name.test" -test.count=1 -test.v \
+          -test.skip '^TestCheckStampIsWhatVetReads$' ) 2>&1 |
         tee -a "$log" | grep -E '^(--- |    --- |ok|FAIL|PASS|panic)|_test\.go:[0-9]+:'
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1
     done

@@ -22,6 +22,7 @@ import (
 	"syscall"
 
 	"github.com/cryo-hpc/cryo/internal/criu"
+	"github.com/cryo-hpc/cryo/internal/proc"
 	"golang.org/x/sys/unix"
 )
 
@@ -103,17 +104,8 @@ func special(path string) bool {
 
 // writable reads whether pid's descriptor fd is open for writing.
 func writable(pid int, fd string) bool {
-	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "fdinfo", fd))
-	if err != nil {
-		return false
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "flags:"); ok {
-			f, err := strconv.ParseUint(strings.TrimSpace(v), 8, 64)
-			return err == nil && f&syscall.O_ACCMODE != syscall.O_RDONLY
-		}
-	}
-	return false
+	f, ok := proc.FDFlags(pid, fd)
+	return ok && f&syscall.O_ACCMODE != syscall.O_RDONLY
 }
 
 // Record combines a scan taken before the dump with the dumped tree's

@@ -122,3 +122,19 @@ func SignalsHandled(pid int) (uint64, error) {
 	}
 	return mask, nil
 }
+
+// FDFlags reads the open flags of pid's descriptor fd (a name in
+// /proc/PID/fd) from its fdinfo; ok is false when they cannot be read.
+func FDFlags(pid int, fd string) (flags uint64, ok bool) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/fdinfo/" + fd)
+	if err != nil {
+		return 0, false
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, found := strings.CutPrefix(line, "flags:"); found {
+			f, err := strconv.ParseUint(strings.TrimSpace(v), 8, 64)
+			return f, err == nil
+		}
+	}
+	return 0, false
+}

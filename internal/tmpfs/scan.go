@@ -10,6 +10,7 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/cryo-hpc/cryo/internal/proc"
 	"golang.org/x/sys/unix"
 )
 
@@ -113,17 +114,8 @@ func descriptors(pid int) []use {
 
 // appendOnly reads whether pid's descriptor fd is open for appending only.
 func appendOnly(pid int, fd string) bool {
-	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "fdinfo", fd))
-	if err != nil {
-		return false
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "flags:"); ok {
-			f, err := strconv.ParseUint(strings.TrimSpace(v), 8, 64)
-			return err == nil && f&syscall.O_ACCMODE == syscall.O_WRONLY && f&syscall.O_APPEND != 0
-		}
-	}
-	return false
+	f, ok := proc.FDFlags(pid, fd)
+	return ok && f&syscall.O_ACCMODE == syscall.O_WRONLY && f&syscall.O_APPEND != 0
 }
 
 // mappings are the files pid maps, from /proc/PID/maps (which, unlike
