@@ -581,6 +581,9 @@ func Migrate(ctx context.Context, o MigrateOptions) (*MigrateResult, error) {
 	if err != nil {
 		return nil, err
 	}
+	if _, err := wire.LoadKey(key); err != nil {
+		return nil, err // before the job is asked anything
+	}
 	resp, err := monitor.Call(ctx, sock, monitor.Request{Op: "migrate",
 		Migrate: &monitor.MigrateRequest{To: o.To, Key: key, MaxRounds: o.MaxRounds, NoPrecopy: o.NoPrecopy}})
 	if err != nil {

@@ -14,9 +14,14 @@ import (
 // "host: ". After a restore has cut a file back, what the restored job
 // writes again is relayed only from where it differs from what was
 // relayed before (see relayFile), so nothing is shown twice or lost.
-func relay(ctx context.Context, outPath string, out io.Writer, errPath string, errw io.Writer) func() {
+//
+// hold(true) relays what the files hold now and then nothing more until
+// hold(false): a job stopped for a migration may run on at the
+// destination, whose cryo shows what it writes from there.
+func relay(ctx context.Context, outPath string, out io.Writer, errPath string, errw io.Writer) (stop func(), hold func(bool)) {
 	ctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
+	holds := make(chan bool)
 	go func() {
 		defer close(done)
 		var files []*relayFile
@@ -28,21 +33,40 @@ func relay(ctx context.Context, outPath string, out io.Writer, errPath string, e
 		}
 		t := time.NewTicker(100 * time.Millisecond)
 		defer t.Stop()
+		held := false
 		for {
 			select {
 			case <-ctx.Done():
 				for _, f := range files {
-					f.pump(true)
+					if !held {
+						f.pump(true)
+					}
 				}
 				return
+			case on := <-holds:
+				if on && !held {
+					for _, f := range files {
+						f.pump(true)
+					}
+				}
+				held = on
 			case <-t.C:
 				for _, f := range files {
-					f.pump(false)
+					if !held {
+						f.pump(false)
+					}
 				}
 			}
 		}
 	}()
-	return func() { cancel(); <-done }
+	stop = func() { cancel(); <-done }
+	hold = func(on bool) {
+		select {
+		case holds <- on:
+		case <-done:
+		}
+	}
+	return stop, hold
 }
 
 // relayTail is how much of what it relayed a relayFile keeps, to find

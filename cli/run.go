@@ -125,6 +125,8 @@ that the signal reaches it (docs/slurm.md).`,
 				return usagef("--receive takes the job from the migration: give no command")
 			case o.receive == "" && c.NArg() == 0:
 				return usagef("run needs the host command after --")
+			case o.receive != "" && o.standby != "":
+				return usagef("--standby is for the job's own node, not with --receive")
 			case (o.receive != "" || o.standby != "") && o.key == "":
 				return usagef("--receive and --standby need --key (the key file the other node holds too)")
 			case o.receive == "" && o.standby == "" && o.key != "":
@@ -292,7 +294,23 @@ func (o *runOpts) run(c *ucli.Context, e *env, cfg monitor.Config, sigplan *runS
 	}
 	var msgs sync.Mutex // cryo's messages and the relayed stderr, a line at a time
 	jsonEvents := o.json
+	// The relay stops at a migration's stop (the job may run on elsewhere)
+	// and goes on if it fails; it starts after the supervisor is made.
+	relayHolds := make(chan func(bool), 1)
+	var holdRelay func(bool)
 	cfg.OnEvent = func(ev monitor.Event) {
+		switch ev.Kind {
+		case "migration-stopped", "migrate-failed":
+			if holdRelay == nil {
+				select {
+				case holdRelay = <-relayHolds:
+				default:
+				}
+			}
+			if holdRelay != nil {
+				holdRelay(ev.Kind == "migration-stopped")
+			}
+		}
 		msgs.Lock()
 		defer msgs.Unlock()
 		if jsonEvents {
@@ -358,7 +376,8 @@ func (o *runOpts) run(c *ucli.Context, e *env, cfg monitor.Config, sigplan *runS
 		return err
 	}
 	defer stopMetrics()
-	stopRelay := relay(ctx, relayOut, e.stdout, relayErr, lockedWriter{&msgs, e.stderr})
+	stopRelay, holdRelay := relay(ctx, relayOut, e.stdout, relayErr, lockedWriter{&msgs, e.stderr})
+	relayHolds <- holdRelay
 	code, err := sup.Run(ctx)
 	stopRelay()
 	code, err = sigplan.afterRun(ctx, e, sup, code, err)

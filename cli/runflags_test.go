@@ -1,6 +1,7 @@
 package cli_test
 
 import (
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -66,5 +67,50 @@ func TestCRIULimitFlags(t *testing.T) {
 				t.Errorf("cryo %s: exit %d, stderr %q; want exit 2 and one line saying %q", strings.Join(args, " "), code, stderr, tc.msg)
 			}
 		})
+	}
+}
+
+// The flags of migration and standby are refused when they cannot be
+// honoured, in one line with exit 2; a key file anyone else may read is
+// refused before the job is asked anything (exit 1).
+func TestMigrationFlags(t *testing.T) {
+	dir := t.TempDir()
+	st := filepath.Join(dir, "store")
+	key := filepath.Join(dir, "key")
+	for _, tc := range []struct {
+		name string
+		args []string
+		msg  string
+	}{
+		{"a command with --receive", []string{"run", "--store", st, "--receive", "127.0.0.1:0", "--key", key, "--", "true"}, "give no command"},
+		{"--receive without --key", []string{"run", "--store", st, "--receive", "127.0.0.1:0"}, "need --key"},
+		{"--standby without --key", []string{"run", "--store", st, "--standby", "127.0.0.1:1", "--", "true"}, "need --key"},
+		{"--key alone", []string{"run", "--store", st, "--key", key, "--", "true"}, "--key is for --receive and --standby"},
+		{"--standby with --receive", []string{"run", "--store", st, "--receive", "127.0.0.1:0", "--standby", "127.0.0.1:1", "--key", key}, "--standby is for the job's own node"},
+		{"migrate without --to", []string{"migrate", "--store", st, "--key", key}, "--to"},
+		{"migrate without a store", []string{"migrate", "--to", "127.0.0.1:1", "--key", key}, "--store"},
+		{"migrate without --key", []string{"migrate", "--store", st, "--to", "127.0.0.1:1"}, "--key"},
+		{"migrate with no rounds", []string{"migrate", "--store", st, "--to", "127.0.0.1:1", "--key", key, "--rounds", "0"}, "--rounds"},
+		{"keygen without a file", []string{"keygen"}, "keygen needs FILE"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			code, _, stderr := run(t, tc.args...)
+			if code != cli.ExitUsage || !strings.Contains(stderr, tc.msg) || strings.Count(strings.TrimSpace(stderr), "\n") > 0 {
+				t.Errorf("cryo %s: exit %d, stderr %q; want exit 2 and one line saying %q", strings.Join(tc.args, " "), code, stderr, tc.msg)
+			}
+		})
+	}
+	if code, _, stderr := run(t, "keygen", key); code != 0 {
+		t.Fatalf("keygen: exit %d: %s", code, stderr)
+	}
+	if code, _, stderr := run(t, "keygen", key); code != 1 || !strings.Contains(stderr, key) {
+		t.Errorf("keygen over an existing key: exit %d, %q; want 1 naming the file", code, stderr)
+	}
+	if err := os.Chmod(key, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	code, _, stderr := run(t, "migrate", "--store", st, "--to", "127.0.0.1:1", "--key", key)
+	if code != 1 || !strings.Contains(stderr, "group or others") || strings.Count(strings.TrimSpace(stderr), "\n") > 0 {
+		t.Errorf("migrate with a key others may read: exit %d, %q; want 1 and one line about its mode", code, stderr)
 	}
 }

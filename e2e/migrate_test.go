@@ -177,10 +177,16 @@ func startMigration(t *testing.T, criu string, dstEnv []string, grace string, ar
 		in(m.nodes.b)(c)
 	}, "--store", filepath.Join(dir, "dst"), "--receive", fmt.Sprintf("%s:%d", m.nodes.dstIP, m.port), "--key", m.key, "--adopt-grace", grace)
 	m.dst.waitFor(t, "waiting for a job", 10*time.Second)
-	m.src = startRunPrep(t, criu, false, in(m.nodes.a),
+	// cryo's stdout is a pipe: the job writes STORE/run/host.out, which
+	// the source's cryo shows until the job stops for good there, and the
+	// destination's from where the job goes on.
+	m.src = startRunPrep(t, criu, true, in(m.nodes.a),
 		append([]string{"--store", m.srcStore, "--namespaces", "on", "--", bin("dirty")}, args...)...)
 	return m
 }
+
+// hostOut is the job's own output file.
+func (m *migration) hostOut() string { return filepath.Join(m.srcStore, "run", "host.out") }
 
 // migrate runs cryo migrate (outside both namespaces: it talks to the
 // source's control socket).
@@ -206,7 +212,7 @@ func TestMigrate(t *testing.T) {
 	args := []string{"-mem", "1024", "-pages", "655", "-delay", "50ms", "-steps", "360", "-every", "10"}
 	want := dirtyReference(t, args...)
 	m := startMigration(t, criu, nil, "2s", args...)
-	waitForLine(t, m.src.out, "step 40", time.Minute)
+	waitForLine(t, m.hostOut(), "step 40", time.Minute)
 	r, res := m.migrate(t, criu)
 	if r.code != 0 {
 		t.Fatalf("cryo migrate: %s\nsource: %s\ndestination: %s", r, m.src.messages(t), m.dst.messages(t))
@@ -230,7 +236,16 @@ func TestMigrate(t *testing.T) {
 	if code := m.dst.wait(t, 2*time.Minute); code != 0 {
 		t.Fatalf("the destination ended with %d:\n%s", code, m.dst.messages(t))
 	}
-	checkDirtyOutput(t, m.src.out, 360, 10, want)
+	checkDirtyOutput(t, m.hostOut(), 360, 10, want)
+	// What the two cryos showed is the job's output once: the source's up
+	// to the stop, the destination's from there.
+	shown := filepath.Join(t.TempDir(), "shown")
+	a, _ := os.ReadFile(m.src.out)
+	b, _ := os.ReadFile(m.dst.out)
+	if err := os.WriteFile(shown, append(a, b...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	checkDirtyOutput(t, shown, 360, 10, want)
 	if msgs := m.dst.messages(t); !strings.Contains(msgs, "adopted: the source let the job go") || !strings.Contains(msgs, "completed") {
 		t.Errorf("the destination did not run the job to its end:\n%s", msgs)
 	}
@@ -260,7 +275,7 @@ func TestMigrateRollback(t *testing.T) {
 				env = []string{migrate.CrashEnv + "=" + tc.crash}
 			}
 			m := startMigration(t, criu, env, "3s", args...)
-			waitForLine(t, m.src.out, "step 20", time.Minute)
+			waitForLine(t, m.hostOut(), "step 20", time.Minute)
 			if tc.killJob {
 				// Kill the job there as soon as it runs, while cryo
 				// migrate waits for its grace period.
@@ -283,7 +298,8 @@ func TestMigrateRollback(t *testing.T) {
 			if code := m.src.wait(t, time.Minute); code != 0 {
 				t.Fatalf("the source ended with %d:\n%s", code, m.src.messages(t))
 			}
-			checkDirtyOutput(t, m.src.out, steps, 1, want)
+			checkDirtyOutput(t, m.hostOut(), steps, 1, want)
+			checkDirtyOutput(t, m.src.out, steps, 1, want) // what the source's cryo showed
 			if !strings.Contains(m.src.messages(t), "migrate-failed") {
 				t.Errorf("the source did not report the failed migration:\n%s", m.src.messages(t))
 			}

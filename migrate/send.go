@@ -45,6 +45,9 @@ type SendOptions struct {
 	// Hold stops and dumps the job, its pages going to sink
 	// (checkpoint.Hold with the caller's options).
 	Hold func(ctx context.Context, sink pageserver.Sink) (*checkpoint.Held, error)
+	// Stopped, when set, is called once the job is stopped and dumped
+	// (what it wrote is all it writes here, unless the migration fails).
+	Stopped func()
 	// MaxRounds bounds the pre-copy rounds (default 8; 0 rounds is a
 	// stop-and-copy migration: set NoPrecopy).
 	MaxRounds int
@@ -155,6 +158,9 @@ func Send(ctx context.Context, c *wire.Conn, o SendOptions) (res *Result, err er
 		return res, fmt.Errorf("dump the job: %w", err)
 	}
 	res.Frozen = h.Frozen
+	if o.Stopped != nil {
+		o.Stopped()
+	}
 	fail := func(phase string, err error) (*Result, error) {
 		cut := cutOutputs(h.Images)
 		rerr := h.Resume(context.WithoutCancel(ctx))

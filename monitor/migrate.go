@@ -143,6 +143,9 @@ func (s *Supervisor) migrate(ctx context.Context, req MigrateRequest) (res *migr
 		Hold: func(ctx context.Context, sink pageserver.Sink) (*checkpoint.Held, error) {
 			return m.Hold(ctx, init, sink)
 		},
+		Stopped: func() {
+			s.event("migration-stopped", "the job is stopped and dumped; the rest of it goes to "+req.To, 0)
+		},
 	})
 	if err != nil {
 		if errors.Is(err, migrate.ErrRolledBack) {
