@@ -22,41 +22,61 @@ import (
 // they share the file system, as nodes share a parallel file system.
 
 type nodePair struct {
-	a, b   string // network namespaces
+	a, b   string // the network namespaces, as /proc/PID/ns/net paths
 	dstIP  string // the destination's address, in b
 	subnet int
 }
 
 var nodeSeq int
 
-// twoNodes makes the two namespaces and removes them at the end.
+// twoNodes makes the two network namespaces, each held by a process of its
+// own (not `ip netns add`, whose bind mounts under /run/netns would become
+// mounts of the node that every namespaced job's checkpoint then meets),
+// joined by a veth pair; they go with their holders at the end.
 func twoNodes(t *testing.T) nodePair {
 	t.Helper()
 	nodeSeq++
 	n := nodePair{subnet: (os.Getpid()+nodeSeq)%200 + 20}
-	n.a, n.b = fmt.Sprintf("cryo-mig-%d-%d-a", os.Getpid(), nodeSeq), fmt.Sprintf("cryo-mig-%d-%d-b", os.Getpid(), nodeSeq)
+	hold := func() string {
+		t.Helper()
+		h := exec.Command("unshare", "--net", "sleep", "1000000")
+		if err := h.Start(); err != nil {
+			t.Fatalf("unshare --net: %v", err)
+		}
+		t.Cleanup(func() { h.Process.Kill(); h.Wait() })
+		ns := fmt.Sprintf("/proc/%d/ns/net", h.Process.Pid)
+		// unshare has made the namespace once the holder runs sleep.
+		deadline := time.Now().Add(5 * time.Second)
+		for time.Now().Before(deadline) {
+			if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", h.Process.Pid)); err == nil && strings.TrimSpace(string(b)) == "sleep" {
+				return ns
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		t.Fatal("the namespace holder did not start")
+		return ""
+	}
+	n.a, n.b = hold(), hold()
 	va, vb := fmt.Sprintf("cm%da", n.subnet), fmt.Sprintf("cm%db", n.subnet)
 	n.dstIP = fmt.Sprintf("10.213.%d.2", n.subnet)
-	ip := func(args ...string) {
+	run := func(args ...string) {
 		t.Helper()
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+			t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
 		}
 	}
-	ip("netns", "add", n.a)
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", n.a).Run() })
-	ip("netns", "add", n.b)
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", n.b).Run() })
-	ip("link", "add", va, "type", "veth", "peer", "name", vb)
-	ip("link", "set", va, "netns", n.a)
-	ip("link", "set", vb, "netns", n.b)
-	ip("-n", n.a, "addr", "add", fmt.Sprintf("10.213.%d.1/30", n.subnet), "dev", va)
-	ip("-n", n.b, "addr", "add", n.dstIP+"/30", "dev", vb)
+	inNS := func(ns string, args ...string) { run(append([]string{"nsenter", "--net=" + ns}, args...)...) }
+	run("ip", "link", "add", va, "type", "veth", "peer", "name", vb)
+	t.Cleanup(func() { exec.Command("ip", "link", "del", va).Run() }) // if it never moved
+	run("ip", "link", "set", va, "netns", strings.TrimSuffix(strings.TrimPrefix(n.a, "/proc/"), "/ns/net"))
+	run("ip", "link", "set", vb, "netns", strings.TrimSuffix(strings.TrimPrefix(n.b, "/proc/"), "/ns/net"))
+	inNS(n.a, "ip", "addr", "add", fmt.Sprintf("10.213.%d.1/30", n.subnet), "dev", va)
+	inNS(n.b, "ip", "addr", "add", n.dstIP+"/30", "dev", vb)
 	for _, ns := range []string{n.a, n.b} {
-		ip("-n", ns, "link", "set", "lo", "up")
+		inNS(ns, "ip", "link", "set", "lo", "up")
 	}
-	ip("-n", n.a, "link", "set", va, "up")
-	ip("-n", n.b, "link", "set", vb, "up")
+	inNS(n.a, "ip", "link", "set", va, "up")
+	inNS(n.b, "ip", "link", "set", vb, "up")
 	return n
 }
 
@@ -64,7 +84,7 @@ func twoNodes(t *testing.T) nodePair {
 func in(ns string) func(*exec.Cmd) {
 	return func(c *exec.Cmd) {
 		nsenter, _ := exec.LookPath("nsenter")
-		c.Args = append([]string{"nsenter", "--net=/run/netns/" + ns, c.Path}, c.Args[1:]...)
+		c.Args = append([]string{"nsenter", "--net=" + ns, c.Path}, c.Args[1:]...)
 		c.Path = nsenter
 	}
 }
