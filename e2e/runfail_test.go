@@ -488,9 +488,18 @@ func TestRunNodeMountsComeAndGo(t *testing.T) {
 		}
 	}
 	names := []string{fmt.Sprintf("cryo-t%d-a", os.Getpid()), fmt.Sprintf("cryo-t%d-b", os.Getpid())}
+	mountinfo, _ := os.ReadFile("/proc/self/mountinfo")
+	wasMounted := strings.Contains(string(mountinfo), " /run/netns /run/netns ")
 	t.Cleanup(func() {
 		for _, n := range names {
 			_ = exec.Command("ip", "netns", "del", n).Run()
+		}
+		if !wasMounted {
+			// ip netns made /run/netns a mount of the node: leave the node
+			// as the test found it.
+			for exec.Command("umount", "/run/netns").Run() == nil {
+			}
+			os.Remove("/run/netns")
 		}
 	})
 	netns("add", names[0]) // in the job's namespace from its start

@@ -322,3 +322,79 @@ func TestUserRunRestoresAKilledTree(t *testing.T) {
 		t.Fatal("cryo run as the user did not finish in 3 min")
 	}
 }
+
+// TestUserRunOnANodeWithSharedNetns: on a node where `ip netns` has made
+// /run/netns a shared mount, a user's job in namespaces of its own holds a
+// slave of it; its checkpoints after a restore take that mount as external
+// too (CRIU refused them: "has unreachable sharing"), so the job is
+// restored twice and still finishes as an uninterrupted run.
+func TestUserRunOnANodeWithSharedNetns(t *testing.T) {
+	criu, u := requireUser(t)
+	mounted := func() bool {
+		b, _ := os.ReadFile("/proc/self/mountinfo")
+		return strings.Contains(string(b), " /run/netns /run/netns ")
+	}
+	if !mounted() {
+		name := fmt.Sprintf("cryo-shared-%d", os.Getpid())
+		for _, op := range []string{"add", "del"} {
+			if out, err := exec.Command("ip", "netns", op, name).CombinedOutput(); err != nil {
+				t.Fatalf("ip netns %s: %v %s", op, err, out)
+			}
+		}
+		t.Cleanup(func() {
+			for mounted() {
+				if exec.Command("umount", "/run/netns").Run() != nil {
+					break
+				}
+			}
+			os.Remove("/run/netns")
+		})
+	}
+	const steps = 150
+	want := reference(t, "memstate", "-steps", strconv.Itoa(steps), "-mem", "4")
+	dir := u.dir(t)
+	st := filepath.Join(dir, "store")
+	script := fmt.Sprintf(`exec %s run --store %s --interval 300ms --namespaces on -- %s -steps %d -mem 4 -delay 30ms >%s/run.out 2>%s/run.err`,
+		bin("cryo"), st, bin("memstate"), steps, dir, dir)
+	cmd := exec.Command("/bin/sh", "-c", script)
+	u.as(cmd)
+	cmd.Env = append(cmd.Env, "CRYO_CRIU="+criu)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	msgs := func() string { b, _ := os.ReadFile(filepath.Join(dir, "run.err")); return string(b) }
+	waitFor := func(what string, ok func(string) bool) {
+		t.Helper()
+		for deadline := time.Now().Add(30 * time.Second); !ok(msgs()); {
+			if time.Now().After(deadline) {
+				t.Fatalf("no %s:\n%s", what, msgs())
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	for restore := 1; restore <= 2; restore++ {
+		// A checkpoint, after the restore before it for the second round.
+		n := strings.Count(msgs(), "checkpoint: generation")
+		waitFor("checkpoint", func(m string) bool { return strings.Count(m, "checkpoint: generation") > n })
+		syscall.Kill(hostPID(t, criu, st), syscall.SIGKILL)
+		waitFor("restore", func(m string) bool { return strings.Count(m, "restored: generation") >= restore })
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("cryo run as the user: %v\n%s", err, msgs())
+		}
+	case <-time.After(2 * time.Minute):
+		t.Fatalf("the job did not end:\n%s", msgs())
+	}
+	if strings.Contains(msgs(), "checkpoint-failed") {
+		t.Errorf("a checkpoint failed:\n%s", msgs())
+	}
+	p := readProgress(t, filepath.Join(dir, "run.out"))
+	checkRun(t, "the twice restored job", p.steps, 1, steps)
+	if p.result != want {
+		t.Errorf("the job's answer %q, an uninterrupted run's %q\n%s", p.result, want, msgs())
+	}
+}

@@ -143,6 +143,13 @@ var options = []option{
 		rpc: func(o *Options, r *rpc.CriuOpts) { r.ExtUnixSk = ptr(true) }},
 	{flag: "--ext-mount-map", arg: func(o *Options) (string, bool) { return "auto", o.AutoExtMounts },
 		rpc: func(o *Options, r *rpc.CriuOpts) { r.AutoExtMnt = ptr(true) }},
+	// A mount of the job's namespace that receives propagation from one of
+	// the node's (a slave of a node peer group: /run/netns once `ip netns`
+	// made it a shared mount, in a user's namespace where the node's mounts
+	// become slaves) is dumped as such; the node's side is found again at
+	// restore like any external mount.
+	{flag: "--enable-external-masters", arg: func(o *Options) (string, bool) { return on(o.AutoExtMounts) },
+		rpc: func(o *Options, r *rpc.CriuOpts) { r.ExtMasters = ptr(true) }},
 	{flag: "--ghost-limit", arg: func(o *Options) (string, bool) { return strconv.FormatUint(uint64(o.GhostLimit), 10), o.GhostLimit > 0 },
 		rpc: func(o *Options, r *rpc.CriuOpts) { r.GhostLimit = ptr(o.GhostLimit) }},
 	{flag: "--config", arg: func(o *Options) (string, bool) { return o.ConfigFile, o.ConfigFile != "" },
