@@ -13,6 +13,7 @@ import (
 	"github.com/cryo-hpc/cryo/checkpoint"
 	"github.com/cryo-hpc/cryo/internal/criu"
 	"github.com/cryo-hpc/cryo/internal/pageserver"
+	"github.com/cryo-hpc/cryo/internal/privilege"
 	"github.com/cryo-hpc/cryo/internal/proc"
 	"github.com/cryo-hpc/cryo/internal/store"
 	"github.com/cryo-hpc/cryo/internal/wire"
@@ -276,6 +277,14 @@ func Adopted(in *migrate.Incoming) ([]TreeSpec, string, error) {
 	}
 	if fi, err := os.Stat(d.JobDir); err != nil || !fi.IsDir() {
 		return nil, "", fmt.Errorf("the job's directory %s is not here (migrations need the job's files on a file system both nodes share)", d.JobDir)
+	}
+	if privilege.Root() {
+		// Root's supervisor creates and reads files in it (the job's
+		// TMPDIR mountpoint, its events, its heartbeat), as in a store of
+		// its own: a directory root alone can change.
+		if err := privilege.Trusted(d.JobDir); err != nil {
+			return nil, "", fmt.Errorf("the job's directory, as root: %w", err)
+		}
 	}
 	return d.Trees, d.JobDir, nil
 }
