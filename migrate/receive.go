@@ -523,17 +523,10 @@ func (r *receiver) writePages(ctx context.Context) error {
 	return nil
 }
 
-// CrashEnv names a step at which the receiving cryo kills itself with
-// SIGKILL, for the tests of a destination that fails: "migrate-round" (a
-// round received), "migrate-final" (every image received, nothing
-// committed), "migrate-restored" (the job restored, its downtime not yet
-// reported).
-const CrashEnv = "CRYO_TEST_CRASH_AT"
+// The steps at which the receiving cryo kills itself (store.CrashEnv),
+// for the tests of a destination that fails: "migrate-round" (a round
+// received), "migrate-final" (every image received, nothing committed),
+// "migrate-restored" (the job restored, its downtime not yet reported).
+const CrashEnv = store.CrashEnv
 
-func crashPoint(step string) {
-	if os.Getenv(CrashEnv) != step {
-		return
-	}
-	_ = unix.Kill(os.Getpid(), unix.SIGKILL)
-	select {}
-}
+func crashPoint(step string) { store.CrashPoint(step) }

@@ -19,6 +19,7 @@ import (
 	"github.com/cryo-hpc/cryo/internal/memread"
 	"github.com/cryo-hpc/cryo/internal/outputs"
 	"github.com/cryo-hpc/cryo/internal/pageserver"
+	"github.com/cryo-hpc/cryo/internal/proc"
 	"github.com/cryo-hpc/cryo/internal/wire"
 )
 
@@ -125,7 +126,8 @@ func Send(ctx context.Context, c *wire.Conn, o SendOptions) (res *Result, err er
 	}
 	var rss int64
 	for _, p := range procs {
-		rss += rssOf(p.PID)
+		n, _ := proc.RSS(p.PID)
+		rss += n
 	}
 	if err := c.SendJSON(kindHello, hello{Version: Version, Job: o.Job, Bytes: rss, Base: o.Base}); err != nil {
 		return nil, fmt.Errorf("hello: %w", err)
@@ -502,17 +504,4 @@ func cutOutputs(images string) error {
 	}
 	_, err = outputs.Truncate(rec)
 	return err
-}
-
-// rssOf is the resident memory of pid, 0 if unknown.
-func rssOf(pid int) int64 {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/statm", pid))
-	if err != nil {
-		return 0
-	}
-	var size, res int64
-	if _, err := fmt.Sscan(string(b), &size, &res); err != nil {
-		return 0
-	}
-	return res * int64(os.Getpagesize())
 }

@@ -17,7 +17,9 @@ import (
 // pack or chunk file).
 const CrashEnv = "CRYO_TEST_CRASH_AT"
 
-func crashPoint(step string) {
+// CrashPoint kills cryo with SIGKILL when CrashEnv names step (other
+// packages name their own steps: migrate's "migrate-round", ...).
+func CrashPoint(step string) {
 	if os.Getenv(CrashEnv) != step {
 		return
 	}

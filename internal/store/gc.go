@@ -213,7 +213,7 @@ func (s *Store) GCWith(o GCOptions) (GCResult, error) {
 	}
 	res.PacksWritten = len(pw.finished)
 	if copied > 0 || res.ChunkFiles > 0 {
-		crashPoint("repack-written")
+		CrashPoint("repack-written")
 	}
 
 	// Now every chunk in use is durable in a pack that stays.
@@ -237,7 +237,7 @@ func (s *Store) GCWith(o GCOptions) (GCResult, error) {
 			res.Repacked++
 			res.Bytes -= u.live
 		}
-		crashPoint("gc")
+		CrashPoint("gc")
 	}
 	if res.PacksRemoved > 0 || res.PacksWritten > 0 {
 		if err := s.r.syncDir("packs"); err != nil {
@@ -303,7 +303,7 @@ func (s *Store) gcChunkFiles(live map[[32]byte]int, packed bool, res *GCResult) 
 				errs = append(errs, err)
 				continue
 			}
-			crashPoint("gc")
+			CrashPoint("gc")
 		}
 		if packed {
 			_ = s.r.remove(dir) // empty now, or kept by what stays in it

@@ -644,7 +644,7 @@ func (pw *packWriter) finishCur() error {
 	if err := op.f.Close(); err != nil {
 		return fail(err)
 	}
-	crashPoint("pack-written")
+	CrashPoint("pack-written")
 	name := op.id + ".pack"
 	if err := pw.s.r.rename("packs/"+op.id+".tmp", "packs/"+name); err != nil {
 		return fail(err)

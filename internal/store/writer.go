@@ -661,7 +661,7 @@ func (w *Writer) Commit(m *Manifest) (int, error) {
 		gen = gens[len(gens)-1] + 1
 	}
 	gen = w.rep.nextGen(gen)
-	crashPoint("chunks-written")
+	CrashPoint("chunks-written")
 	m.Format = FormatVersion
 	m.Generation = gen
 	m.Files = nil
@@ -710,11 +710,11 @@ func (w *Writer) Commit(m *Manifest) (int, error) {
 	if err := w.s.r.writeFileAtomic(w.staging+"/manifest.json", b); err != nil {
 		return 0, fmt.Errorf("write manifest: %w", err)
 	}
-	crashPoint("manifest-written")
+	CrashPoint("manifest-written")
 	if err := w.s.r.rename(w.staging, genRel(gen)); err != nil {
 		return 0, fmt.Errorf("commit generation %d: %w", gen, err)
 	}
-	crashPoint("renamed")
+	CrashPoint("renamed")
 	if err := w.s.r.syncDir("checkpoints"); err != nil {
 		return gen, err
 	}
