@@ -145,19 +145,9 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 	if err := store.CheckPackLimit(o.PackSize); err != nil {
 		return nil, err
 	}
-	criuConfig, err := criu.ConfigFile(o.CRIUConfig)
+	bin, criuConfig, err := vetCRIU(ctx, o, log)
 	if err != nil {
 		return nil, err
-	}
-	bin, err := criu.Vet(ctx, o.CRIU, o.CheckCache)
-	if err != nil {
-		return nil, err
-	}
-	log.Debug("criu", "path", bin.Path, "via", bin.Source, "version", bin.VersionString(), "unprivileged", bin.Unprivileged)
-	if bin.Unprivileged {
-		if err := userModePreflight(append([]int{o.PID}, o.MorePIDs...)); err != nil {
-			return nil, err
-		}
 	}
 	tmp, err := scanTmpfs(o)
 	if err != nil {
@@ -302,25 +292,9 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 		return nil, fmt.Errorf("store images: %w", err)
 	}
 	log.Debug("stored", "since_start", time.Since(start))
-	host, _ := os.Hostname()
-	m := &store.Manifest{
-		Created:   time.Now().UTC(),
-		Host:      host,
-		CreatedBy: "cryo " + Version,
-		Job:       store.Job{RootPID: o.PID, Trees: trees},
-		Offload:   offload.ToManifest(withJobPIDs(grp.Records())),
-		CRIU: store.CRIUInfo{Version: bin.VersionString(), LeaveRunning: !o.Kill,
-			TCPEstablished: copts.TCPEstablished, ShellJob: copts.ShellJob},
-		Stats: store.Stats{
-			FrozenMS: stats.FrozenMS, FreezingMS: stats.FreezingMS, MemdumpMS: stats.MemdumpMS,
-			MemwriteMS: stats.MemwriteMS, PagesScanned: stats.PagesScanned, PagesWritten: stats.PagesWritten,
-			DumpMS: dumpTime.Milliseconds(), DurableMS: time.Since(start).Milliseconds(),
-		},
-	}
-	for _, t := range tasks {
-		m.Job.Processes = append(m.Job.Processes, store.Process{PID: t.PID, PPID: t.PPID, PGID: t.PGID,
-			SID: t.SID, Threads: t.Threads, TIDs: t.TIDs, Comm: t.Comm})
-	}
+	m := describe(o, bin, copts, grp, tasks, stats)
+	m.Job.Trees = trees
+	m.Stats.DumpMS, m.Stats.DurableMS = dumpTime.Milliseconds(), time.Since(start).Milliseconds()
 	if err := accept(o, m); err != nil {
 		return nil, err
 	}
@@ -544,4 +518,49 @@ func withJobPIDs(recs []offload.Record) []offload.Record {
 		}
 	}
 	return recs
+}
+
+// vetCRIU finds CRIU usable for o (criu.Vet), with o's configuration file
+// vetted, and for a user checks before anything is dumped that every
+// process of the job is one CRIU may dump as them.
+func vetCRIU(ctx context.Context, o Options, log *slog.Logger) (criu.Binary, string, error) {
+	criuConfig, err := criu.ConfigFile(o.CRIUConfig)
+	if err != nil {
+		return criu.Binary{}, "", err
+	}
+	bin, err := criu.Vet(ctx, o.CRIU, o.CheckCache)
+	if err != nil {
+		return criu.Binary{}, "", err
+	}
+	log.Debug("criu", "path", bin.Path, "via", bin.Source, "version", bin.VersionString(), "unprivileged", bin.Unprivileged)
+	if bin.Unprivileged {
+		if err := userModePreflight(append([]int{o.PID}, o.MorePIDs...)); err != nil {
+			return criu.Binary{}, "", err
+		}
+	}
+	return bin, criuConfig, nil
+}
+
+// describe is the manifest of a dumped job but for its files: the job's
+// processes, its offload contexts, how CRIU dumped it and its statistics.
+func describe(o Options, bin criu.Binary, copts criu.Options, grp *offload.Group, tasks []criu.Task, stats criu.DumpStats) *store.Manifest {
+	host, _ := os.Hostname()
+	m := &store.Manifest{
+		Created:   time.Now().UTC(),
+		Host:      host,
+		CreatedBy: "cryo " + Version,
+		Job:       store.Job{RootPID: o.PID},
+		Offload:   offload.ToManifest(withJobPIDs(grp.Records())),
+		CRIU: store.CRIUInfo{Version: bin.VersionString(), LeaveRunning: !o.Kill,
+			TCPEstablished: copts.TCPEstablished, ShellJob: copts.ShellJob},
+		Stats: store.Stats{
+			FrozenMS: stats.FrozenMS, FreezingMS: stats.FreezingMS, MemdumpMS: stats.MemdumpMS,
+			MemwriteMS: stats.MemwriteMS, PagesScanned: stats.PagesScanned, PagesWritten: stats.PagesWritten,
+		},
+	}
+	for _, t := range tasks {
+		m.Job.Processes = append(m.Job.Processes, store.Process{PID: t.PID, PPID: t.PPID, PGID: t.PGID,
+			SID: t.SID, Threads: t.Threads, TIDs: t.TIDs, Comm: t.Comm})
+	}
+	return m
 }

@@ -66,18 +66,9 @@ func Hold(ctx context.Context, o Options, pages pageserver.Sink) (h *Held, err e
 		return nil, fmt.Errorf("hold: invalid pid %d", o.PID)
 	}
 	o.Kill = true
-	criuConfig, err := criu.ConfigFile(o.CRIUConfig)
+	bin, criuConfig, err := vetCRIU(ctx, o, log)
 	if err != nil {
 		return nil, err
-	}
-	bin, err := criu.Vet(ctx, o.CRIU, o.CheckCache)
-	if err != nil {
-		return nil, err
-	}
-	if bin.Unprivileged {
-		if err := userModePreflight([]int{o.PID}); err != nil {
-			return nil, err
-		}
 	}
 	st, err := store.Create(o.Store, "cryo "+Version)
 	if err != nil {
@@ -178,23 +169,7 @@ func Hold(ctx context.Context, o Options, pages pageserver.Sink) (h *Held, err e
 			return nil, fmt.Errorf("record the job's output files: %w", err)
 		}
 	}
-	host, _ := os.Hostname()
-	m := &store.Manifest{
-		Created:   time.Now().UTC(),
-		Host:      host,
-		CreatedBy: "cryo " + Version,
-		Job:       store.Job{RootPID: o.PID},
-		Offload:   offload.ToManifest(withJobPIDs(grp.Records())),
-		CRIU: store.CRIUInfo{Version: bin.VersionString(), LeaveRunning: false,
-			TCPEstablished: copts.TCPEstablished, ShellJob: copts.ShellJob},
-		Stats: store.Stats{FrozenMS: stats.FrozenMS, FreezingMS: stats.FreezingMS, MemdumpMS: stats.MemdumpMS,
-			MemwriteMS: stats.MemwriteMS, PagesScanned: stats.PagesScanned, PagesWritten: stats.PagesWritten},
-	}
-	for _, t := range h.tasks {
-		m.Job.Processes = append(m.Job.Processes, store.Process{PID: t.PID, PPID: t.PPID, PGID: t.PGID,
-			SID: t.SID, Threads: t.Threads, TIDs: t.TIDs, Comm: t.Comm})
-	}
-	h.Manifest = m
+	h.Manifest = describe(o, bin, copts, grp, h.tasks, stats)
 	h.Frozen = time.Since(h.stopped)
 	return h, nil
 }
