@@ -200,28 +200,31 @@ func (s *Standby) connect(ctx context.Context) (*wire.Conn, error) {
 // serve sends generations until the job is over here (its reason) or the
 // connection fails.
 func (s *Standby) serve(ctx context.Context, c *wire.Conn) (string, error) {
-	want := -1 // the newest generation
+	// What the store holds now, then each generation Notify names (the
+	// first checkpoint after a failed connection is pending there).
+	if err := s.sendNewest(ctx, c); err != nil {
+		return "", err
+	}
 	for {
-		if err := s.sendNewest(ctx, c, want); err != nil {
-			return "", err
-		}
 		select {
 		case <-ctx.Done():
 			return "stopped", nil
 		case reason := <-s.stop:
 			return reason, nil
-		case want = <-s.notify:
+		case <-s.notify:
+			if err := s.sendNewest(ctx, c); err != nil {
+				return "", err
+			}
 		case <-time.After(pingEvery):
 			if err := c.SendJSON(kindPing, struct{}{}); err != nil {
 				return "", err
 			}
-			want = 0 // nothing new; sendNewest sends only what is newer
 		}
 	}
 }
 
 // sendNewest sends the store's newest generation if the standby lacks it.
-func (s *Standby) sendNewest(ctx context.Context, c *wire.Conn, want int) error {
+func (s *Standby) sendNewest(ctx context.Context, c *wire.Conn) error {
 	st, err := store.Open(s.o.Store)
 	if err != nil {
 		return err
@@ -236,7 +239,7 @@ func (s *Standby) sendNewest(ctx context.Context, c *wire.Conn, want int) error 
 		return err
 	}
 	gen := gens[len(gens)-1]
-	if gen <= s.Sent() || want == 0 && s.Sent() > 0 {
+	if gen <= s.Sent() {
 		return nil
 	}
 	m, err := st.ReadManifest(gen)
