@@ -295,21 +295,12 @@ func (o *runOpts) run(c *ucli.Context, e *env, cfg monitor.Config, sigplan *runS
 	var msgs sync.Mutex // cryo's messages and the relayed stderr, a line at a time
 	jsonEvents := o.json
 	// The relay stops at a migration's stop (the job may run on elsewhere)
-	// and goes on if it fails; it starts after the supervisor is made.
-	relayHolds := make(chan func(bool), 1)
+	// and goes on if it fails. It starts after the supervisor is made and
+	// before it runs, and these events come from the supervisor's run.
 	var holdRelay func(bool)
 	cfg.OnEvent = func(ev monitor.Event) {
-		switch ev.Kind {
-		case "migration-stopped", "migrate-failed":
-			if holdRelay == nil {
-				select {
-				case holdRelay = <-relayHolds:
-				default:
-				}
-			}
-			if holdRelay != nil {
-				holdRelay(ev.Kind == "migration-stopped")
-			}
+		if ev.Kind == "migration-stopped" || ev.Kind == "migrate-failed" {
+			holdRelay(ev.Kind == "migration-stopped")
 		}
 		msgs.Lock()
 		defer msgs.Unlock()
@@ -376,8 +367,8 @@ func (o *runOpts) run(c *ucli.Context, e *env, cfg monitor.Config, sigplan *runS
 		return err
 	}
 	defer stopMetrics()
-	stopRelay, holdRelay := relay(ctx, relayOut, e.stdout, relayErr, lockedWriter{&msgs, e.stderr})
-	relayHolds <- holdRelay
+	var stopRelay func()
+	stopRelay, holdRelay = relay(ctx, relayOut, e.stdout, relayErr, lockedWriter{&msgs, e.stderr})
 	code, err := sup.Run(ctx)
 	stopRelay()
 	code, err = sigplan.afterRun(ctx, e, sup, code, err)
