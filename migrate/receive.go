@@ -16,6 +16,7 @@ import (
 	"github.com/cryo-hpc/cryo/checkpoint"
 	"github.com/cryo-hpc/cryo/internal/outputs"
 	"github.com/cryo-hpc/cryo/internal/pageserver"
+	"github.com/cryo-hpc/cryo/internal/safefs"
 	"github.com/cryo-hpc/cryo/internal/store"
 	"github.com/cryo-hpc/cryo/internal/wire"
 	"github.com/cryo-hpc/cryo/internal/workdir"
@@ -352,6 +353,11 @@ func (r *receiver) plan(files []string) error {
 		return fmt.Errorf("%d image files", len(files))
 	}
 	r.plans = map[string]*pagesPlan{}
+	dir, err := safefs.OpenDir(r.images)
+	if err != nil {
+		return err
+	}
+	defer dir.Close()
 	for _, name := range files {
 		if err := validFileName(name); err != nil {
 			return err
@@ -362,7 +368,7 @@ func (r *receiver) plan(files []string) error {
 		if !pagemapName.MatchString(name) {
 			continue
 		}
-		b, err := readBounded(filepath.Join(r.images, name), maxPagemap)
+		b, err := dir.ReadFileBeneath(name, maxPagemap)
 		if err != nil {
 			return err
 		}
@@ -384,22 +390,6 @@ func (r *receiver) plan(files []string) error {
 		r.plans[pages] = p
 	}
 	return nil
-}
-
-func readBounded(path string, limit int64) ([]byte, error) {
-	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NOFOLLOW, 0)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, limit+1))
-	if err != nil {
-		return nil, err
-	}
-	if int64(len(b)) > limit {
-		return nil, fmt.Errorf("%s: more than %d bytes", path, limit)
-	}
-	return b, nil
 }
 
 // describe lists the job's images for a manifest: those received, and the

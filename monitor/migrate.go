@@ -74,13 +74,7 @@ func (e *criuEngine) Hold(ctx context.Context, pid int, sink pageserver.Sink) (*
 // there (and its copy here is gone: Run then returns 0), or with an error
 // when it continues here.
 func (s *Supervisor) Migrate(ctx context.Context, req MigrateRequest) (*migrate.Result, error) {
-	r := request{op: "migrate", mig: &req, reply: make(chan reply, 1)}
-	select {
-	case s.reqs <- r:
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
-	rep, err := awaitReply(ctx, r.reply)
+	rep, err := s.ask(ctx, request{op: "migrate", mig: &req})
 	if err != nil {
 		return nil, err
 	}

@@ -109,28 +109,28 @@ func (s *Supervisor) Request(ctx context.Context, op string) (*checkpoint.Result
 	default:
 		return nil, fmt.Errorf("unknown request %q", op)
 	}
-	r := request{op: op, reply: make(chan reply, 1)}
-	select {
-	case s.reqs <- r:
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
-	rep, err := awaitReply(ctx, r.reply)
+	rep, err := s.ask(ctx, request{op: op})
 	if err != nil {
 		return nil, err
 	}
 	return rep.res, rep.err
 }
 
-// awaitReply waits for the loop's reply to a request; a reply that is
-// there when ctx ends (the request ended supervision) still counts.
-func awaitReply(ctx context.Context, c chan reply) (reply, error) {
+// ask hands r to the loop and waits for its reply; a reply that is there
+// when ctx ends (the request ended supervision) still counts.
+func (s *Supervisor) ask(ctx context.Context, r request) (reply, error) {
+	r.reply = make(chan reply, 1)
 	select {
-	case rep := <-c:
+	case s.reqs <- r:
+	case <-ctx.Done():
+		return reply{}, ctx.Err()
+	}
+	select {
+	case rep := <-r.reply:
 		return rep, nil
 	case <-ctx.Done():
 		select {
-		case rep := <-c:
+		case rep := <-r.reply:
 			return rep, nil
 		default:
 			return reply{}, ctx.Err()
