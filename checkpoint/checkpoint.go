@@ -154,11 +154,7 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 		return nil, err
 	}
 
-	st, err := store.Create(o.Store, "cryo "+Version)
-	if err != nil {
-		return nil, err
-	}
-	unlock, err := st.LockWithin(ctx, true, o.LockWait)
+	st, unlock, err := writeStore(ctx, o.Store, o.LockWait)
 	if err != nil {
 		return nil, err
 	}
@@ -177,9 +173,8 @@ func Take(ctx context.Context, o Options) (res *Result, err error) {
 		reg = drivers.Open(drivers.Config{Logger: log})
 		defer reg.Close()
 	}
-	// A cryo killed half-way may have left a job's offload contexts locked.
-	if _, err := offload.Recover(ctx, offload.RecoverOptions{Registry: reg, JournalDir: st.JournalDir(), Logger: log}); err != nil {
-		return nil, fmt.Errorf("a killed cryo left offload contexts locked and they cannot be recovered yet: %w", err)
+	if err := recoverOffload(ctx, reg, st, log); err != nil {
+		return nil, err
 	}
 	if n, err := st.CleanStaging(); err != nil {
 		return nil, fmt.Errorf("clean staging: %w", err)
@@ -563,4 +558,27 @@ func describe(o Options, bin criu.Binary, copts criu.Options, grp *offload.Group
 			SID: t.SID, Threads: t.Threads, TIDs: t.TIDs, Comm: t.Comm})
 	}
 	return m
+}
+
+// writeStore opens (or creates) the store at dir and takes its exclusive
+// lock, waiting up to wait for another writer; unlock releases it.
+func writeStore(ctx context.Context, dir string, wait time.Duration) (*store.Store, func(), error) {
+	st, err := store.Create(dir, "cryo "+Version)
+	if err != nil {
+		return nil, nil, err
+	}
+	unlock, err := st.LockWithin(ctx, true, wait)
+	if err != nil {
+		return nil, nil, err
+	}
+	return st, unlock, nil
+}
+
+// recoverOffload brings back the offload contexts a cryo killed half-way
+// may have left locked (the store's intent journals), before a new dump.
+func recoverOffload(ctx context.Context, reg *offload.Registry, st *store.Store, log *slog.Logger) error {
+	if _, err := offload.Recover(ctx, offload.RecoverOptions{Registry: reg, JournalDir: st.JournalDir(), Logger: log}); err != nil {
+		return fmt.Errorf("a killed cryo left offload contexts locked and they cannot be recovered yet: %w", err)
+	}
+	return nil
 }

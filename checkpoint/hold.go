@@ -70,28 +70,23 @@ func Hold(ctx context.Context, o Options, pages pageserver.Sink) (h *Held, err e
 	if err != nil {
 		return nil, err
 	}
-	st, err := store.Create(o.Store, "cryo "+Version)
+	st, unlock, err := writeStore(ctx, o.Store, o.LockWait)
 	if err != nil {
 		return nil, err
 	}
-	h = &Held{o: o}
+	h = &Held{o: o, closers: []func(){unlock}}
 	defer func() {
 		if err != nil {
 			h.release()
 		}
 	}()
-	unlock, err := st.LockWithin(ctx, true, o.LockWait)
-	if err != nil {
-		return nil, err
-	}
-	h.closers = append(h.closers, unlock)
 	reg := o.Offload
 	if reg == nil {
 		reg = drivers.Open(drivers.Config{Logger: log})
 		h.closers = append(h.closers, func() { reg.Close() })
 	}
-	if _, err := offload.Recover(ctx, offload.RecoverOptions{Registry: reg, JournalDir: st.JournalDir(), Logger: log}); err != nil {
-		return nil, fmt.Errorf("a killed cryo left offload contexts locked and they cannot be recovered yet: %w", err)
+	if err := recoverOffload(ctx, reg, st, log); err != nil {
+		return nil, err
 	}
 	work, err := workdir.Make(o.WorkDir, filepath.Join(st.Dir, "staging"), 64<<20)
 	if err != nil {

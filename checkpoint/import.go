@@ -33,19 +33,12 @@ func Import(ctx context.Context, o ImportOptions) (*Result, error) {
 	if o.Manifest == nil || len(o.Manifest.Job.Processes) == 0 {
 		return nil, errors.New("import: a manifest with the job's processes is needed")
 	}
-	st, err := store.Create(o.Store, "cryo "+Version)
-	if err != nil {
-		return nil, err
-	}
-	unlock, err := st.LockWithin(ctx, true, o.LockWait)
+	st, unlock, err := writeStore(ctx, o.Store, o.LockWait)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	st.Progress = o.Progress
-	if o.PackSize > 0 {
-		st.PackLimit = o.PackSize
-	}
+	st.Progress, st.PackLimit = o.Progress, o.PackSize
 	if _, err := st.CleanStaging(); err != nil {
 		return nil, fmt.Errorf("clean staging: %w", err)
 	}
