@@ -750,6 +750,7 @@ func TestCUDARunNamespacedRestoresKilledJob(t *testing.T) {
 	r := w.run(t, 80, "--interval", "1s")
 	first := w.jobProcess(t, r, 0)
 	namespaced(t, first)
+	waitJobStep(t, r, 1) // its context exists
 	// The driver answers for the job's process by its PID on the node.
 	w.wantState(t, first.pid, offload.Running)
 	if n, _ := w.f.DeviceBytes(cudatest.UUID(0), first.pid); n != 1<<20 {
